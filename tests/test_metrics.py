@@ -1,0 +1,226 @@
+"""Tests for vdm.metrics: JSON lines, TensorBoard events, progress output."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import re
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from vdm.metrics import MetricWriter, Progress, format_eta, read_jsonl
+
+
+# --- an independent TFRecord reader (length-prefixed records with masked CRC32C)
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_records(path: str) -> list[bytes]:
+    records = []
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            (length_crc,) = struct.unpack("<I", header[8:])
+            assert length_crc == _masked_crc32c(header[:8]), "bad length CRC"
+            data = f.read(length)
+            (data_crc,) = struct.unpack("<I", f.read(4))
+            assert data_crc == _masked_crc32c(data), "bad data CRC"
+            records.append(data)
+    return records
+
+
+def _events(logdir: str):
+    """(step, tag, kind, value) for every summary value in the event files of logdir."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    assert files, f"no event file in {logdir}"
+    out = []
+    for path in files:
+        for rec in _read_records(path):
+            event = Event.FromString(rec)
+            for v in event.summary.value:
+                kind = v.WhichOneof("value")
+                value = v.simple_value if kind == "simple_value" else getattr(v, kind)
+                out.append((event.step, v.tag, kind, value))
+    return out
+
+
+# --- MetricWriter
+
+def test_jsonl_and_tensorboard_scalars(tmp_path):
+    with MetricWriter(tmp_path, is_main=True) as w:
+        w.write(10, {"loss": jnp.asarray(1.5), "bpd": np.float32(0.25), "epoch": 1})
+        w.write(20, {"loss": 1.25, "bpd": 0.125, "epoch": 2})
+        w.write(30, {"loss": float("nan"), "lr": jnp.asarray([3e-4])})
+        w.flush()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert json.loads(lines[0]) == {"step": 10, "loss": 1.5, "bpd": 0.25, "epoch": 1}
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert records[1] == {"step": 20, "loss": 1.25, "bpd": 0.125, "epoch": 2}
+    assert math.isnan(records[2]["loss"]) and records[2]["lr"] == pytest.approx(3e-4)
+    assert isinstance(records[0]["epoch"], int)
+
+    events = _events(str(tmp_path / "tensorboard"))
+    scalars = {(step, tag): value for step, tag, kind, value in events if kind == "simple_value"}
+    assert scalars[(10, "loss")] == 1.5
+    assert scalars[(20, "bpd")] == 0.125
+    assert scalars[(20, "epoch")] == 2.0
+    assert math.isnan(scalars[(30, "loss")])
+    assert len(scalars) == 8
+
+    # Appending: a resumed run continues the same file.
+    with MetricWriter(tmp_path, is_main=True, enable_tensorboard=False) as w:
+        w.write(40, {"loss": 1.0})
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 30, 40]
+
+
+def test_write_image(tmp_path):
+    img = (np.arange(6 * 5 * 3) % 256).astype(np.uint8).reshape(6, 5, 3)
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4, 1)
+    with MetricWriter(tmp_path, is_main=True) as w:
+        w.write_image(7, "samples/grid", img)
+        w.write_image(7, "gray", gray)
+        with pytest.raises(TypeError, match="uint8"):
+            w.write_image(7, "bad", img.astype(np.float32))
+    png = np.asarray(Image.open(tmp_path / "images" / "samples_grid_00000007.png"))
+    np.testing.assert_array_equal(png, img)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / "gray_00000007.png")), gray[..., 0])
+    images = {tag: value for step, tag, kind, value in _events(str(tmp_path / "tensorboard")) if kind == "image"}
+    assert set(images) == {"samples/grid", "gray"}
+    assert (images["samples/grid"].height, images["samples/grid"].width) == (6, 5)
+    decoded = np.asarray(Image.open(io.BytesIO(images["samples/grid"].encoded_image_string)))
+    np.testing.assert_array_equal(decoded, img)
+
+
+def test_writer_rejects_bad_input_and_non_main_is_silent(tmp_path):
+    with MetricWriter(tmp_path / "main", is_main=True, enable_tensorboard=False) as w:
+        with pytest.raises(ValueError, match="reserved"):
+            w.write(1, {"step": 3})
+        with pytest.raises(ValueError, match="not a scalar"):
+            w.write(1, {"loss": np.ones(3)})
+    quiet = MetricWriter(tmp_path / "other", is_main=False)
+    quiet.write(1, {"loss": 1.0})
+    quiet.write_image(1, "x", np.zeros((2, 2), np.uint8))
+    quiet.close()
+    assert not (tmp_path / "other").exists()
+
+
+def test_read_jsonl_truncated_and_malformed(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.0}\n{"step": 3, "lo')
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"m\.jsonl:2"):
+        read_jsonl(path)
+
+
+# --- Progress and format_eta
+
+def test_format_eta():
+    assert format_eta(0) == "0:00:00"
+    assert format_eta(59.6) == "0:01:00"
+    assert format_eta(102) == "0:01:42"
+    assert format_eta(3725.4) == "1:02:05"
+    assert format_eta(90061) == "25:01:01"
+    assert format_eta(-5) == "0:00:00"
+    assert format_eta(None) == format_eta(float("inf")) == format_eta(float("nan")) == "--:--:--"
+
+
+class _FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_progress_plain_lines_when_not_a_tty(capsys):
+    clock = _FakeClock()
+    progress = Progress(250, log_every=100, clock=clock)  # stderr is captured: not a TTY
+    assert progress.interactive is False
+    for step in range(1, 251):
+        clock.t += 0.5  # 2 steps/s
+        progress.update(step, loss=jnp.asarray(1.2344), bpd=1.23)
+    progress.close()
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == ""
+    assert lines == [
+        "step 100/250  loss 1.234  bpd 1.23  2 steps/s  ETA 0:01:15",
+        "step 200/250  loss 1.234  bpd 1.23  2 steps/s  ETA 0:00:25",
+        "step 250/250  loss 1.234  bpd 1.23  2 steps/s  ETA 0:00:00",
+    ]
+
+
+def test_progress_resumed_run_and_rate_window(capsys):
+    clock = _FakeClock()
+    progress = Progress(1000, initial_step=600, log_every=200, rate_window=10.0, clock=clock)
+    clock.t = 60.0  # a slow first step (compilation) ...
+    progress.update(601)
+    for step in range(602, 1001):
+        clock.t += 0.1  # ... then 10 steps/s
+        progress.update(step, loss=0.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split("  ")[0] for ln in lines] == ["step 800/1000", "step 1000/1000"]
+    # The 60 s compile is outside the 10 s window, so the rate is the steady one.
+    assert re.fullmatch(r"step 800/1000  loss 0\.5  10 steps/s  ETA 0:00:20", lines[0]), lines[0]
+
+
+def test_progress_in_place_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    clock = _FakeClock()
+    progress = Progress(50, stream=stream, clock=clock, min_interval=1.0)
+    assert progress.interactive is True
+    for step in range(1, 51):
+        clock.t += 0.25
+        progress.update(step, loss=2.0)
+    progress.log("sampling...")
+    progress.close()
+    out = stream.getvalue()
+    frames = [f for f in out.split("\r") if f]
+    # Redrawn at most once per second (12.5 s of steps) plus the final step.
+    assert 10 <= len(frames) <= 16
+    assert "\n" not in "".join(frames[:-2])
+    assert "step 50/50" in out and "[" + "#" * 24 + "]" in out
+    assert out.endswith("sampling...\n")
+
+
+def test_progress_silent_off_main(capsys):
+    progress = Progress(10, log_every=1, is_main=False)
+    for step in range(1, 11):
+        progress.update(step, loss=1.0)
+    progress.close()
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,109 @@
+"""Contract tests over every schedule, plus closed forms for the analytic ones."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vdm import schedules
+
+G0, G1 = -13.3, 5.0
+T = jnp.linspace(0.0, 1.0, 1001)
+
+
+def _build(name, gamma_min=G0, gamma_max=G1):
+    return schedules.build(name, gamma_min=gamma_min, gamma_max=gamma_max, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
+@pytest.mark.parametrize("endpoints", [(G0, G1), (-20.0, 20.0), (-2.0, 2.0)])
+def test_increasing_with_exact_endpoints_under_jit(name, endpoints):
+    sched = _build(name, *endpoints)
+    gamma, slope = jax.jit(lambda s, t: jax.jvp(s, (t,), (jnp.ones_like(t),)))(sched, T)
+    gamma, slope = np.asarray(gamma), np.asarray(slope)
+    assert gamma.shape == T.shape and np.all(np.isfinite(gamma)) and np.all(np.isfinite(slope))
+    np.testing.assert_allclose(gamma[[0, -1]], endpoints, atol=2e-4 * max(1, abs(endpoints[0])))
+    assert np.all(np.diff(gamma) > 0), "gamma must be strictly increasing"
+    assert np.all(slope > 0), "gamma'(t) must be positive"
+    # jvp agrees with a finite difference of the same function (away from the ends).
+    fd = (gamma[2:] - gamma[:-2]) / (2 * float(T[1]))
+    np.testing.assert_allclose(slope[100:-100], fd[99:-99], rtol=2e-2, atol=2e-2)
+    # Same values without jit.
+    np.testing.assert_allclose(np.asarray(sched(T)), gamma, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
+def test_parameter_gradients_are_finite(name):
+    sched = _build(name)
+    params = jax.tree_util.tree_leaves(nnx.state(sched, nnx.Param))
+    learned = name in ("learned_linear", "monotone_net")
+    assert bool(params) == learned, f"{name}: learned parameters {params} (expected: {learned})"
+    if not learned:
+        return
+    grads = nnx.grad(lambda s: jnp.sum(jnp.sin(s(T))))(sched)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert leaves and all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
+    assert any(np.any(np.asarray(g) != 0) for g in leaves)
+
+
+def test_cosine_matches_its_closed_form_and_shift_moves_it():
+    t = np.linspace(0.0, 1.0, 11)
+    b, e = math.atan(math.exp(G0 / 2)), math.atan(math.exp(G1 / 2))
+    expected = 2 * np.log(np.tan(b + (e - b) * t))
+    np.testing.assert_allclose(_build("cosine")(jnp.asarray(t)), expected, rtol=1e-4, atol=1e-4)
+    # Unpinned limit: with wide endpoints the middle is the textbook cosine lambda = -2 log tan(pi t / 2).
+    wide = schedules.build("cosine", gamma_min=-30.0, gamma_max=30.0)
+    mid = np.linspace(0.2, 0.8, 7)
+    np.testing.assert_allclose(wide(jnp.asarray(mid)), 2 * np.log(np.tan(np.pi * mid / 2)), atol=1e-3)
+    shifted = schedules.build("shifted_cosine", gamma_min=-30.0, gamma_max=30.0, shift=2 * math.log(32 / 64))
+    np.testing.assert_allclose(shifted(jnp.asarray(mid)) - wide(jnp.asarray(mid)), 2 * math.log(0.5), atol=1e-3)
+
+
+def test_cosine_is_accurate_near_gamma_20():
+    sched = schedules.build("cosine", gamma_min=-20.0, gamma_max=20.0)
+    t = np.array([0.999, 0.9999])
+    b, e = math.atan(math.exp(-10)), math.atan(math.exp(10))
+    # float64 reference through the complementary angle
+    expected = -2 * np.log(np.tan((math.pi / 2 - b) - (e - b) * t))
+    np.testing.assert_allclose(sched(jnp.asarray(t, jnp.float32)), expected, rtol=1e-3)
+
+
+def test_monotone_net_endpoints_stay_pinned_while_learning():
+    sched = schedules.build("monotone_net", gamma_min=G0, gamma_max=G1, hidden=16,
+                            learn_endpoints=False, rngs=nnx.Rngs(1))
+    opt = nnx.Optimizer(sched, __import__("optax").adam(0.1), wrt=nnx.Param)
+    target = G0 + (G1 - G0) * T**3  # pull the interior far from linear
+
+    @nnx.jit
+    def step(sched, opt):
+        loss, grads = nnx.value_and_grad(lambda s: jnp.mean((s(T) - target) ** 2))(sched)
+        opt.update(sched, grads)
+        return loss
+
+    first = float(step(sched, opt))
+    for _ in range(100):
+        last = float(step(sched, opt))
+    assert last < 0.2 * first
+    np.testing.assert_allclose(sched(jnp.array([0.0, 1.0])), [G0, G1], atol=1e-4)
+    assert np.all(np.diff(np.asarray(sched(T))) > 0)
+
+
+def test_learned_endpoints_move_but_keep_order():
+    sched = schedules.build("learned_linear", gamma_min=-2.0, gamma_max=2.0)
+    opt = nnx.Optimizer(sched, __import__("optax").sgd(0.5), wrt=nnx.Param)
+    for _ in range(50):  # push gamma_max below gamma_min's starting value
+        grads = nnx.grad(lambda s: (s(jnp.ones(1))[0] + 5.0) ** 2)(sched)
+        opt.update(sched, grads)
+    g0, g1 = (float(v) for v in sched(jnp.array([0.0, 1.0])))
+    assert g1 > g0 and g1 < 2.0
+
+
+def test_bad_schedule_arguments_give_one_line_errors():
+    with pytest.raises(ValueError, match="valid names: fixed_linear"):
+        schedules.build("quadratic", gamma_min=G0, gamma_max=G1)
+    with pytest.raises(ValueError, match="gamma_min < gamma_max"):
+        schedules.build("cosine", gamma_min=5.0, gamma_max=5.0)
+    with pytest.raises(ValueError, match="monotone_net"):
+        schedules.build("monotone_net", gamma_min=G0, gamma_max=G1, width=3)

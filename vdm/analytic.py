@@ -1,0 +1,68 @@
+"""Gaussian data with its Bayes-optimal denoiser: a problem where every loss has a closed form.
+
+For x ~ N(0, s^2 I_d) and z = alpha x + sigma eps, the posterior mean of eps is
+
+    E[eps | z] = sigma z / (alpha^2 s^2 + sigma^2),
+
+and its error per dimension is E(eps - eps_hat)^2 = v s^2 / (1 + v s^2) at SNR v. Hence
+(Kingma et al. 2021, Sec. 5.1, for this data)
+
+    E[L_inf] = (d / 2) log((1 + v_max s^2) / (1 + v_min s^2))          for every schedule,
+    E[L_T]   = sum_i (d / 2) (v(s_i) - v(t_i)) s^2 / (1 + v(t_i) s^2)   (t_i = i / T, s_i = t_i - 1/T).
+
+These are computed here in float64 NumPy, independently of the JAX loss code, and are
+used by the tests, the invariance experiment and the notebooks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianData:
+    """x ~ N(0, scale^2 I_dim)."""
+
+    dim: int
+    scale: float
+
+    def sample(self, rng: jax.Array, batch_size: int) -> jax.Array:
+        return self.scale * jax.random.normal(rng, (batch_size, self.dim))
+
+    def eps_fn(self, z: jax.Array, gamma: jax.Array) -> jax.Array:
+        """The Bayes-optimal eps-prediction E[eps | z_t] (gamma per example, [B])."""
+        alpha_sq = jax.nn.sigmoid(-gamma)[:, None]
+        sigma_sq = jax.nn.sigmoid(gamma)[:, None]
+        return jnp.sqrt(sigma_sq) * z / (alpha_sq * self.scale**2 + sigma_sq)
+
+    def x_fn(self, z: jax.Array, gamma: jax.Array) -> jax.Array:
+        """The Bayes-optimal x-prediction E[x | z_t]."""
+        alpha_sq = jax.nn.sigmoid(-gamma)[:, None]
+        sigma_sq = jax.nn.sigmoid(gamma)[:, None]
+        return jnp.sqrt(alpha_sq) * self.scale**2 * z / (alpha_sq * self.scale**2 + sigma_sq)
+
+    def eps_error(self, gamma) -> np.ndarray:
+        """E||eps - E[eps | z_t]||^2 at gamma (float64, summed over dimensions)."""
+        snr = np.exp(-np.asarray(gamma, np.float64))
+        return self.dim * snr * self.scale**2 / (1.0 + snr * self.scale**2)
+
+    def continuous_loss(self, gamma_min: float, gamma_max: float) -> float:
+        """E[L_inf] for any schedule from gamma_min to gamma_max."""
+        s2 = self.scale**2
+        return 0.5 * self.dim * (math.log1p(math.exp(-gamma_min) * s2) - math.log1p(math.exp(-gamma_max) * s2))
+
+    def discrete_loss(self, gamma_fn_np, num_steps: int) -> float:
+        """E[L_T] for a schedule given as a NumPy function t -> gamma."""
+        t = np.arange(1, num_steps + 1, dtype=np.float64) / num_steps
+        g_t, g_s = gamma_fn_np(t), gamma_fn_np(t - 1.0 / num_steps)
+        per_step = 0.5 * num_steps * np.expm1(g_t - g_s) * self.eps_error(g_t)
+        return float(np.mean(per_step))
+
+    def weighted_loss(self, weighting_np, logsnr_min: float, logsnr_max: float, num_points: int = 200001) -> float:
+        """0.5 * int w(lambda) E||eps - eps_hat||^2 dlambda by the trapezoid rule (float64)."""
+        lam = np.linspace(logsnr_min, logsnr_max, num_points)
+        return float(np.trapezoid(0.5 * weighting_np(lam) * self.eps_error(-lam), lam))

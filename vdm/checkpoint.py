@@ -1,0 +1,325 @@
+"""Checkpointing of one training-state pytree with Orbax.
+
+:class:`Checkpointer` wraps ``orbax.checkpoint.CheckpointManager`` for a
+single item (params, optimizer state, EMA params, step, RNG key, small extra
+arrays; any pytree of arrays and Python scalars)::
+
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(target=state)        # onto state's shardings
+    ...
+    ckpt.save(step, state, metadata={"config": cfg.to_dict()})   # async
+    ...
+    ckpt.close()                                   # waits for pending saves
+
+Saving is asynchronous: :meth:`Checkpointer.save` returns once the arrays are
+copied off the devices and writes them in a background thread.  Keep the
+object alive and call :meth:`Checkpointer.wait` or :meth:`Checkpointer.close`
+before the process exits.  In multi-process runs every process must call
+``save``/``restore`` (Orbax coordinates which process writes what).
+
+PRNG keys: both raw ``uint32[2]`` keys (``jax.random.PRNGKey``) and typed keys
+(``jax.random.key``) are supported.  Raw keys are plain arrays.  Typed keys are
+stored as their ``uint32`` key data and come back as typed keys only when the
+restore target holds a typed key (or a ``ShapeDtypeStruct`` with a key dtype);
+restoring without a target returns the raw key data.
+
+Errors from a checkpoint that cannot be used (corrupted files, or a tree whose
+structure, shapes or dtypes differ from the restore target) are raised as
+:class:`CheckpointError` with a one-line message naming the directory.  A
+failed restore never deletes anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["CheckpointError", "Checkpointer", "abstract_like"]
+
+_MAX_LISTED_MISMATCHES = 3
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, found or restored (one-line message)."""
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message``, without TensorStore specs, at most ~300 chars."""
+    text = str(err).split(" [tensorstore_spec=")[0].strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = f"{type(err).__name__}: {line}" if line else type(err).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    """``a, b, c`` or ``a, b, c, d (+3 more)``."""
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} (+{len(keys) - limit} more)"
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """Turn a concrete state into a restore target of ``jax.ShapeDtypeStruct``.
+
+    ``jax.Array`` leaves keep their sharding (typed PRNG keys keep their key
+    dtype); ``ShapeDtypeStruct`` leaves without a sharding and numpy arrays get
+    ``sharding`` when one is given; other leaves (Python scalars, numpy arrays
+    without ``sharding``) are kept, which makes Orbax restore them as the same
+    host type.
+    """
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            if x.sharding is None and sharding is not None:
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+            return x
+        if isinstance(x, np.ndarray) and sharding is not None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return x
+
+    return jax.tree.map(convert, tree)
+
+
+def _leaf_signature(x: Any) -> tuple[tuple[int, ...], np.dtype | None]:
+    """(shape, dtype) as stored on disk for a restore-target leaf; dtype None = any."""
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key
+    ):
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return tuple(data.shape), np.dtype(data.dtype)
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+        return tuple(x.shape), np.dtype(x.dtype)
+    # Python scalars: Orbax stores them with its own dtype choice.
+    return tuple(np.shape(x)), None
+
+
+def _paths(tree: Any) -> dict[str, Any]:
+    """``{"params/dense/kernel": leaf}`` for every leaf of ``tree``."""
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ",".join(map(str, shape)) + ")"
+
+
+def _describe_mismatch(stored: Any, target: Any) -> str | None:
+    """Human-readable list of differences between on-disk metadata and target, or None."""
+    on_disk = _paths(stored)
+    wanted = _paths(target)
+    problems: list[str] = []
+    missing = sorted(set(wanted) - set(on_disk))
+    extra = sorted(set(on_disk) - set(wanted))
+    if missing:
+        problems.append("target has " + _names(missing) + " not in the checkpoint")
+    if extra:
+        problems.append("checkpoint has " + _names(extra) + " not in the target")
+    for key in sorted(set(wanted) & set(on_disk)):
+        shape, dtype = _leaf_signature(wanted[key])
+        meta = on_disk[key]
+        disk_shape = tuple(getattr(meta, "shape", None) or ())
+        disk_dtype = getattr(meta, "dtype", None)
+        if disk_shape != shape:
+            problems.append(
+                f"{key}: checkpoint shape {_fmt_shape(disk_shape)} != target shape {_fmt_shape(shape)}"
+            )
+        elif dtype is not None and disk_dtype is not None and np.dtype(disk_dtype) != dtype:
+            problems.append(f"{key}: checkpoint dtype {np.dtype(disk_dtype)} != target dtype {dtype}")
+    if not problems:
+        return None
+    shown = problems[:_MAX_LISTED_MISMATCHES]
+    if len(problems) > len(shown):
+        shown.append(f"and {len(problems) - len(shown)} more difference(s)")
+    return "; ".join(shown)
+
+
+class Checkpointer:
+    """Save/restore one training-state pytree under ``directory``.
+
+    Args:
+      directory: checkpoint root; step ``N`` lives in ``directory/N``.  Created
+        if missing.
+      max_to_keep: keep only the most recent ``max_to_keep`` steps (``None``
+        keeps all).  Older steps are deleted only when a newer one is saved.
+      save_interval_steps: :meth:`save` without ``force`` only writes when
+        ``step % save_interval_steps == 0``.
+      async_save: write in a background thread (default) or block in ``save``.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
+        self._directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self._directory) and not os.path.isdir(self._directory):
+            raise CheckpointError(f"checkpoint directory {self._directory} exists but is not a directory")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        self.save_interval_steps = int(save_interval_steps)
+        # The interval is applied in `save` (Orbax would also always save the
+        # first step of a run, whatever its number).
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=1,
+            create=True,
+            enable_async_checkpointing=async_save,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self._directory,
+                options=options,
+                item_handlers=ocp.StandardCheckpointHandler(),
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(f"cannot open checkpoint directory {self._directory}: {_one_line(e)}") from e
+
+    @property
+    def directory(self) -> str:
+        """Absolute path of the checkpoint root."""
+        return self._directory
+
+    def all_steps(self) -> list[int]:
+        """Sorted steps with a finished checkpoint on disk."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Most recent saved step, or ``None`` if there is none."""
+        return self._manager.latest_step()
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        force: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Start saving ``state`` as ``step`` (asynchronously by default).
+
+        Args:
+          step: training step.  An existing step is never overwritten, and
+            without ``force`` a step not after the latest saved one is skipped
+            (the call returns ``False``).
+          state: pytree of ``jax.Array``/numpy arrays/Python scalars.
+          force: save even if ``step`` is not a multiple of
+            ``save_interval_steps``.
+          metadata: optional JSON-serialisable dict stored with this step
+            (read it back with :meth:`metadata`).
+
+        Returns:
+          Whether a save was started.
+        """
+        step = int(step)
+        if not force and step % self.save_interval_steps:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        try:
+            return bool(
+                self._manager.save(
+                    step,
+                    args=ocp.args.StandardSave(state),
+                    force=force,
+                    custom_metadata=dict(metadata) if metadata is not None else None,
+                )
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(f"saving step {step} to {self._directory} failed: {_one_line(e)}") from e
+
+    def _check_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint found in {self._directory}")
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            listed = ", ".join(map(str, steps))
+            raise CheckpointError(f"step {step} not found in {self._directory} (available: {listed})")
+        return int(step)
+
+    def restore(
+        self,
+        step: int | None = None,
+        target: Any = None,
+        *,
+        sharding: jax.sharding.Sharding | None = None,
+    ) -> Any:
+        """Restore a saved state.
+
+        Args:
+          step: which step (default: the latest).
+          target: a pytree with the structure of the saved state whose leaves
+            are example arrays or ``jax.ShapeDtypeStruct``; arrays are restored
+            with each leaf's shape, dtype and sharding (so state can be
+            restored directly onto a mesh).  ``None`` restores the tree as
+            saved (lists instead of tuples/named tuples, raw key data).
+          sharding: sharding for target leaves that carry none (e.g. from
+            ``jax.eval_shape``), typically ``replicated(mesh)``.
+
+        Raises:
+          CheckpointError: no checkpoint, unknown step, checkpoint unreadable,
+            or its tree does not match ``target``.
+        """
+        step = self._check_step(step)
+        where = f"checkpoint step {step} in {self._directory}"
+        try:
+            stored = self._manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(f"cannot read {where}: {_one_line(e)}") from e
+        stored_tree = getattr(stored, "tree", stored)
+        if stored_tree is None:
+            raise CheckpointError(f"cannot read {where}: no state metadata (corrupted or not a vdm checkpoint)")
+        abstract = None
+        if target is not None:
+            abstract = abstract_like(target, sharding)
+            mismatch = _describe_mismatch(stored_tree, abstract)
+            if mismatch is not None:
+                raise CheckpointError(f"{where} does not match the restore target: {mismatch}")
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(f"cannot restore {where}: {_one_line(e)}") from e
+
+    def metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The ``metadata`` dict passed to :meth:`save` for ``step`` (default latest); ``{}`` if none."""
+        step = self._check_step(step)
+        try:
+            custom = self._manager.metadata(step).custom_metadata
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(
+                f"cannot read metadata of checkpoint step {step} in {self._directory}: {_one_line(e)}"
+            ) from e
+        return dict(custom or {})
+
+    def wait(self) -> None:
+        """Block until every pending asynchronous save is on disk."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(f"saving to {self._directory} failed: {_one_line(e)}") from e
+
+    def close(self) -> None:
+        """Wait for pending saves and release Orbax's resources."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,321 @@
+"""Metric logging: JSON lines + TensorBoard files, and a terminal progress display.
+
+* :class:`MetricWriter` appends ``{"step": ..., name: value, ...}`` lines to
+  ``workdir/metrics.jsonl`` and writes TensorBoard scalar/image events under
+  ``workdir/tensorboard/`` with ``tensorboardX`` (no TensorFlow needed).
+* :class:`Progress` shows a one-line, in-place progress bar on an interactive
+  terminal and plain periodic log lines otherwise (files, CI, notebooks).
+* :func:`read_jsonl` loads a metrics file back as a list of dicts.
+
+In multi-process runs only the main process (``jax.process_index() == 0``)
+writes or prints; the others get no-op objects with the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+import numpy as np
+
+__all__ = ["MetricWriter", "Progress", "format_eta", "read_jsonl"]
+
+
+def _default_is_main() -> bool:
+    import jax  # local import: only needed when the caller did not decide
+
+    return jax.process_index() == 0
+
+
+def _to_scalar(name: str, value: Any) -> bool | int | float:
+    """Python scalar from a Python/numpy/JAX scalar (or size-1 array)."""
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise ValueError(f"metric {name!r} is not a scalar (shape {arr.shape})")
+    item = arr.reshape(()).item()
+    if isinstance(item, (bool, int, float)):
+        return item
+    raise TypeError(f"metric {name!r} has non-numeric value {value!r}")
+
+
+class MetricWriter:
+    """Write scalar metrics (and optionally images) for one run.
+
+    Args:
+      workdir: run directory; created if missing.
+      enable_tensorboard: also write TensorBoard event files to
+        ``workdir/tensorboard``.
+      is_main: whether this process writes; default ``jax.process_index() == 0``
+        (which initialises JAX's backend, so create writers after
+        ``vdm.parallel.maybe_initialize_distributed``).
+      save_png: :meth:`write_image` also saves ``workdir/images/<name>_<step>.png``.
+
+    ``metrics.jsonl`` is opened in append mode, so a resumed run continues the
+    same file.  Non-finite values are written as ``NaN``/``Infinity`` (Python's
+    ``json`` extension, read back by :func:`read_jsonl`).
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enable_tensorboard: bool = True,
+        is_main: bool | None = None,
+        save_png: bool = True,
+    ):
+        self.workdir = os.fspath(workdir)
+        self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
+        self.tensorboard_dir = os.path.join(self.workdir, "tensorboard")
+        self.is_main = _default_is_main() if is_main is None else bool(is_main)
+        self._save_png = save_png
+        self._file: TextIO | None = None
+        self._tb: Any = None
+        if not self.is_main:
+            return
+        os.makedirs(self.workdir, exist_ok=True)
+        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        if enable_tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=self.tensorboard_dir, flush_secs=30)
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Record ``scalars`` (name -> number, JAX/numpy scalars accepted) at ``step``."""
+        if not self.is_main:
+            return
+        if self._file is None:
+            raise RuntimeError("MetricWriter is closed")
+        if "step" in scalars:
+            raise ValueError("'step' is reserved; pass it as the step argument")
+        values = {name: _to_scalar(name, v) for name, v in scalars.items()}
+        step = int(step)
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, v in values.items():
+                self._tb.add_scalar(name, float(v), global_step=step)
+
+    def write_image(self, step: int, name: str, image: Any) -> None:
+        """Record a ``uint8`` image of shape ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``."""
+        if not self.is_main:
+            return
+        img = np.asarray(image)
+        if img.dtype != np.uint8:
+            raise TypeError(f"image {name!r} must be uint8, got {img.dtype}")
+        if img.ndim == 3 and img.shape[-1] == 1:
+            img = img[..., 0]
+        if not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (3, 4))):
+            raise ValueError(f"image {name!r} must be HW or HWC with C in (1, 3, 4), got shape {img.shape}")
+        step = int(step)
+        if self._tb is not None:
+            self._tb.add_image(name, img, global_step=step, dataformats="HW" if img.ndim == 2 else "HWC")
+        if self._save_png:
+            from PIL import Image
+
+            image_dir = os.path.join(self.workdir, "images")
+            os.makedirs(image_dir, exist_ok=True)
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            Image.fromarray(img).save(os.path.join(image_dir, f"{safe}_{step:08d}.png"))
+
+    def flush(self) -> None:
+        """Push buffered TensorBoard events (JSON lines are flushed on every write)."""
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flush and close the files; further writes raise (idempotent)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Load a JSON-lines file as a list of dicts.
+
+    Blank lines are skipped.  A malformed *last* line (a run killed mid-write)
+    is dropped; a malformed line elsewhere raises ``ValueError`` naming the line.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = [(i, ln) for i, ln in enumerate(f, start=1) if ln.strip()]
+    records = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from None
+    return records
+
+
+def format_eta(seconds: float | None) -> str:
+    """``H:MM:SS`` (hours unbounded), rounded to the second; ``--:--:--`` if unknown.
+
+    >>> format_eta(102), format_eta(3725.4), format_eta(90061)
+    ('0:01:42', '1:02:05', '25:01:01')
+    """
+    if seconds is None or not math.isfinite(seconds):
+        return "--:--:--"
+    total = max(0, int(round(seconds)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _format_value(value: Any) -> str:
+    try:
+        v = float(np.asarray(value))
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{v:.4g}"
+
+
+class Progress:
+    """Training progress: in-place bar on a terminal, periodic log lines otherwise.
+
+    Call :meth:`update` after every step with the number of completed steps and
+    any scalars to show (e.g. ``loss=..., bpd=...``).  Scalars may be JAX
+    arrays: they are only converted (which waits for the device) when a line is
+    actually shown.  Plain-mode lines look like::
+
+        step 100/1500  loss 1.234  bpd 1.23  12.3 steps/s  ETA 0:01:42
+
+    Args:
+      total_steps: last step number.
+      initial_step: step the run starts from (non-zero when resuming).
+      log_every: plain mode prints when ``step % log_every == 0`` and at the
+        last step.
+      stream: output stream (default ``sys.stderr``).
+      interactive: force in-place (``True``) or plain (``False``) mode; default
+        ``stream.isatty()``.
+      is_main: whether this process prints; default ``jax.process_index() == 0``.
+      min_interval: in-place mode redraws at most this often (seconds).
+      rate_window: steps/s and ETA are measured over roughly the last this
+        many seconds.
+      clock: time source (monotonic seconds), replaceable for tests.
+    """
+
+    _BAR_WIDTH = 24
+
+    def __init__(
+        self,
+        total_steps: int,
+        *,
+        initial_step: int = 0,
+        log_every: int = 100,
+        stream: TextIO | None = None,
+        interactive: bool | None = None,
+        is_main: bool | None = None,
+        min_interval: float = 0.1,
+        rate_window: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        if log_every <= 0:
+            raise ValueError(f"log_every must be positive, got {log_every}")
+        self.total_steps = int(total_steps)
+        self.log_every = int(log_every)
+        self.stream = sys.stderr if stream is None else stream
+        if interactive is None:
+            isatty = getattr(self.stream, "isatty", None)
+            interactive = bool(isatty and isatty())
+        self.interactive = interactive
+        self.is_main = _default_is_main() if is_main is None else bool(is_main)
+        self._min_interval = min_interval
+        self._rate_window = rate_window
+        self._clock = clock
+        now = clock()
+        # (time, step) samples, oldest first, thinned to a few per second.
+        self._samples: deque[tuple[float, int]] = deque([(now, int(initial_step))])
+        self._last_draw = -math.inf
+        self._drawn = False
+
+    def _rate(self, now: float, step: int) -> float | None:
+        """Steps per second over the recent window, ``None`` before any progress."""
+        t0, s0 = self._samples[0]
+        if now <= t0 or step <= s0:
+            return None
+        return (step - s0) / (now - t0)
+
+    def _record(self, now: float, step: int) -> None:
+        if now - self._samples[-1][0] >= 0.25:
+            self._samples.append((now, step))
+        while len(self._samples) > 1 and now - self._samples[1][0] >= self._rate_window:
+            self._samples.popleft()
+
+    def format_line(self, step: int, scalars: Mapping[str, Any], now: float) -> str:
+        """The status text for ``step`` (without bar or line ending)."""
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{name} {_format_value(v)}" for name, v in scalars.items()]
+        rate = self._rate(now, step)
+        if rate is None:
+            parts += ["-- steps/s", f"ETA {format_eta(None)}"]
+        else:
+            shown = f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
+            parts += [f"{shown} steps/s", f"ETA {format_eta((self.total_steps - step) / rate)}"]
+        return "  ".join(parts)
+
+    def update(self, step: int, **scalars: Any) -> None:
+        """Report that ``step`` steps are done; shows a line when due."""
+        if not self.is_main:
+            return
+        step = int(step)
+        now = self._clock()
+        self._record(now, step)
+        last = step >= self.total_steps
+        if self.interactive:
+            if last or now - self._last_draw >= self._min_interval:
+                self._last_draw = now
+                frac = min(max(step / self.total_steps, 0.0), 1.0)
+                filled = int(round(frac * self._BAR_WIDTH))
+                bar = "#" * filled + "." * (self._BAR_WIDTH - filled)
+                line = f"[{bar}] {self.format_line(step, scalars, now)}"
+                self.stream.write("\r" + line + "\x1b[K")
+                self.stream.flush()
+                self._drawn = True
+        elif last or step % self.log_every == 0:
+            self.stream.write(self.format_line(step, scalars, now) + "\n")
+            self.stream.flush()
+
+    def log(self, message: str) -> None:
+        """Print a message on its own line without garbling the in-place bar."""
+        if not self.is_main:
+            return
+        if self.interactive and self._drawn:
+            self.stream.write("\r\x1b[K")
+            self._drawn = False
+            self._last_draw = -math.inf  # redraw the bar on the next update
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the in-place line (no-op in plain mode)."""
+        if self.is_main and self.interactive and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

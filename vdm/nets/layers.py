@@ -1,0 +1,264 @@
+"""Building blocks shared by the VDM score networks.
+
+The layers follow the score network of Variational Diffusion Models
+(Kingma, Salimans, Poole & Ho, 2021, arXiv:2107.00630, appendix B and the
+reference implementation ``google-research/vdm/model_vdm.py``), written with
+Flax NNX.
+
+Conventions used throughout ``vdm.nets``:
+
+* Images are NHWC: ``[B, H, W, C]``; vectors are ``[B, D]``.
+* ``gamma`` is ``-log SNR`` with shape ``[B]``; networks condition on
+  ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``, which lies in
+  ``[0, 1]`` for gammas inside the schedule's range.
+* ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``), ``param_dtype`` the
+  storage dtype of the parameters (``float32`` by default).
+* Dropout is applied if and only if a PRNG key is passed; without a key every
+  layer is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+DType = jnp.dtype | type
+
+# Upper bound on GroupNorm groups, as in the VDM / DDPM U-Nets (linen default).
+MAX_GROUPS = 32
+# GroupNorm epsilon of the VDM reference implementation (linen default).
+GROUPNORM_EPS = 1e-6
+
+zeros_init = nnx.initializers.zeros_init()
+
+
+def normalize_gamma(gamma: Array, gamma_min: float, gamma_max: float) -> Array:
+    """Maps ``gamma = -log SNR`` to ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``.
+
+    Args:
+      gamma: ``[B]`` (or any shape) log-SNR values in ``[gamma_min, gamma_max]``.
+      gamma_min: lower end of the schedule's gamma range (e.g. -13.3).
+      gamma_max: upper end of the schedule's gamma range (e.g. 5.0).
+
+    Returns:
+      Array of the same shape with values in ``[0, 1]`` for in-range gammas.
+    """
+    if not gamma_max > gamma_min:
+        raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
+    return (gamma - gamma_min) / (gamma_max - gamma_min)
+
+
+def batch_gamma(gamma: Array, batch_size: int) -> Array:
+    """Returns ``gamma`` as a float32 ``[B]`` vector (a scalar is broadcast)."""
+    gamma = jnp.asarray(gamma, jnp.float32)
+    if gamma.ndim == 0:
+        return jnp.broadcast_to(gamma, (batch_size,))
+    if gamma.shape != (batch_size,):
+        raise ValueError(f"gamma must be a scalar or have shape [{batch_size}], got {gamma.shape}")
+    return gamma
+
+
+def timestep_embedding(t: Array, dim: int, *, scale: float = 1000.0, max_period: float = 10_000.0) -> Array:
+    """Sinusoidal embedding of a (continuous) time, as in VDM / DDPM / Transformers.
+
+    Mirrors ``get_timestep_embedding`` of the VDM reference code: with
+    ``s = scale * t``, ``half = dim // 2`` and
+    ``w_k = exp(-log(max_period) * k / (half - 1))`` for ``k = 0 .. half-1``,
+    the embedding is ``[sin(s * w_0), ..., sin(s * w_{half-1}), cos(s * w_0), ...,
+    cos(s * w_{half-1})]`` (zero padded by one entry when ``dim`` is odd).
+
+    Args:
+      t: ``[B]`` times; VDM uses the normalised gamma in ``[0, 1]``.
+      dim: embedding size, at least 4.
+      scale: multiplier applied to ``t`` first (VDM: 1000).
+      max_period: longest period of the sinusoids.
+
+    Returns:
+      ``[B, dim]`` float32 embedding.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"t must have shape [B], got {t.shape}")
+    if dim < 4:
+        raise ValueError(f"embedding dim must be >= 4, got {dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = (scale * t.astype(jnp.float32))[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def fourier_features(z: Array, n_min: int, n_max: int) -> Array:
+    """Base-2 Fourier features of the input (VDM, appendix B / ``Base2FourierFeatures``).
+
+    For ``n in {n_min, ..., n_max}`` (inclusive) the angular frequencies are
+    ``w_n = 2**n * 2 * pi``.  Every channel ``c`` is repeated once per frequency
+    and the features are ``concat([sin(w_n z_c) ...], [cos(w_n z_c) ...])``
+    ordered channel-major, frequency-minor -- exactly the layout of the VDM
+    reference code, whose default ``start=6, stop=8`` equals
+    ``n_min=6, n_max=7`` here.
+
+    Computed in float32 whatever the input dtype: at ``2**7 * 2 * pi`` the
+    phase is far too large for bfloat16.
+
+    Args:
+      z: ``[..., C]`` input.
+      n_min: lowest exponent.
+      n_max: highest exponent (inclusive), ``>= n_min``.
+
+    Returns:
+      ``[..., 2 * C * (n_max - n_min + 1)]`` float32 features (not including ``z``).
+    """
+    if n_max < n_min:
+        raise ValueError(f"need n_max >= n_min, got {n_min=} {n_max=}")
+    z = z.astype(jnp.float32)
+    num_freqs = n_max - n_min + 1
+    w = 2.0 ** jnp.arange(n_min, n_max + 1, dtype=jnp.float32) * 2.0 * jnp.pi
+    w = jnp.tile(w, z.shape[-1])  # [C * F], frequency index varies fastest
+    h = jnp.repeat(z, num_freqs, axis=-1) * w
+    return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+def num_fourier_channels(in_channels: int, n_min: int, n_max: int) -> int:
+    """Number of channels :func:`fourier_features` appends for ``in_channels`` inputs."""
+    return 2 * in_channels * (n_max - n_min + 1)
+
+
+def num_groups(channels: int) -> int:
+    """GroupNorm group count: 32 when it divides ``channels`` (the VDM setting), else gcd(32, C)."""
+    return math.gcd(MAX_GROUPS, channels)
+
+
+def group_norm(channels: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    """GroupNorm over ``channels`` with :func:`num_groups` groups and epsilon 1e-6."""
+    return nnx.GroupNorm(
+        channels,
+        num_groups=num_groups(channels),
+        epsilon=GROUPNORM_EPS,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def conv3x3(
+    in_channels: int,
+    out_channels: int,
+    *,
+    stride: int = 1,
+    zero_init: bool = False,
+    dtype: DType,
+    param_dtype: DType,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """3x3 'SAME' convolution (optionally stride 2 / zero-initialised kernel)."""
+    kwargs = {"kernel_init": zeros_init} if zero_init else {}
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        kernel_size=(3, 3),
+        strides=(stride, stride),
+        padding="SAME",
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        **kwargs,
+    )
+
+
+class ConditioningMLP(nnx.Module):
+    """Embeds the normalised gamma: sinusoidal embedding -> Dense -> swish -> Dense -> swish.
+
+    VDM (``ScoreUNet``): ``temb = get_timestep_embedding(t * 1000, n_embd)``
+    followed by two ``Dense(4 * n_embd)`` layers with swish activations.
+
+    Call: ``t [B]`` (normalised gamma) -> ``[B, out_dim]`` in the compute dtype.
+    """
+
+    def __init__(self, embed_dim: int, out_dim: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        self.embed_dim = embed_dim
+        self.dense0 = nnx.Linear(embed_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense1 = nnx.Linear(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, t: Array) -> Array:
+        h = timestep_embedding(t, self.embed_dim)
+        h = jax.nn.swish(self.dense0(h))
+        return jax.nn.swish(self.dense1(h))
+
+
+class ResnetBlock(nnx.Module):
+    """VDM/DDPM residual block with additive conditioning.
+
+    ``h = conv1(swish(GN(x))) + Dense(cond)``;
+    ``h = conv2(dropout(swish(GN(h))))`` with ``conv2`` zero-initialised;
+    returns ``shortcut(x) + h``, where the shortcut is a 1x1 projection
+    (``nin_shortcut``) when the channel count changes, else the identity.
+    As in the VDM code the conditioning projection has no bias and is
+    zero-initialised, so every block is the identity at initialisation.
+
+    Call: ``x [B, H, W, in_channels]``, ``cond [B, cond_dim]``, optional
+    ``dropout_rng`` -> ``[B, H, W, out_channels]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        cond_dim: int,
+        *,
+        dropout: float,
+        dtype: DType,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = group_norm(in_channels, **common)
+        self.conv1 = conv3x3(in_channels, out_channels, **common)
+        self.cond_proj = nnx.Linear(cond_dim, out_channels, use_bias=False, kernel_init=zeros_init, **common)
+        self.norm2 = group_norm(out_channels, **common)
+        self.dropout = nnx.Dropout(dropout)
+        self.conv2 = conv3x3(out_channels, out_channels, zero_init=True, **common)
+        self.nin_shortcut = nnx.Linear(in_channels, out_channels, **common) if in_channels != out_channels else None
+
+    def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
+        h = self.conv1(jax.nn.swish(self.norm1(x)))
+        h = h + self.cond_proj(cond)[:, None, None, :]
+        h = jax.nn.swish(self.norm2(h))
+        h = self.dropout(h, deterministic=dropout_rng is None, rngs=dropout_rng)
+        h = self.conv2(h)
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nnx.Module):
+    """Single-head self-attention over all ``H * W`` positions (VDM ``AttnBlock``).
+
+    ``h = GN(x)``; ``q, k, v = Dense(h)``; ``a = softmax(q k^T / sqrt(C)) v``;
+    returns ``x + proj_out(a)`` with ``proj_out`` zero-initialised (identity at
+    init). The softmax is computed in float32 whatever the compute dtype.
+
+    Call: ``x [B, H, W, C]`` -> ``[B, H, W, C]``.
+    """
+
+    def __init__(self, channels: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = group_norm(channels, **common)
+        self.q = nnx.Linear(channels, channels, **common)
+        self.k = nnx.Linear(channels, channels, **common)
+        self.v = nnx.Linear(channels, channels, **common)
+        self.proj_out = nnx.Linear(channels, channels, kernel_init=zeros_init, **common)
+
+    def __call__(self, x: Array) -> Array:
+        b, height, width, c = x.shape
+        h = self.norm(x).reshape(b, height * width, c)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        a = jnp.einsum("bqk,bkc->bqc", weights, v)
+        return x + self.proj_out(a).reshape(b, height, width, c)

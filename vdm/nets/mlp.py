@@ -1,0 +1,101 @@
+"""A small residual MLP noise-prediction network for low-dimensional toy data.
+
+Used for 2-D toy densities with Variational Diffusion Models (Kingma, Salimans,
+Poole & Ho, 2021, arXiv:2107.00630). Same interface as the U-Nets:
+``eps_hat = net(z, gamma, *, dropout_rng=None)`` with ``z [B, D]`` and
+``gamma [B]``; the output layer is zero-initialised so ``eps_hat == 0`` at init.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vdm.nets.layers import Array, ConditioningMLP, DType, batch_gamma, normalize_gamma, zeros_init
+
+
+class ResidualDenseBlock(nnx.Module):
+    """Pre-norm residual block: ``x + Dense(dropout(swish(Dense(LN(x)) + Dense(cond))))``.
+
+    Call: ``x [B, hidden]``, ``cond [B, cond_dim]``, optional ``dropout_rng`` -> ``[B, hidden]``.
+    """
+
+    def __init__(self, hidden: int, cond_dim: int, *, dropout: float, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(hidden, **common)
+        self.dense1 = nnx.Linear(hidden, hidden, **common)
+        self.cond_proj = nnx.Linear(cond_dim, hidden, use_bias=False, **common)
+        self.dropout = nnx.Dropout(dropout)
+        self.dense2 = nnx.Linear(hidden, hidden, **common)
+
+    def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
+        h = jax.nn.swish(self.dense1(self.norm(x)) + self.cond_proj(cond))
+        h = self.dropout(h, deterministic=dropout_rng is None, rngs=dropout_rng)
+        return x + self.dense2(h)
+
+
+class MLP(nnx.Module):
+    """Residual MLP score network for ``z [B, D]`` (e.g. ``D = 2`` toy data).
+
+    ``t = (gamma - gamma_min) / (gamma_max - gamma_min)`` is embedded as in the
+    VDM U-Net (sinusoidal embedding of ``1000 t``, then two dense+swish layers);
+    ``h = Dense(z)``; ``depth`` :class:`ResidualDenseBlock` s; then
+    ``LayerNorm -> swish -> Dense`` (zero-initialised) back to ``D``.
+
+    Args:
+      in_channels: ``D``, the data dimension (last axis of ``z``).
+      hidden: width of the hidden layers and of the gamma embedding.
+      depth: number of residual blocks.
+      dropout: dropout rate inside the blocks.
+      gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
+      dtype: compute dtype; the output is always float32.
+      param_dtype: parameter dtype.
+      rngs: ``nnx.Rngs`` for parameter initialisation.
+
+    Call: ``net(z, gamma, *, dropout_rng=None)`` with ``z [B, D]``, ``gamma [B]``
+    (or a scalar) -> ``eps_hat [B, D]`` float32.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2,
+        *,
+        hidden: int = 256,
+        depth: int = 4,
+        dropout: float = 0.0,
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if not gamma_max > gamma_min:
+            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
+        self.in_channels = in_channels
+        self.gamma_min = gamma_min
+        self.gamma_max = gamma_max
+        self.dtype = dtype
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.cond_mlp = ConditioningMLP(hidden, hidden, **common)
+        self.dense_in = nnx.Linear(in_channels, hidden, **common)
+        self.blocks = nnx.List(
+            [ResidualDenseBlock(hidden, hidden, dropout=dropout, **common) for _ in range(depth)]
+        )
+        self.norm_out = nnx.LayerNorm(hidden, **common)
+        self.dense_out = nnx.Linear(hidden, in_channels, kernel_init=zeros_init, **common)
+
+    def __call__(self, z: Array, gamma: Array, *, dropout_rng: Array | None = None) -> Array:
+        """Predicts the noise ``eps`` from ``z [B, D]`` and ``gamma [B]``; returns float32 ``[B, D]``."""
+        if z.ndim != 2 or z.shape[-1] != self.in_channels:
+            raise ValueError(f"expected z of shape [B, {self.in_channels}], got {z.shape}")
+        gamma = batch_gamma(gamma, z.shape[0])
+        cond = self.cond_mlp(normalize_gamma(gamma, self.gamma_min, self.gamma_max))
+        h = self.dense_in(z.astype(self.dtype))
+        keys = None if dropout_rng is None else jax.random.split(dropout_rng, len(self.blocks))
+        for i, block in enumerate(self.blocks):
+            h = block(h, cond, None if keys is None else keys[i])
+        h = jax.nn.swish(self.norm_out(h))
+        return self.dense_out(h).astype(jnp.float32)

@@ -1,0 +1,475 @@
+"""U-Net noise-prediction networks for Variational Diffusion Models.
+
+``ScoreUNet`` is the network of VDM (Kingma, Salimans, Poole & Ho, 2021,
+arXiv:2107.00630, appendix B; ``ScoreUNet`` in ``google-research/vdm``):
+a U-Net *without* any downsampling, i.e. a deep stack of residual blocks at
+full resolution, with base-2 Fourier features of the input concatenated to it.
+``MultiResUNet`` is the DDPM-style multi-resolution U-Net (Ho et al., 2020),
+with the same conditioning and blocks, for cheap runs on small images.
+
+Both map ``z [B, H, W, C]`` float and ``gamma [B]`` (``-log SNR``) to
+``eps_hat [B, H, W, C]`` float32, condition on the normalised
+``t = (gamma - gamma_min) / (gamma_max - gamma_min)`` and zero-initialise the
+output convolution so that ``eps_hat == 0`` at initialisation. Dropout is
+active if and only if ``dropout_rng`` is passed.
+
+Unlike the VDM reference code, no "base measure" ``eps_hat += z`` is added: the
+network output is the noise prediction itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vdm.nets.layers import (
+    Array,
+    AttnBlock,
+    ConditioningMLP,
+    DType,
+    ResnetBlock,
+    batch_gamma,
+    conv3x3,
+    fourier_features,
+    group_norm,
+    normalize_gamma,
+    num_fourier_channels,
+)
+
+
+class ResAttnStage(nnx.Module):
+    """One step of the ``ScoreUNet`` paths: a :class:`ResnetBlock`, then optionally an :class:`AttnBlock`.
+
+    Call: ``x [B, H, W, in_channels]``, ``cond [B, cond_dim]``, optional
+    ``dropout_rng`` -> ``[B, H, W, out_channels]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        cond_dim: int,
+        *,
+        attention: bool,
+        dropout: float,
+        dtype: DType,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.block = ResnetBlock(in_channels, out_channels, cond_dim, dropout=dropout, **common)
+        self.attn = AttnBlock(out_channels, **common) if attention else None
+
+    def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
+        h = self.block(x, cond, dropout_rng)
+        if self.attn is not None:
+            h = self.attn(h)
+        return h
+
+
+def _apply_stage(stage: ResAttnStage, h: Array, cond: Array, dropout_rng: Array | None) -> Array:
+    return stage(h, cond, dropout_rng)
+
+
+def _split_or_none(rng: Array | None, index: int, num: int) -> Array | None:
+    """``num`` keys derived from ``fold_in(rng, index)``, or ``None`` without ``rng``."""
+    if rng is None:
+        return None
+    return jax.random.split(jax.random.fold_in(rng, index), num)
+
+
+class ScoreUNet(nnx.Module):
+    """The VDM score network: a full-resolution U-Net with Fourier-feature inputs.
+
+    Structure (VDM ``ScoreUNet``; paper CIFAR-10 setting ``channels=128,
+    num_blocks=32, dropout=0.1, attention=False``):
+
+    * ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``;
+      ``cond = swish(Dense(swish(Dense(emb(1000 t)))))``, size ``4 * channels``.
+    * ``h0 = conv3x3([z, fourier_features(z)])`` with ``channels`` outputs.
+    * Down path: ``num_blocks`` stages ``ResnetBlock(ch -> ch)`` (+ attention
+      if ``attention``); the outputs ``h1 .. hN`` and ``h0`` are kept as skips.
+    * Middle: ``ResnetBlock``, ``AttnBlock`` (always, as in VDM), ``ResnetBlock``.
+    * Up path: ``num_blocks + 1`` stages ``ResnetBlock(2 ch -> ch)`` applied to
+      ``concat([h, skip])`` with skips ``hN, ..., h1, h0`` (+ attention if
+      ``attention``).
+    * Head: ``GroupNorm -> swish -> conv3x3`` (zero-initialised) to ``C`` channels.
+
+    With ``scan_blocks=True`` the parameters of the down stages (and of the up
+    stages, which all have identical shapes as well) are stored stacked along
+    a leading axis of size ``num_blocks`` (``num_blocks + 1``), created with
+    ``nnx.vmap`` and applied with ``nnx.scan``, so trace/compile time does not
+    grow with depth. With ``scan_blocks=False`` they are ``nnx.List`` s of
+    independent stages; both variants compute the same function of the same
+    parameters (stage ``i`` of the list = slice ``i`` of the stack), including
+    the dropout masks. ``remat=True`` rematerialises each stage in the backward
+    pass (``nnx.remat``), trading compute for memory.
+
+    Args:
+      in_channels: ``C``, channels of ``z``.
+      channels: width of the network (paper: 128).
+      num_blocks: residual stages in the down path (paper: 32).
+      attention: add self-attention after every down/up stage.
+      dropout: dropout rate inside the residual blocks.
+      fourier_features: concatenate base-2 Fourier features to the input.
+      fourier_min, fourier_max: exponent range (inclusive) of the Fourier
+        features (VDM: 6, 7, i.e. ``sin/cos(2**n * 2 pi z)``).
+      gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
+      scan_blocks: store the repeated stages stacked and apply them with ``nnx.scan``.
+      remat: rematerialise (gradient-checkpoint) each stage.
+      dtype: compute dtype; the output is always float32.
+      param_dtype: parameter dtype.
+      rngs: ``nnx.Rngs`` for parameter initialisation.
+
+    Call: ``net(z, gamma, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
+    ``gamma [B]`` (or a scalar) -> ``eps_hat [B, H, W, C]`` float32.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        channels: int = 128,
+        num_blocks: int = 32,
+        attention: bool = False,
+        dropout: float = 0.1,
+        fourier_features: bool = True,
+        fourier_min: int = 6,
+        fourier_max: int = 7,
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+        scan_blocks: bool = True,
+        remat: bool = False,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if not gamma_max > gamma_min:
+            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
+        self.in_channels = in_channels
+        self.channels = channels
+        self.num_blocks = num_blocks
+        self.use_fourier = fourier_features
+        self.fourier_min = fourier_min
+        self.fourier_max = fourier_max
+        self.gamma_min = gamma_min
+        self.gamma_max = gamma_max
+        self.scan_blocks = scan_blocks
+        self.remat = remat
+        self.dtype = dtype
+
+        common = dict(dtype=dtype, param_dtype=param_dtype)
+        cond_dim = 4 * channels
+        self.cond_mlp = ConditioningMLP(channels, cond_dim, **common, rngs=rngs)
+        conv_in_channels = in_channels
+        if fourier_features:
+            conv_in_channels += num_fourier_channels(in_channels, fourier_min, fourier_max)
+        self.conv_in = conv3x3(conv_in_channels, channels, **common, rngs=rngs)
+
+        def make_stage(rngs: nnx.Rngs, in_ch: int, attn: bool) -> ResAttnStage:
+            return ResAttnStage(in_ch, channels, cond_dim, attention=attn, dropout=dropout, **common, rngs=rngs)
+
+        def make_stack(num: int, in_ch: int) -> ResAttnStage | nnx.List:
+            if not scan_blocks:
+                return nnx.List([make_stage(rngs, in_ch, attention) for _ in range(num)])
+
+            @nnx.split_rngs(splits=num)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_stacked(stage_rngs: nnx.Rngs) -> ResAttnStage:
+                return make_stage(stage_rngs, in_ch, attention)
+
+            return make_stacked(rngs)
+
+        self.down = make_stack(num_blocks, channels)
+        self.mid_block1 = ResnetBlock(channels, channels, cond_dim, dropout=dropout, **common, rngs=rngs)
+        self.mid_attn = AttnBlock(channels, **common, rngs=rngs)
+        self.mid_block2 = ResnetBlock(channels, channels, cond_dim, dropout=dropout, **common, rngs=rngs)
+        self.up = make_stack(num_blocks + 1, 2 * channels)
+        self.norm_out = group_norm(channels, **common, rngs=rngs)
+        self.conv_out = conv3x3(channels, in_channels, zero_init=True, **common, rngs=rngs)
+
+    def _run_down(self, h: Array, cond: Array, keys: Array | None) -> tuple[Array, Array]:
+        """Applies the down stages; returns the last output and all outputs ``[N, B, H, W, ch]``."""
+        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
+        if self.scan_blocks:
+
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, 0 if keys is not None else None), out_axes=(nnx.Carry, 0))
+            def body(carry: Array, stage: ResAttnStage, cond: Array, key: Array | None):
+                out = apply(stage, carry, cond, key)
+                return out, out
+
+            return body(h, self.down, cond, keys)
+        outs = []
+        for i, stage in enumerate(self.down):
+            h = apply(stage, h, cond, None if keys is None else keys[i])
+            outs.append(h)
+        return h, jnp.stack(outs)
+
+    def _run_up(self, h: Array, skips: Array, cond: Array, keys: Array | None) -> Array:
+        """Applies the up stages to ``concat([h, skips[i]])`` for ``i = 0 .. N``; returns the last output."""
+        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
+        if self.scan_blocks:
+
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, 0 if keys is not None else None), out_axes=nnx.Carry)
+            def body(carry: Array, stage: ResAttnStage, skip: Array, cond: Array, key: Array | None):
+                return apply(stage, jnp.concatenate([carry, skip], axis=-1), cond, key)
+
+            return body(h, self.up, skips, cond, keys)
+        for i, stage in enumerate(self.up):
+            h = apply(stage, jnp.concatenate([h, skips[i]], axis=-1), cond, None if keys is None else keys[i])
+        return h
+
+    def __call__(self, z: Array, gamma: Array, *, dropout_rng: Array | None = None) -> Array:
+        """Predicts the noise ``eps`` from ``z [B, H, W, C]`` and ``gamma [B]``; returns float32 ``[B, H, W, C]``."""
+        if z.ndim != 4 or z.shape[-1] != self.in_channels:
+            raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
+        gamma = batch_gamma(gamma, z.shape[0])
+        cond = self.cond_mlp(normalize_gamma(gamma, self.gamma_min, self.gamma_max))
+
+        h = z.astype(jnp.float32)
+        if self.use_fourier:
+            h = jnp.concatenate([h, fourier_features(h, self.fourier_min, self.fourier_max)], axis=-1)
+        h0 = self.conv_in(h.astype(self.dtype))
+
+        down_keys = _split_or_none(dropout_rng, 0, self.num_blocks)
+        mid_keys = _split_or_none(dropout_rng, 1, 2)
+        up_keys = _split_or_none(dropout_rng, 2, self.num_blocks + 1)
+
+        h, down_outs = self._run_down(h0, cond, down_keys)
+        h = self.mid_block1(h, cond, None if mid_keys is None else mid_keys[0])
+        h = self.mid_attn(h)
+        h = self.mid_block2(h, cond, None if mid_keys is None else mid_keys[1])
+        # Skips are consumed last-in first-out: h_N, ..., h_1, h_0.
+        skips = jnp.concatenate([h0[None], down_outs], axis=0)[::-1]
+        h = self._run_up(h, skips, cond, up_keys)
+
+        h = jax.nn.swish(self.norm_out(h))
+        return self.conv_out(h).astype(jnp.float32)
+
+
+class Downsample(nnx.Module):
+    """Halves H and W: stride-2 3x3 conv, or 2x2 average pooling without ``with_conv``.
+
+    Call: ``x [B, H, W, C]`` with even ``H, W`` -> ``[B, H/2, W/2, C]``.
+    """
+
+    def __init__(self, channels: int, *, with_conv: bool, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        self.conv = (
+            conv3x3(channels, channels, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if with_conv
+            else None
+        )
+
+    def __call__(self, x: Array) -> Array:
+        if self.conv is not None:
+            return self.conv(x)
+        b, h, w, c = x.shape
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class Upsample(nnx.Module):
+    """Doubles H and W by nearest-neighbour repetition, followed by a 3x3 conv if ``with_conv``.
+
+    Call: ``x [B, H, W, C]`` -> ``[B, 2H, 2W, C]``.
+    """
+
+    def __init__(self, channels: int, *, with_conv: bool, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        self.conv = (
+            conv3x3(channels, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if with_conv else None
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x) if self.conv is not None else x
+
+
+class MultiResUNet(nnx.Module):
+    """DDPM-style multi-resolution U-Net with VDM conditioning and input features.
+
+    Level ``i`` (``i = 0 .. L-1``, ``L = len(channel_mult)``) works at
+    resolution ``H / 2**i`` with ``channels * channel_mult[i]`` channels and has
+    ``num_res_blocks`` residual blocks (followed by self-attention when
+    ``i in attention_levels``); every level but the last ends with a
+    :class:`Downsample`. The middle is ``ResnetBlock, AttnBlock (if
+    mid_attention), ResnetBlock``. The up path mirrors it with
+    ``num_res_blocks + 1`` blocks per level, each taking ``concat([h, skip])``,
+    and an :class:`Upsample` between levels. Head, conditioning and Fourier
+    features are as in :class:`ScoreUNet`.
+
+    ``H`` and ``W`` must be divisible by ``2**(L - 1)``; e.g. with
+    ``channel_mult=(1, 2, 2)`` a 28x28 image runs at 28, 14 and 7, and 8x8 at
+    8, 4 and 2. Other sizes raise a ``ValueError`` at call time.
+
+    Args:
+      in_channels: ``C``, channels of ``z``.
+      channels: base width.
+      channel_mult: width multiplier of each resolution level.
+      num_res_blocks: residual blocks per level in the down path.
+      attention_levels: indices of the levels that get self-attention.
+      mid_attention: self-attention between the two middle residual blocks.
+      dropout: dropout rate inside the residual blocks.
+      resample_with_conv: strided conv / conv after nearest upsampling (else
+        average pooling / plain nearest upsampling).
+      fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
+      dtype, param_dtype, rngs: as in :class:`ScoreUNet`.
+
+    Call: ``net(z, gamma, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
+    ``gamma [B]`` (or a scalar) -> ``eps_hat [B, H, W, C]`` float32.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (),
+        mid_attention: bool = True,
+        dropout: float = 0.1,
+        resample_with_conv: bool = True,
+        fourier_features: bool = True,
+        fourier_min: int = 6,
+        fourier_max: int = 7,
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        channel_mult = tuple(channel_mult)
+        attention_levels = tuple(attention_levels)
+        if not channel_mult:
+            raise ValueError("channel_mult must be non-empty")
+        if num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        if any(not 0 <= i < len(channel_mult) for i in attention_levels):
+            raise ValueError(f"attention_levels {attention_levels} out of range for {len(channel_mult)} levels")
+        if not gamma_max > gamma_min:
+            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
+        self.in_channels = in_channels
+        self.channel_mult = channel_mult
+        self.num_res_blocks = num_res_blocks
+        self.use_fourier = fourier_features
+        self.fourier_min = fourier_min
+        self.fourier_max = fourier_max
+        self.gamma_min = gamma_min
+        self.gamma_max = gamma_max
+        self.dtype = dtype
+
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        cond_dim = 4 * channels
+        num_levels = len(channel_mult)
+
+        def res(in_ch: int, out_ch: int) -> ResnetBlock:
+            return ResnetBlock(in_ch, out_ch, cond_dim, dropout=dropout, **common)
+
+        def attn(ch: int, level: int) -> AttnBlock | None:
+            return AttnBlock(ch, **common) if level in attention_levels else None
+
+        self.cond_mlp = ConditioningMLP(channels, cond_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        conv_in_channels = in_channels
+        if fourier_features:
+            conv_in_channels += num_fourier_channels(in_channels, fourier_min, fourier_max)
+        self.conv_in = conv3x3(conv_in_channels, channels, **common)
+
+        # Down path; ``skip_channels`` records the width of every skip tensor.
+        ch = channels
+        skip_channels = [ch]
+        down_blocks, down_attns, downsamples = [], [], []
+        for level, mult in enumerate(channel_mult):
+            out_ch = channels * mult
+            for _ in range(num_res_blocks):
+                down_blocks.append(res(ch, out_ch))
+                down_attns.append(attn(out_ch, level))
+                ch = out_ch
+                skip_channels.append(ch)
+            if level != num_levels - 1:
+                downsamples.append(Downsample(ch, with_conv=resample_with_conv, **common))
+                skip_channels.append(ch)
+        self.down_blocks = nnx.List(down_blocks)
+        self.down_attns = nnx.List(down_attns)
+        self.downsamples = nnx.List(downsamples)
+
+        self.mid_block1 = res(ch, ch)
+        self.mid_attn = AttnBlock(ch, **common) if mid_attention else None
+        self.mid_block2 = res(ch, ch)
+
+        up_blocks, up_attns, upsamples = [], [], []
+        for level in reversed(range(num_levels)):
+            out_ch = channels * channel_mult[level]
+            for _ in range(num_res_blocks + 1):
+                up_blocks.append(res(ch + skip_channels.pop(), out_ch))
+                up_attns.append(attn(out_ch, level))
+                ch = out_ch
+            if level != 0:
+                upsamples.append(Upsample(ch, with_conv=resample_with_conv, **common))
+        assert not skip_channels
+        self.up_blocks = nnx.List(up_blocks)
+        self.up_attns = nnx.List(up_attns)
+        self.upsamples = nnx.List(upsamples)
+
+        self.norm_out = group_norm(ch, **common)
+        self.conv_out = conv3x3(ch, in_channels, zero_init=True, **common)
+
+    def __call__(self, z: Array, gamma: Array, *, dropout_rng: Array | None = None) -> Array:
+        """Predicts the noise ``eps`` from ``z [B, H, W, C]`` and ``gamma [B]``; returns float32 ``[B, H, W, C]``."""
+        if z.ndim != 4 or z.shape[-1] != self.in_channels:
+            raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if z.shape[1] % factor or z.shape[2] % factor:
+            raise ValueError(
+                f"MultiResUNet with {len(self.channel_mult)} levels halves the resolution "
+                f"{len(self.channel_mult) - 1} times, so H and W must be divisible by {factor}; "
+                f"got {z.shape[1]}x{z.shape[2]}. Use fewer levels (shorter channel_mult) or pad the images."
+            )
+        gamma = batch_gamma(gamma, z.shape[0])
+        cond = self.cond_mlp(normalize_gamma(gamma, self.gamma_min, self.gamma_max))
+        num_blocks = len(self.down_blocks) + len(self.up_blocks) + 2
+        keys = _split_or_none(dropout_rng, 0, num_blocks)
+        key_index = iter(range(num_blocks))
+
+        def next_key() -> Array | None:
+            i = next(key_index)
+            return None if keys is None else keys[i]
+
+        h = z.astype(jnp.float32)
+        if self.use_fourier:
+            h = jnp.concatenate([h, fourier_features(h, self.fourier_min, self.fourier_max)], axis=-1)
+        h = self.conv_in(h.astype(self.dtype))
+        hs = [h]
+        blocks = iter(zip(self.down_blocks, self.down_attns))
+        for level in range(len(self.channel_mult)):
+            for _ in range(self.num_res_blocks):
+                block, attn = next(blocks)
+                h = block(h, cond, next_key())
+                if attn is not None:
+                    h = attn(h)
+                hs.append(h)
+            if level != len(self.channel_mult) - 1:
+                h = self.downsamples[level](h)
+                hs.append(h)
+
+        h = self.mid_block1(h, cond, next_key())
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid_block2(h, cond, next_key())
+
+        blocks = iter(zip(self.up_blocks, self.up_attns))
+        upsamples = iter(self.upsamples)
+        for level in reversed(range(len(self.channel_mult))):
+            for _ in range(self.num_res_blocks + 1):
+                block, attn = next(blocks)
+                h = block(jnp.concatenate([h, hs.pop()], axis=-1), cond, next_key())
+                if attn is not None:
+                    h = attn(h)
+            if level != 0:
+                h = next(upsamples)(h)
+
+        h = jax.nn.swish(self.norm_out(h))
+        return self.conv_out(h).astype(jnp.float32)

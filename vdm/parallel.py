@@ -1,0 +1,207 @@
+"""Data parallelism with ``jax.jit`` and ``NamedSharding`` over a 1-D mesh.
+
+The trainer keeps parameters and optimizer state *replicated* on every device
+and shards each global batch along its leading axis over a single mesh axis
+called ``"data"``.  ``jax.jit`` then compiles one SPMD program; XLA inserts the
+gradient all-reduce itself, so no ``pmap``/``psum`` bookkeeping is needed::
+
+    maybe_initialize_distributed()            # before any other JAX call
+    mesh = make_data_mesh()
+    check_batch_divisible(cfg.batch_size, mesh)
+    state = replicate(state, mesh)
+    step = jax.jit(train_step,
+                   in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)),
+                   donate_argnums=0)
+    rows = process_batch_slice(mesh, cfg.batch_size)   # this host's rows
+    batch = host_batch_to_global(mesh, numpy_batch[rows])
+    state, metrics = step(state, batch)
+
+Multi-process (multi-host) runs use the same code: every process calls the
+functions above with the *global* batch size and feeds only its own rows.
+On CPU, cross-process collectives use gloo, which is the default
+``jax_cpu_collectives_implementation`` in current JAX (set
+``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo`` explicitly on older versions).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+"""Name of the single mesh axis the batch is sharded over."""
+
+__all__ = [
+    "DATA_AXIS",
+    "batch_sharded",
+    "check_batch_divisible",
+    "host_batch_to_global",
+    "make_data_mesh",
+    "maybe_initialize_distributed",
+    "process_batch_slice",
+    "replicate",
+    "replicated",
+]
+
+
+def maybe_initialize_distributed(enable: bool | None = None, **kwargs: Any) -> bool:
+    """Initialise ``jax.distributed`` if (and only if) this run is multi-process.
+
+    Decision rule, evaluated without touching any JAX device (so it is safe to
+    call first thing in a program):
+
+    * already initialised -> nothing to do, returns ``True`` (idempotent);
+    * ``enable=False`` -> never initialise, returns ``False``;
+    * ``enable=True`` -> initialise; anything not given in ``kwargs`` is taken
+      from the environment variables below or from JAX's cluster auto-detection
+      (SLURM, Open MPI, Cloud TPU pods, Kubernetes);
+    * ``enable=None`` (default) -> initialise iff a coordinator address is
+      known: ``JAX_COORDINATOR_ADDRESS`` in the environment or a
+      ``coordinator_address`` keyword argument.
+
+    Environment variables: ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of
+    process 0, read by JAX itself), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` (read here, since ``jax.distributed.initialize`` does not).
+
+    Args:
+      enable: force (``True``), forbid (``False``) or auto-detect (``None``).
+      **kwargs: passed to ``jax.distributed.initialize`` (``coordinator_address``,
+        ``num_processes``, ``process_id``, ``local_device_ids``,
+        ``initialization_timeout``, ...).
+
+    Returns:
+      Whether ``jax.distributed`` is initialised after the call.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if enable is None:
+        enable = bool(kwargs.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if not enable:
+        return False
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if kwargs.get(key) is None and os.environ.get(env):
+            try:
+                kwargs[key] = int(os.environ[env])
+            except ValueError:
+                raise ValueError(f"{env}={os.environ[env]!r} is not an integer") from None
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:
+        raise ValueError(
+            f"jax.distributed.initialize failed: {e} (set JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under a cluster JAX detects)"
+        ) from e
+    return True
+
+
+def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all global devices).
+
+    Devices keep ``jax.devices()`` order, which groups each process's devices
+    together, so every process owns one contiguous block of batch rows.  The
+    axis is ``AxisType.Auto``: the compiler propagates shardings through model
+    code that carries no sharding annotations (``jax.make_mesh`` defaults to
+    ``Explicit`` axes, which make shardings part of array types instead).
+    """
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("make_data_mesh needs at least one device")
+    return Mesh(np.asarray(devs, dtype=object), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy of an array on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits an array's leading (batch) axis over ``"data"``."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh, *, name: str = "train.batch_size") -> None:
+    """Raise ``ValueError`` unless ``global_batch`` splits evenly over ``mesh``.
+
+    Call it before compiling anything so a bad config fails with one line,
+    e.g. ``train.batch_size=30 is not divisible by the 8 devices``.
+    """
+    n = mesh.size
+    if global_batch <= 0 or global_batch % n:
+        raise ValueError(f"{name}={global_batch} is not divisible by the {n} devices")
+
+
+def process_batch_slice(mesh: Mesh, global_batch: int) -> slice:
+    """Rows ``[start, stop)`` of the global batch that this process must supply.
+
+    With one process this is ``slice(0, global_batch)``.  Pass the selected rows
+    to :func:`host_batch_to_global`.
+    """
+    check_batch_divisible(global_batch, mesh)
+    index_map = batch_sharded(mesh).addressable_devices_indices_map((global_batch,))
+    bounds = sorted((idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
+                    for idx in index_map.values())
+    if not bounds:
+        raise ValueError("this process owns no device of the mesh")
+    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+        if stop != start:
+            raise ValueError("this process's devices do not hold a contiguous block of the batch")
+    return slice(bounds[0][0], bounds[-1][1])
+
+
+def host_batch_to_global(mesh: Mesh, host_batch: Any) -> Any:
+    """Assemble per-process numpy batches into global arrays sharded on ``"data"``.
+
+    Args:
+      mesh: the data mesh.
+      host_batch: a pytree of arrays whose leading axis is this process's slice
+        of the global batch (the whole batch when running single-process).
+        Every process must pass slices of the same size.
+
+    Returns:
+      The same pytree of ``jax.Array`` with global leading size
+      ``local_rows * process_count``, each device holding its block of rows.
+    """
+    sharding = batch_sharded(mesh)
+    n_local = len(mesh.local_devices)
+
+    def to_global(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] % n_local:
+            raise ValueError(
+                f"host batch leaf of shape {x.shape} cannot be split over this "
+                f"process's {n_local} devices along its leading axis"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(to_global, host_batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place every leaf of ``tree`` (params, optimizer state, keys...) replicated on ``mesh``.
+
+    Leaves may be numpy arrays, Python scalars or ``jax.Array`` (including
+    typed PRNG keys).  In a multi-process run each process must pass the same
+    values (e.g. initialise from the same seed): this is not checked.
+    """
+    sharding = replicated(mesh)
+    multi_process = jax.process_count() > 1
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if not multi_process or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        # Host-local value: every process holds the full array, so its
+        # "process-local data" for a replicated sharding is the array itself.
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)

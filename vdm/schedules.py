@@ -1,0 +1,193 @@
+"""Noise schedules gamma(t) = -log SNR(t), increasing on [0, 1].
+
+Every schedule is a Flax NNX module called as ``gamma = schedule(t)`` with t of shape
+[B] (values in [0, 1]) and gamma of shape [B], and satisfies gamma(0) = gamma_min,
+gamma(1) = gamma_max exactly. gamma'(t) is never written by hand: the loss takes it
+from ``jax.jvp``.
+
+| name            | gamma(t)                                               | learned            |
+|-----------------|--------------------------------------------------------|--------------------|
+| fixed_linear    | g0 + (g1 - g0) t                                       | nothing            |
+| learned_linear  | g0 + (g1 - g0) t                                       | g0, g1             |
+| monotone_net    | g0 + (g1 - g0) shape(t), shape a monotone network       | shape; g0, g1 opt. |
+| cosine          | 2 log tan(a t + b), pinned to [g0, g1]                 | nothing            |
+| shifted_cosine  | 2 log tan(a t + b) + shift, pinned to [g0, g1]         | nothing            |
+
+Learned parameters are typed so that filters can pick them out: ``ScheduleEndpoint``
+for g0 and g1, ``ScheduleShape`` for the interior of ``monotone_net``. Both subclass
+``nnx.Param``. Training excludes them from weight decay, and the variance-minimising
+gradient (``diffusion.value_and_grad_with_schedule_variance``) treats ``ScheduleShape``
+as the interior.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ScheduleEndpoint(nnx.Param):
+    """A learned endpoint parameter of a noise schedule (gamma_min / gamma_max)."""
+
+
+class ScheduleShape(nnx.Param):
+    """A parameter of a schedule's interior shape (endpoints excluded)."""
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
+    if not gamma_min < gamma_max:
+        raise ValueError(f"schedule needs gamma_min < gamma_max, got gamma_min={gamma_min}, gamma_max={gamma_max}")
+
+
+class _Endpoints(nnx.Module):
+    """gamma_min and gamma_max, fixed numbers or learned with gamma_max > gamma_min kept."""
+
+    def __init__(self, gamma_min: float, gamma_max: float, learned: bool):
+        _check_endpoints(gamma_min, gamma_max)
+        self.learned = learned
+        if learned:
+            self.low = ScheduleEndpoint(jnp.asarray(gamma_min, jnp.float32))
+            # gamma_max = gamma_min + softplus(width): the order can never flip.
+            self.width = ScheduleEndpoint(jnp.asarray(_inverse_softplus(gamma_max - gamma_min), jnp.float32))
+        else:
+            self.fixed = (float(gamma_min), float(gamma_max))
+
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        if self.learned:
+            low = self.low[...]
+            return low, low + jax.nn.softplus(self.width[...])
+        return jnp.float32(self.fixed[0]), jnp.float32(self.fixed[1])
+
+
+class FixedLinear(nnx.Module):
+    """gamma(t) = gamma_min + (gamma_max - gamma_min) t, nothing learned."""
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, rngs: nnx.Rngs | None = None):
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=False)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        low, high = self.endpoints()
+        return low + (high - low) * t
+
+
+class LearnedLinear(nnx.Module):
+    """gamma(t) = gamma_min + (gamma_max - gamma_min) t with both endpoints learned (VDM)."""
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, rngs: nnx.Rngs | None = None):
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=True)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        low, high = self.endpoints()
+        return low + (high - low) * t
+
+
+class MonotoneNet(nnx.Module):
+    """The learned monotone schedule of VDM (Kingma et al. 2021, App. H), endpoints pinned.
+
+    The VDM network is h(t) = l1(t) + l3(phi(l2(t))) / H with positive weights,
+    phi(x) = 2 (sigmoid(x) - 0.5), H hidden units, hence increasing. The original code
+    uses h directly, so its endpoints drift wherever the optimiser takes them. Here the
+    network only defines the *shape*
+
+        shape(t) = (h(t) - h(0)) / (h(1) - h(0)),   shape(0) = 0, shape(1) = 1,
+
+    and gamma(t) = gamma_min + (gamma_max - gamma_min) shape(t), with the endpoints
+    fixed (``learn_endpoints=False``) or learned as two explicit scalars. Weights are
+    kept positive by a softplus, so h is strictly increasing. As in VDM the linear part
+    dominates at initialisation, so the initial schedule is close to linear.
+    """
+
+    has_learned_interior = True
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, hidden: int = 1024,
+                 learn_endpoints: bool = True, rngs: nnx.Rngs):
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=learn_endpoints)
+        self.hidden = hidden
+        key1, key2, key3 = jax.random.split(rngs.params(), 3)
+        self.slope = ScheduleShape(jnp.asarray(_inverse_softplus(gamma_max - gamma_min), jnp.float32))
+        self.w2 = ScheduleShape(jax.random.normal(key1, (hidden,)))
+        self.b2 = ScheduleShape(jax.random.normal(key2, (hidden,)))
+        self.w3 = ScheduleShape(jax.random.normal(key3, (hidden,)))
+
+    def _h(self, t: jax.Array) -> jax.Array:
+        linear = jax.nn.softplus(self.slope[...]) * t
+        hidden = jax.nn.softplus(self.w2[...]) * (2.0 * t[..., None] - 1.0) + self.b2[...]
+        hidden = 2.0 * (jax.nn.sigmoid(hidden) - 0.5)
+        return linear + hidden @ jax.nn.softplus(self.w3[...]) / self.hidden
+
+    def shape(self, t: jax.Array) -> jax.Array:
+        """The normalised interior: increasing, shape(0) = 0, shape(1) = 1."""
+        h0, h1 = self._h(jnp.array([0.0, 1.0]))
+        return (self._h(t) - h0) / (h1 - h0)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        low, high = self.endpoints()
+        return low + (high - low) * self.shape(t)
+
+
+class ShiftedCosine(nnx.Module):
+    """The cosine schedule in log-SNR form, shifted, with pinned endpoints.
+
+    Cosine (Nichol & Dhariwal 2021): lambda(t) = -2 log tan(pi t / 2). Shifted cosine
+    (Hoogeboom et al. 2023, "simple diffusion"): lambda(t) - shift, with
+    shift = 2 log(resolution / 64) for images of that resolution (a base of 64).
+    Pinned to [gamma_min, gamma_max] by truncating the curve:
+
+        gamma(t) = 2 log tan(a t + b) + shift,
+        b = arctan(exp((gamma_min - shift) / 2)),  a + b = arctan(exp((gamma_max - shift) / 2)).
+
+    For angles above pi/4 it uses 2 log tan(theta) = -2 log tan(pi/2 - theta) with
+    pi/2 - theta computed directly, so gamma stays accurate out to |gamma| = 20 in float32.
+    """
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, shift: float = 0.0,
+                 rngs: nnx.Rngs | None = None):
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=False)
+        self.shift = float(shift)
+        self.b = math.atan(math.exp(0.5 * (gamma_min - shift)))
+        self.a = math.atan(math.exp(0.5 * (gamma_max - shift))) - self.b
+        # pi/2 - b, computed without cancellation.
+        self.c = math.atan(math.exp(-0.5 * (gamma_min - shift)))
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        theta = self.a * t + self.b
+        phi = self.c - self.a * t  # = pi/2 - theta
+        small = theta <= 0.25 * math.pi
+        log_tan = jnp.where(small, jnp.log(jnp.tan(jnp.where(small, theta, 0.5))),
+                            -jnp.log(jnp.tan(jnp.where(small, 0.5, phi))))
+        return 2.0 * log_tan + self.shift
+
+
+class Cosine(ShiftedCosine):
+    """The cosine schedule (Nichol & Dhariwal 2021) in log-SNR form, pinned to [gamma_min, gamma_max]."""
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, rngs: nnx.Rngs | None = None):
+        super().__init__(gamma_min, gamma_max, shift=0.0)
+
+
+SCHEDULES = {
+    "fixed_linear": FixedLinear,
+    "learned_linear": LearnedLinear,
+    "monotone_net": MonotoneNet,
+    "cosine": Cosine,
+    "shifted_cosine": ShiftedCosine,
+}
+
+
+def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | None = None, **kwargs) -> nnx.Module:
+    """The schedule called ``name`` with endpoints [gamma_min, gamma_max]."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    _check_endpoints(gamma_min, gamma_max)
+    if rngs is None:
+        rngs = nnx.Rngs(0)
+    try:
+        return SCHEDULES[name](gamma_min, gamma_max, rngs=rngs, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"schedule {name!r}: {e}") from None

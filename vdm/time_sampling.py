@@ -1,0 +1,185 @@
+"""How the noise level of each example is drawn.
+
+Two layers, each small:
+
+1. **Uniform samplers** ``(rng, batch_size) -> u`` with u in [0, 1), marginally uniform:
+
+   - ``iid``: independent uniforms.
+   - ``low_discrepancy``: VDM's sampler (Kingma et al. 2021, App. I.1):
+     ``u_i = mod(u_0 + i / B, 1)`` with one shared ``u_0 ~ U(0, 1)``. Each u_i is
+     still uniform, so every per-example loss stays unbiased, but the batch covers
+     [0, 1) evenly and the batch mean has lower variance.
+
+   With a noise schedule, t = u and gamma = gamma(t).
+
+2. **Densities over log-SNR** for importance sampling (Kingma & Gao 2023, Sec. 3 and
+   App. F): lambda = F^{-1}(u) for a density p(lambda) on [lambda_min, lambda_max], and
+   the example gets weight w(lambda) / p(lambda) in place of w(lambda) (-dlambda/dt).
+   Both estimate the same integral  0.5 * int w(lambda) E||eps - eps_hat||^2 dlambda.
+   Densities are piecewise constant on a grid, so sampling is an exact inverse CDF:
+
+   - ``weighting_density(w, lo, hi)``: p proportional to w (then w / p is nearly constant).
+   - ``AdaptiveDensity``: p proportional to an EMA, per lambda bin, of the observed
+     integrand 0.5 w(lambda) ||eps - eps_hat||^2, the variance-minimising choice, mixed
+     with a little uniform mass so p > 0 everywhere and the weights stay bounded.
+
+Densities are pytrees (``flax.struct.dataclass``), so they live in the training state,
+pass through ``jit`` and are checkpointed with it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# --------------------------------------------------------------------------------------
+# Uniform samplers: (rng, batch_size) -> u in [0, 1)
+# --------------------------------------------------------------------------------------
+
+
+def iid(rng: jax.Array, batch_size: int) -> jax.Array:
+    """u_i ~ U(0, 1) independently."""
+    return jax.random.uniform(rng, (batch_size,))
+
+
+def low_discrepancy(rng: jax.Array, batch_size: int) -> jax.Array:
+    """u_i = mod(u_0 + i / B, 1), u_0 ~ U(0, 1) (VDM, Kingma et al. 2021, App. I.1)."""
+    u0 = jax.random.uniform(rng, ())
+    return jnp.mod(u0 + jnp.arange(batch_size) / batch_size, 1.0)
+
+
+TIME_SAMPLERS = {
+    "iid": iid,
+    "low_discrepancy": low_discrepancy,
+}
+
+
+def build(name: str):
+    """The uniform sampler called ``name``."""
+    if name not in TIME_SAMPLERS:
+        raise ValueError(f"unknown time sampler {name!r}; valid names: {', '.join(TIME_SAMPLERS)}")
+    return TIME_SAMPLERS[name]
+
+
+# --------------------------------------------------------------------------------------
+# Piecewise-constant densities over log-SNR
+# --------------------------------------------------------------------------------------
+
+
+def _inverse_cdf(edges, mass, u):
+    """lambda = F^{-1}(u) and log p(lambda) for bin masses ``mass`` on ``edges``."""
+    cdf = jnp.concatenate([jnp.zeros(1), jnp.cumsum(mass)])
+    cdf = cdf / cdf[-1]
+    k = jnp.clip(jnp.searchsorted(cdf, u, side="right") - 1, 0, mass.shape[0] - 1)
+    width = edges[1:] - edges[:-1]
+    frac = jnp.clip((u - cdf[k]) / mass[k], 0.0, 1.0)
+    logsnr = edges[k] + frac * width[k]
+    return logsnr, jnp.log(mass[k] / width[k])
+
+
+def _bin_index(edges, logsnr):
+    return jnp.clip(jnp.searchsorted(edges, logsnr, side="right") - 1, 0, edges.shape[0] - 2)
+
+
+@struct.dataclass
+class GridDensity:
+    """A density over log-SNR, constant on each bin ``[edges[k], edges[k+1])``.
+
+    ``mass[k]`` is the probability of bin k (they sum to one).
+    """
+
+    edges: jax.Array  # [K + 1], increasing
+    mass: jax.Array  # [K]
+
+    def sample(self, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(lambda, log p(lambda)) for uniforms u, by the exact inverse CDF."""
+        logsnr, log_p = _inverse_cdf(self.edges, self.mass, u)
+        return jax.lax.stop_gradient(logsnr), jax.lax.stop_gradient(log_p)
+
+    def log_prob(self, logsnr: jax.Array) -> jax.Array:
+        k = _bin_index(self.edges, logsnr)
+        return jnp.log(self.mass[k] / (self.edges[k + 1] - self.edges[k]))
+
+
+def weighting_density(weighting, logsnr_min: float, logsnr_max: float, num_bins: int = 128) -> GridDensity:
+    """p(lambda) proportional to w(lambda) on [logsnr_min, logsnr_max] (midpoint rule per bin).
+
+    With this p the importance weight w / p is almost constant, so the estimator's
+    variance comes only from the per-example error, not from the weighting's shape.
+    """
+    edges = jnp.linspace(logsnr_min, logsnr_max, num_bins + 1)
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    mass = weighting(mid) * (edges[1:] - edges[:-1])
+    return GridDensity(edges=edges, mass=mass / jnp.sum(mass))
+
+
+@struct.dataclass
+class AdaptiveDensity:
+    """The adaptive noise density of Kingma & Gao (2023, App. F).
+
+    Keeps ``ema[k]``, an exponential moving average over training steps of the mean of
+    |0.5 w(lambda) ||eps - eps_hat||^2| over the examples whose lambda fell in bin k
+    (the integrand of the weighted loss), and samples
+
+        p = (1 - uniform_mix) * (ema * width / sum) + uniform_mix * (width / range)
+
+    by inverse CDF. The uniform part keeps every weight w / p bounded, so the estimate
+    is unbiased whatever the EMA holds. Feed it with ``update`` after each step.
+    """
+
+    edges: jax.Array  # [K + 1]
+    ema: jax.Array  # [K]
+    decay: float = struct.field(pytree_node=False, default=0.99)
+    uniform_mix: float = struct.field(pytree_node=False, default=0.05)
+
+    @classmethod
+    def create(cls, weighting, logsnr_min: float, logsnr_max: float, num_bins: int = 100,
+               decay: float = 0.99, uniform_mix: float = 0.05) -> "AdaptiveDensity":
+        """Start as p proportional to w(lambda) and adapt from there."""
+        if not 0.0 < uniform_mix <= 1.0:
+            raise ValueError(f"uniform_mix must be in (0, 1], got {uniform_mix}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        edges = jnp.linspace(logsnr_min, logsnr_max, num_bins + 1)
+        ema = weighting(0.5 * (edges[1:] + edges[:-1]))
+        return cls(edges=edges, ema=ema / jnp.mean(ema), decay=decay, uniform_mix=uniform_mix)
+
+    @property
+    def mass(self) -> jax.Array:
+        width = self.edges[1:] - self.edges[:-1]
+        adaptive = self.ema * width
+        adaptive = adaptive / jnp.sum(adaptive)
+        return (1.0 - self.uniform_mix) * adaptive + self.uniform_mix * width / jnp.sum(width)
+
+    def sample(self, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return GridDensity(self.edges, self.mass).sample(u)
+
+    def log_prob(self, logsnr: jax.Array) -> jax.Array:
+        return GridDensity(self.edges, self.mass).log_prob(logsnr)
+
+    def update(self, logsnr: jax.Array, integrand: jax.Array) -> "AdaptiveDensity":
+        """Fold one batch of (lambda_i, integrand_i) into the per-bin EMA."""
+        logsnr = jax.lax.stop_gradient(logsnr)
+        integrand = jnp.abs(jax.lax.stop_gradient(integrand))
+        k = _bin_index(self.edges, logsnr)
+        sums = jnp.zeros_like(self.ema).at[k].add(integrand)
+        counts = jnp.zeros_like(self.ema).at[k].add(1.0)
+        batch_mean = sums / jnp.maximum(counts, 1.0)
+        ema = jnp.where(counts > 0, self.decay * self.ema + (1.0 - self.decay) * batch_mean, self.ema)
+        return self.replace(ema=ema)
+
+
+# name -> builder(weighting, logsnr_min, logsnr_max, num_bins=..., **kw)
+DENSITIES = {
+    "weighting": weighting_density,
+    "adaptive": AdaptiveDensity.create,
+}
+
+
+def build_density(name: str, weighting, logsnr_min: float, logsnr_max: float, **kw):
+    """The log-SNR density called ``name`` on [logsnr_min, logsnr_max]."""
+    if name not in DENSITIES:
+        raise ValueError(f"unknown log-SNR density {name!r}; valid names: {', '.join(DENSITIES)}")
+    if not logsnr_min < logsnr_max:
+        raise ValueError(f"log-SNR density needs logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
+    return DENSITIES[name](weighting, logsnr_min, logsnr_max, **kw)

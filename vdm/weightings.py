@@ -1,0 +1,181 @@
+"""Loss weightings w(lambda) of the weighted-ELBO family (Kingma & Gao 2023).
+
+Kingma & Gao, "Understanding Diffusion Objectives as the ELBO with Simple Data
+Augmentation", arXiv 2303.00848, show that the common diffusion objectives are all
+
+    L_w(x) = 0.5 * E_{t ~ U(0,1), eps} [ w(lambda_t) * (-dlambda/dt) * ||eps - eps_hat||^2 ]
+           = 0.5 * integral over lambda of w(lambda) * E_eps ||eps - eps_hat(z_lambda)||^2
+
+with lambda = log SNR = -gamma. ``w = 1`` is the ELBO (the VDM continuous-time loss).
+If w is monotonic (non-increasing in lambda, i.e. non-decreasing in t), L_w is the ELBO
+of noise-augmented data (their Sec. 4), so it is still a likelihood objective.
+
+Every weighting here is a small pure function ``w(logsnr, **params) -> w`` plus a flag
+saying whether it is monotonic. Constants are chosen so that the loss equals the named
+objective exactly (not only up to a factor) when its own noise schedule and uniform t
+are used; the docstrings give the derivation. Choose one by name with ``build``:
+
+    w = weightings.build("sigmoid", bias=2.0)
+    w(logsnr), w.monotonic
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+
+def elbo(logsnr):
+    """w(lambda) = 1: the variational bound itself (VDM, Kingma et al. 2021)."""
+    return jnp.ones_like(logsnr)
+
+
+def sigmoid(logsnr, bias: float = 2.0):
+    """w(lambda) = sigmoid(bias - lambda) (Kingma & Gao 2023, Sec. 5).
+
+    Monotonic: close to 1 at high noise (the ELBO there) and decaying like
+    exp(bias - lambda) at low noise.
+    """
+    return jnp.exp(-jnp.logaddexp(0.0, logsnr - bias))
+
+
+def edm(logsnr, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
+    """The EDM objective (Karras et al. 2022) as a weighting (Kingma & Gao, App. D.1).
+
+    EDM draws log sigma ~ N(p_mean, p_std^2), i.e. lambda = -2 log sigma ~
+    N(-2 p_mean, (2 p_std)^2) = N(2.4, 2.4^2), and weights ||x - x_hat||^2 =
+    sigma^2 ||eps - eps_hat||^2 by (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. So the
+    EDM loss is the weighted loss with
+
+        w(lambda) = 2 N(lambda; 2.4, 2.4^2) (exp(-lambda) + sigma_data^2) / sigma_data^2
+
+    (Kingma & Gao list it without the constant 2, which only rescales the loss).
+    Not monotonic (a bump around lambda ~ 2.4).
+    """
+    mean, std = -2.0 * p_mean, 2.0 * p_std
+    log_normal = -0.5 * ((logsnr - mean) / std) ** 2 - jnp.log(std * math.sqrt(2 * math.pi))
+    return 2.0 * jnp.exp(log_normal + jnp.logaddexp(-logsnr, 2 * math.log(sigma_data)) - 2 * math.log(sigma_data))
+
+
+@functools.lru_cache(maxsize=None)
+def _edm_peak(p_mean: float, p_std: float, sigma_data: float) -> tuple[float, float]:
+    """(argmax, max) of the EDM weighting over lambda: grid search, then golden section.
+
+    Plain Python floats, so it runs once per parameter set, outside any trace.
+    """
+    mean, std = -2.0 * p_mean, 2.0 * p_std
+
+    def log_w(lam: float) -> float:  # log of edm() up to its constant
+        return -0.5 * ((lam - mean) / std) ** 2 + math.log(math.exp(-lam) + sigma_data**2)
+
+    lo, hi = mean - 12 * std, mean + 12 * std
+    grid = [lo + (hi - lo) * i / 6000 for i in range(6001)]
+    i = max(range(len(grid)), key=lambda k: log_w(grid[k]))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if log_w(a) > log_w(b):
+            hi = b
+        else:
+            lo = a
+    peak = 0.5 * (lo + hi)
+    normaliser = 2.0 / (std * math.sqrt(2 * math.pi) * sigma_data**2)  # edm() = normaliser * exp(log_w)
+    return peak, normaliser * math.exp(log_w(peak))
+
+
+def edm_monotonic(logsnr, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
+    """EDM weighting made monotonic (Kingma & Gao 2023, Sec. 5, "EDM-monotonic").
+
+    Equal to the EDM weighting at lambda above its peak and held at the peak value below
+    it, so that w is non-increasing in lambda and the objective is an ELBO of
+    noise-augmented data.
+    """
+    peak, w_max = _edm_peak(p_mean, p_std, sigma_data)
+    return jnp.where(logsnr >= peak, edm(logsnr, p_mean, p_std, sigma_data), w_max)
+
+
+def v_mse(logsnr):
+    """v-prediction MSE with the cosine schedule and uniform t (Salimans & Ho 2022).
+
+    ||v - v_hat||^2 = (1 + exp(-lambda)) ||eps - eps_hat||^2 and the cosine schedule has
+    -dt/dlambda = 1 / (2 pi cosh(lambda / 2)), so E_t ||v - v_hat||^2 equals the weighted
+    loss with w(lambda) = 2 (1 + exp(-lambda)) (-dt/dlambda) = 2 exp(-lambda / 2) / pi.
+    Monotonic (Kingma & Gao, Table 1).
+    """
+    return 2.0 * jnp.exp(-0.5 * logsnr) / math.pi
+
+
+def eps_mse(logsnr):
+    """DDPM's L_simple, E_t ||eps - eps_hat||^2, with the cosine schedule (Ho et al. 2020).
+
+    The cosine schedule has -dt/dlambda = 1 / (2 pi cosh(lambda / 2)), so
+    w(lambda) = 2 (-dt/dlambda) = sech(lambda / 2) / pi. Not monotonic.
+    """
+    return 1.0 / (math.pi * jnp.cosh(0.5 * logsnr))
+
+
+def flow_matching(logsnr):
+    """Rectified flow / flow matching with the optimal-transport path (Lipman et al. 2023).
+
+    z_t = (1 - t) x + t eps, target u = eps - x, loss E_t ||u - u_hat||^2. With
+    lambda = 2 log((1 - t) / t): ||u - u_hat||^2 = ||eps - eps_hat||^2 / (1 - t)^2 and
+    -dt/dlambda = t (1 - t) / 2, so w(lambda) = t / (1 - t) = exp(-lambda / 2).
+    Monotonic (Kingma & Gao, Table 1: the same shape as v-MSE with cosine).
+    """
+    return jnp.exp(-0.5 * logsnr)
+
+
+def min_snr(logsnr, snr_gamma: float = 5.0):
+    """Min-SNR-gamma weighting (Hang et al. 2023) of L_simple with the cosine schedule.
+
+    The eps-loss is weighted by min(SNR, k) / SNR = min(1, k exp(-lambda)), so
+    w(lambda) = sech(lambda / 2) / pi * min(1, k exp(-lambda)). Not monotonic.
+    """
+    return eps_mse(logsnr) * jnp.minimum(1.0, snr_gamma * jnp.exp(-logsnr))
+
+
+@dataclasses.dataclass(frozen=True)
+class Weighting:
+    """A named weighting with its parameters bound; call it on log-SNR values."""
+
+    name: str
+    fn: Callable[..., Any]
+    monotonic: bool
+    params: tuple = ()  # ((name, value), ...), hashable so a Weighting can be a static jit argument
+
+    def __call__(self, logsnr):
+        return self.fn(logsnr, **dict(self.params))
+
+
+# name -> (function, monotonic in lambda?)
+WEIGHTINGS = {
+    "elbo": (elbo, True),
+    "sigmoid": (sigmoid, True),
+    "edm": (edm, False),
+    "edm_monotonic": (edm_monotonic, True),
+    "v_mse": (v_mse, True),
+    "eps_mse": (eps_mse, False),
+    "flow_matching": (flow_matching, True),
+    "min_snr": (min_snr, False),
+}
+
+
+def build(name: str | Weighting, **params) -> Weighting:
+    """The weighting called ``name`` with ``params`` bound (e.g. ``bias`` for sigmoid)."""
+    if isinstance(name, Weighting):
+        return name
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; valid names: {', '.join(WEIGHTINGS)}")
+    fn, monotonic = WEIGHTINGS[name]
+    accepted = [p for p in inspect.signature(fn).parameters if p != "logsnr"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"weighting {name!r} takes parameters {accepted or 'none'}, not {', '.join(unknown)}"
+        )
+    return Weighting(name, fn, monotonic, tuple(sorted(params.items())))
