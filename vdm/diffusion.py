@@ -60,7 +60,7 @@ def decode(f: jax.Array, vocab_size: int = 256) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
+def expand_to(v: jax.Array, like: jax.Array) -> jax.Array:
     """Reshape per-example values [B] to broadcast against [B, ...]."""
     return jnp.reshape(v, v.shape + (1,) * (like.ndim - v.ndim))
 
@@ -72,7 +72,7 @@ def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def diffuse(f: jax.Array, gamma: jax.Array, eps: jax.Array) -> jax.Array:
     """z = alpha f + sigma eps, with per-example gamma [B] broadcast over f [B, ...]."""
-    alpha, sigma = alpha_sigma(_expand(gamma, f))
+    alpha, sigma = alpha_sigma(expand_to(gamma, f))
     return alpha * f + sigma * eps
 
 
@@ -93,7 +93,7 @@ def prior_kl(f: jax.Array, gamma_1: jax.Array) -> jax.Array:
     which avoids the cancellation in sigma^2 - 1 - log sigma^2 when gamma_1 is large.
     """
     gamma_1 = jnp.broadcast_to(jnp.asarray(gamma_1, f.dtype), f.shape[:1])
-    g = _expand(gamma_1, f)
+    g = expand_to(gamma_1, f)
     alpha_sq = jax.nn.sigmoid(-g)
     return _sum_per_example(0.5 * (alpha_sq * (f * f - 1.0) + jax.nn.softplus(-g)))
 
@@ -106,7 +106,7 @@ def decoder_log_probs(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int = 256)
     ``z_0`` is [B, ...] and ``gamma_0`` per-example [B] or a scalar.
     """
     gamma_0 = jnp.broadcast_to(jnp.asarray(gamma_0, z_0.dtype), z_0.shape[:1])
-    g = _expand(gamma_0, z_0)
+    g = expand_to(gamma_0, z_0)
     alpha, _ = alpha_sigma(g)
     centres = encode(jnp.arange(vocab_size), vocab_size)
     # (z_0 / alpha - c)^2 / (sigma / alpha)^2 = (z_0 / alpha - c)^2 exp(-gamma)
@@ -135,13 +135,13 @@ def _eps_from_eps(out, z, gamma):
 
 def _eps_from_x(out, z, gamma):
     """eps_hat = (z - alpha x_hat) / sigma."""
-    alpha, sigma = alpha_sigma(_expand(gamma, z))
+    alpha, sigma = alpha_sigma(expand_to(gamma, z))
     return (z - alpha * out) / sigma
 
 
 def _eps_from_v(out, z, gamma):
     """v = alpha eps - sigma x (Salimans & Ho 2022), so eps_hat = sigma z + alpha v_hat."""
-    alpha, sigma = alpha_sigma(_expand(gamma, z))
+    alpha, sigma = alpha_sigma(expand_to(gamma, z))
     return sigma * z + alpha * out
 
 

@@ -106,7 +106,9 @@ class ScoreUNet(nnx.Module):
     independent stages; both variants compute the same function of the same
     parameters (stage ``i`` of the list = slice ``i`` of the stack), including
     the dropout masks. ``remat=True`` rematerialises each stage in the backward
-    pass (``nnx.remat``), trading compute for memory.
+    pass (``nnx.remat``), trading compute for memory. The 3x3 convolutions use
+    :func:`vdm.nets.layers.conv_general_dilated`, whose gradient avoids XLA:CPU's
+    slow path for convolutions inside loops, so scanning costs little on CPU too.
 
     Args:
       in_channels: ``C``, channels of ``z``.
@@ -114,7 +116,7 @@ class ScoreUNet(nnx.Module):
       num_blocks: residual stages in the down path (paper: 32).
       attention: add self-attention after every down/up stage.
       dropout: dropout rate inside the residual blocks.
-      fourier_features: concatenate base-2 Fourier features to the input.
+      with_fourier_features: concatenate base-2 Fourier features to the input.
       fourier_min, fourier_max: exponent range (inclusive) of the Fourier
         features (VDM: 6, 7, i.e. ``sin/cos(2**n * 2 pi z)``).
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
@@ -136,7 +138,7 @@ class ScoreUNet(nnx.Module):
         num_blocks: int = 32,
         attention: bool = False,
         dropout: float = 0.1,
-        fourier_features: bool = True,
+        with_fourier_features: bool = True,
         fourier_min: int = 6,
         fourier_max: int = 7,
         gamma_min: float = -13.3,
@@ -154,7 +156,7 @@ class ScoreUNet(nnx.Module):
         self.in_channels = in_channels
         self.channels = channels
         self.num_blocks = num_blocks
-        self.use_fourier = fourier_features
+        self.use_fourier = with_fourier_features
         self.fourier_min = fourier_min
         self.fourier_max = fourier_max
         self.gamma_min = gamma_min
@@ -167,7 +169,7 @@ class ScoreUNet(nnx.Module):
         cond_dim = 4 * channels
         self.cond_mlp = ConditioningMLP(channels, cond_dim, **common, rngs=rngs)
         conv_in_channels = in_channels
-        if fourier_features:
+        if with_fourier_features:
             conv_in_channels += num_fourier_channels(in_channels, fourier_min, fourier_max)
         self.conv_in = conv3x3(conv_in_channels, channels, **common, rngs=rngs)
 
@@ -193,17 +195,32 @@ class ScoreUNet(nnx.Module):
         self.norm_out = group_norm(channels, **common, rngs=rngs)
         self.conv_out = conv3x3(channels, in_channels, zero_init=True, **common, rngs=rngs)
 
+    def _scan(self, stack: ResAttnStage, body, carry: Array, xs):
+        """``jax.lax.scan`` of ``body(stage, carry, x)`` over the stacked stages.
+
+        A plain ``lax.scan`` over the split state (rather than ``nnx.scan``) so that the
+        network can be called inside any outer JAX transform, e.g. a sampler's
+        ``fori_loop`` that closes over the parameters.
+        """
+        graphdef, state = nnx.split(stack)
+
+        def step(carry, inputs):
+            stage_state, x = inputs
+            return body(nnx.merge(graphdef, stage_state), carry, x)
+
+        if self.remat:
+            step = jax.checkpoint(step)
+        return jax.lax.scan(step, carry, (state, xs))
+
     def _run_down(self, h: Array, cond: Array, keys: Array | None) -> tuple[Array, Array]:
         """Applies the down stages; returns the last output and all outputs ``[N, B, H, W, ch]``."""
-        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
         if self.scan_blocks:
-
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, 0 if keys is not None else None), out_axes=(nnx.Carry, 0))
-            def body(carry: Array, stage: ResAttnStage, cond: Array, key: Array | None):
-                out = apply(stage, carry, cond, key)
+            def body(stage, carry, key):
+                out = _apply_stage(stage, carry, cond, key)
                 return out, out
 
-            return body(h, self.down, cond, keys)
+            return self._scan(self.down, body, h, keys)
+        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
         outs = []
         for i, stage in enumerate(self.down):
             h = apply(stage, h, cond, None if keys is None else keys[i])
@@ -212,14 +229,13 @@ class ScoreUNet(nnx.Module):
 
     def _run_up(self, h: Array, skips: Array, cond: Array, keys: Array | None) -> Array:
         """Applies the up stages to ``concat([h, skips[i]])`` for ``i = 0 .. N``; returns the last output."""
-        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
         if self.scan_blocks:
+            def body(stage, carry, inputs):
+                skip, key = inputs
+                return _apply_stage(stage, jnp.concatenate([carry, skip], axis=-1), cond, key), None
 
-            @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, 0 if keys is not None else None), out_axes=nnx.Carry)
-            def body(carry: Array, stage: ResAttnStage, skip: Array, cond: Array, key: Array | None):
-                return apply(stage, jnp.concatenate([carry, skip], axis=-1), cond, key)
-
-            return body(h, self.up, skips, cond, keys)
+            return self._scan(self.up, body, h, (skips, keys))[0]
+        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
         for i, stage in enumerate(self.up):
             h = apply(stage, jnp.concatenate([h, skips[i]], axis=-1), cond, None if keys is None else keys[i])
         return h
@@ -250,6 +266,25 @@ class ScoreUNet(nnx.Module):
 
         h = jax.nn.swish(self.norm_out(h))
         return self.conv_out(h).astype(jnp.float32)
+
+
+def space_to_depth(x: Array, p: int) -> Array:
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: each p x p patch becomes one position."""
+    if p == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: Array, p: int) -> Array:
+    """Inverse of :func:`space_to_depth`."""
+    if p == 1:
+        return x
+    b, h, w, pc = x.shape
+    c = pc // (p * p)
+    x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c)
 
 
 class Downsample(nnx.Module):
@@ -315,7 +350,7 @@ class MultiResUNet(nnx.Module):
       dropout: dropout rate inside the residual blocks.
       resample_with_conv: strided conv / conv after nearest upsampling (else
         average pooling / plain nearest upsampling).
-      fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
+      with_fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
       dtype, param_dtype, rngs: as in :class:`ScoreUNet`.
 
     Call: ``net(z, gamma, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
@@ -333,7 +368,8 @@ class MultiResUNet(nnx.Module):
         mid_attention: bool = True,
         dropout: float = 0.1,
         resample_with_conv: bool = True,
-        fourier_features: bool = True,
+        patch_size: int = 1,
+        with_fourier_features: bool = True,
         fourier_min: int = 6,
         fourier_max: int = 7,
         gamma_min: float = -13.3,
@@ -343,6 +379,9 @@ class MultiResUNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         channel_mult = tuple(channel_mult)
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        self.patch_size = patch_size
         attention_levels = tuple(attention_levels)
         if not channel_mult:
             raise ValueError("channel_mult must be non-empty")
@@ -355,7 +394,7 @@ class MultiResUNet(nnx.Module):
         self.in_channels = in_channels
         self.channel_mult = channel_mult
         self.num_res_blocks = num_res_blocks
-        self.use_fourier = fourier_features
+        self.use_fourier = with_fourier_features
         self.fourier_min = fourier_min
         self.fourier_max = fourier_max
         self.gamma_min = gamma_min
@@ -374,9 +413,9 @@ class MultiResUNet(nnx.Module):
 
         self.cond_mlp = ConditioningMLP(channels, cond_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         conv_in_channels = in_channels
-        if fourier_features:
+        if with_fourier_features:
             conv_in_channels += num_fourier_channels(in_channels, fourier_min, fourier_max)
-        self.conv_in = conv3x3(conv_in_channels, channels, **common)
+        self.conv_in = conv3x3(conv_in_channels * patch_size**2, channels, **common)
 
         # Down path; ``skip_channels`` records the width of every skip tensor.
         ch = channels
@@ -415,17 +454,17 @@ class MultiResUNet(nnx.Module):
         self.upsamples = nnx.List(upsamples)
 
         self.norm_out = group_norm(ch, **common)
-        self.conv_out = conv3x3(ch, in_channels, zero_init=True, **common)
+        self.conv_out = conv3x3(ch, in_channels * patch_size**2, zero_init=True, **common)
 
     def __call__(self, z: Array, gamma: Array, *, dropout_rng: Array | None = None) -> Array:
         """Predicts the noise ``eps`` from ``z [B, H, W, C]`` and ``gamma [B]``; returns float32 ``[B, H, W, C]``."""
         if z.ndim != 4 or z.shape[-1] != self.in_channels:
             raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = 2 ** (len(self.channel_mult) - 1) * self.patch_size
         if z.shape[1] % factor or z.shape[2] % factor:
             raise ValueError(
-                f"MultiResUNet with {len(self.channel_mult)} levels halves the resolution "
-                f"{len(self.channel_mult) - 1} times, so H and W must be divisible by {factor}; "
+                f"MultiResUNet with patch_size {self.patch_size} and {len(self.channel_mult)} levels "
+                f"halves the resolution {len(self.channel_mult) - 1} times, so H and W must be divisible by {factor}; "
                 f"got {z.shape[1]}x{z.shape[2]}. Use fewer levels (shorter channel_mult) or pad the images."
             )
         gamma = batch_gamma(gamma, z.shape[0])
@@ -441,6 +480,7 @@ class MultiResUNet(nnx.Module):
         h = z.astype(jnp.float32)
         if self.use_fourier:
             h = jnp.concatenate([h, fourier_features(h, self.fourier_min, self.fourier_max)], axis=-1)
+        h = space_to_depth(h, self.patch_size)
         h = self.conv_in(h.astype(self.dtype))
         hs = [h]
         blocks = iter(zip(self.down_blocks, self.down_attns))
@@ -472,4 +512,4 @@ class MultiResUNet(nnx.Module):
                 h = next(upsamples)(h)
 
         h = jax.nn.swish(self.norm_out(h))
-        return self.conv_out(h).astype(jnp.float32)
+        return depth_to_space(self.conv_out(h).astype(jnp.float32), self.patch_size)

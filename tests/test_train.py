@@ -1,0 +1,264 @@
+"""The training system end to end: CLI, resume, data parallelism, multi-process, bad input."""
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from vdm import checkpoint, configlib, data, metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name="test"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _run(args, env=None, timeout=300):
+    full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_trains_evaluates_samples_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    base = ["-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir]
+    first = _run(base + ["--config.train.num_steps=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "test bits/dim:" in first.stdout and os.path.exists(os.path.join(workdir, "samples_2.png"))
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    assert result["step"] == 2 and result["count"] == 100 and 0 < result["bpd"] < 20
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["num_steps"] == 2
+    second = _run(base + ["--config.train.num_steps=4"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 2" in second.stdout + second.stderr
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [2, 4]  # logged at 2 in the first run, continued to 4 in the second
+    last = [r for r in rows if "loss" in r][-1]
+    for key in ("loss", "bpd", "bpd_prior", "bpd_reconstruction", "bpd_diffusion", "gamma_0", "gamma_1",
+                "grad_norm", "steps_per_sec", "images_per_sec"):
+        assert np.isfinite(last[key]), key
+    assert last["gamma_0"] < last["gamma_1"]
+    assert any("eval_bpd" in r for r in rows)
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 4
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    sample = _run(base + ["--mode", "sample"])
+    assert sample.returncode == 0 and "samples_4.png" in sample.stdout, sample.stderr[-2000:]
+
+
+def _params_after(config, workdir, num_steps):
+    config.train.num_steps = num_steps
+    train.train_and_evaluate(config, workdir)
+    trainer = train.Trainer(config, workdir)
+    trainer.restore_latest()
+    return jax.device_get(trainer.state)
+
+
+def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+    config = _config()
+    config.train.eval_every = 100  # no mid-run eval
+    config.eval.num_examples = 16
+    config.sample.num_images = 1
+    config.sample.num_steps = 1
+    straight = _params_after(config, str(tmp_path / "straight"), 4)
+    _params_after(config, str(tmp_path / "resumed"), 2)
+    resumed = _params_after(config, str(tmp_path / "resumed"), 4)
+    assert int(straight.step) == int(resumed.step) == 4
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+DEVICE_SCRIPT = textwrap.dedent("""
+    import importlib.util, json, sys, jax, numpy as np
+    from vdm import train
+    spec = importlib.util.spec_from_file_location("c", "configs/test.py")
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    config = m.get_config()
+    config.train.batch_size = 16
+    trainer = train.Trainer(config, sys.argv[1])
+    losses = []
+    for step in range(3):
+        trainer.state, metrics = trainer._train_step(trainer.state, trainer.train_batch(step))
+        losses.append(float(metrics["loss"]))
+    leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(jax.device_get(trainer.state.params))]
+    print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), "losses": losses,
+                      "traces": trainer.train_step.trace_count[0],
+                      "checksum": [float(np.sum(x)) for x in leaves],
+                      "first": [float(x.ravel()[0]) for x in leaves]}))
+""")
+
+
+def _device_run(tmp_path, devices, name, extra_env=None):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} | (extra_env or {})
+    out = _run(["-c", DEVICE_SCRIPT, str(tmp_path / name)], env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_one_device_and_eight_devices_take_the_same_steps_and_compile_once(tmp_path):
+    one = _device_run(tmp_path, 1, "one")
+    eight = _device_run(tmp_path, 8, "eight")
+    assert (one["devices"], eight["devices"]) == (1, 8)
+    assert one["traces"] == eight["traces"] == 1  # three steps, one compilation
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+    np.testing.assert_allclose(eight["checksum"], one["checksum"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(eight["first"], one["first"], rtol=1e-4, atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_and_agree(tmp_path):
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-c", DEVICE_SCRIPT, str(tmp_path / "shared")], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            p.kill()
+    assert [o["processes"] for o in outs] == [2, 2] and outs[0]["devices"] == 4
+    assert outs[0]["losses"] == outs[1]["losses"]
+    assert outs[0]["checksum"] == outs[1]["checksum"]
+    # And they agree with one process holding all four devices.
+    single = _device_run(tmp_path, 4, "single")
+    np.testing.assert_allclose(outs[0]["losses"], single["losses"], rtol=1e-5)
+    np.testing.assert_allclose(outs[0]["checksum"], single["checksum"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.schedule": "quadratic"}, "config.model.schedule='quadratic': valid names:"),
+    ({"model.gamma_min": 6.0}, "config.model.gamma_min=6.0: must be below model.gamma_max=5.0"),
+    ({"loss.weighting": "sigmoid", "loss.num_steps": 10}, "discrete time"),
+    ({"train.log_every": 3, "train.steps_per_call": 2}, "multiple of train.steps_per_call=2"),
+    ({"data.source": "mnist_idx", "data.kwargs": {"path": "/nonexistent/mnist"}}, "/nonexistent/mnist"),
+])
+def test_bad_config_fails_with_one_line_before_compiling(tmp_path, override, message):
+    config = _config()
+    for key, value in override.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    with pytest.raises((configlib.ConfigError, data.DataError)) as info:
+        train.Trainer(config, str(tmp_path))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not os.path.exists(tmp_path / "checkpoints" / "0")
+
+
+def test_cli_reports_bad_input_as_one_line(tmp_path):
+    out = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
+                "--config.train.batch_size=12"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: train.batch_size=12 is not divisible by the 8 devices"
+    typo = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
+                 "--config.train.num_step=3"])
+    assert typo.returncode != 0 and "num_step" in typo.stderr
+    missing = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path), "--mode", "eval"])
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr.strip().splitlines()[-1]
+
+
+def _one_step(config, workdir):
+    trainer = train.Trainer(config, workdir)
+    before = jax.device_get(trainer.state)
+    trainer.state, m = trainer._train_step(trainer.state, trainer.train_batch(0))
+    return trainer, before, jax.device_get(trainer.state), {k: float(v) for k, v in m.items()}
+
+
+def _leaf(tree, *path):
+    for p in path:
+        tree = tree[p]
+    return np.asarray(tree)
+
+
+@pytest.mark.parametrize("loss", [
+    {},
+    {"weighting": "sigmoid"},
+    {"num_steps": 10},
+    {"variance_schedule_grad": True},
+    {"weighting": "edm_monotonic", "importance_sampling": "adaptive"},
+])
+def test_loss_settings_from_the_config_reach_the_train_step(tmp_path, loss):
+    config = _config()
+    config.model.schedule_kwargs.learn_endpoints = "importance_sampling" not in loss
+    for key, value in loss.items():
+        config.loss[key] = value
+    trainer, before, after, m = _one_step(config, str(tmp_path))
+    assert all(np.isfinite(v) for v in m.values())
+    if loss.get("weighting", "elbo") == "elbo" and not loss.get("importance_sampling"):
+        assert m["loss"] == pytest.approx(m["bpd"], rel=1e-6)  # training the VLB itself
+    else:
+        assert abs(m["loss"] - m["bpd"]) > 1e-3  # a weighted loss, with the VLB still reported
+    # The schedule interior moves; with the variance gradient it moves differently than without.
+    moved = _leaf(after.params, "schedule", "w3") - _leaf(before.params, "schedule", "w3")
+    assert np.any(moved != 0)
+    if loss.get("importance_sampling") == "adaptive":
+        assert np.any(np.asarray(after.density.ema) != np.asarray(before.density.ema))
+
+
+def test_variance_gradient_changes_only_the_schedule_interior_update(tmp_path):
+    config = _config()
+    plain = _one_step(config, str(tmp_path / "a"))
+    config.loss.variance_schedule_grad = True
+    varied = _one_step(config, str(tmp_path / "b"))
+    same_net = _leaf(plain[2].params, "score", "conv_out", "kernel"), _leaf(varied[2].params, "score", "conv_out", "kernel")
+    np.testing.assert_allclose(*same_net, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_leaf(plain[2].params, "schedule", "endpoints", "low"),
+                               _leaf(varied[2].params, "schedule", "endpoints", "low"), rtol=1e-5)
+    assert not np.allclose(_leaf(plain[2].params, "schedule", "w3"), _leaf(varied[2].params, "schedule", "w3"))
+
+
+def test_weight_decay_spares_biases_norms_and_the_schedule():
+    config = _config()
+    info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10)
+    _, params = train.build_model(config, info, 0)
+    mask = train._decay_mask(params)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat and any(flat.values())
+    for name, decayed in flat.items():
+        assert decayed == ("['schedule']" not in name and ("kernel" in name)), name
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir,
+           "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+           "--config.train.eval_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested" in out
+    saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
+    assert saved is not None and saved >= 1
