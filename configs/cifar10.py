@@ -10,8 +10,9 @@ Model: learned monotone schedule on gamma in [-13.3, 5]; the full-resolution VDM
 32 residual blocks of 128 channels (scanned), dropout 0.1, no attention; continuous-time
 ELBO with low-discrepancy times. AdamW lr 2e-4, b2 0.99, weight decay 0.01, EMA 0.9999,
 batch 128.
-Expected: the paper reports 2.65 bits/dim after 10M steps on 8 TPUv3 (test VLB, no data
-augmentation). Hardware: one accelerator node or a TPU pod slice; not a CPU config.
+Expected: the paper reports 2.65 bits/dim (test VLB, no data augmentation) after training
+for millions of steps on a TPU pod slice; this has not been reproduced here (no accelerator
+was available). Hardware: a multi-GPU node or a TPU pod slice; not a CPU config.
 """
 from vdm import configlib
 

@@ -6,7 +6,7 @@
 Data: tensorflow-datasets "downsampled_imagenet/32x32", read as array_record through
 tfds.data_source (prepare it beforehand; no download at run time); test = validation split.
 Model: the VDM U-Net, 32 blocks of 256 channels, attention off, dropout 0; learned schedule.
-Expected: the paper reports 3.72 bits/dim (test). Hardware: a TPU pod slice / multi-GPU node.
+Expected: the paper reports 3.72 bits/dim (test); not reproduced here. Hardware: a TPU pod slice / multi-GPU node.
 """
 from vdm import configlib
 

@@ -5,7 +5,7 @@
 
 Data: tensorflow-datasets "downsampled_imagenet/64x64" through tfds.data_source; test =
 validation split. Model: the paper's full-resolution VDM U-Net (32 blocks of 256 channels),
-scanned and rematerialised. Expected: the paper reports 3.40 bits/dim (test).
+scanned and rematerialised. Expected: the paper reports 3.40 bits/dim (test); not reproduced here.
 Hardware: a TPU pod slice / multi-GPU node with rematerialisation on.
 """
 from vdm import configlib

@@ -209,11 +209,14 @@ def test_loss_settings_from_the_config_reach_the_train_step(tmp_path, loss):
         assert m["loss"] == pytest.approx(m["bpd"], rel=1e-6)  # training the VLB itself
     else:
         assert abs(m["loss"] - m["bpd"]) > 1e-3  # a weighted loss, with the VLB still reported
-    # The schedule interior moves; with the variance gradient it moves differently than without.
+    # The schedule interior is trained with uniform t; importance sampling draws log-SNR
+    # directly, so the interior gets no gradient at all (only the endpoints matter).
     moved = _leaf(after.params, "schedule", "w3") - _leaf(before.params, "schedule", "w3")
-    assert np.any(moved != 0)
     if loss.get("importance_sampling") == "adaptive":
+        assert np.all(moved == 0)
         assert np.any(np.asarray(after.density.ema) != np.asarray(before.density.ema))
+    else:
+        assert np.any(moved != 0)
 
 
 def test_variance_gradient_changes_only_the_schedule_interior_update(tmp_path):
@@ -262,3 +265,21 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert "stop requested" in out
     saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
     assert saved is not None and saved >= 1
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")))
+def test_every_config_validates_and_builds_its_model(name):
+    from flax import nnx
+
+    from vdm.model import VDM
+
+    config = _config(name)
+    configlib.validate(config)
+    shapes = {"cifar10": (32, 32, 3), "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "toy2d": (1, 1, 2),
+              "digits": (8, 8, 1), "test": (8, 8, 1), "mnist": (28, 28, 1)}
+    model = nnx.eval_shape(lambda: VDM.from_config(config, image_shape=shapes[name], vocab_size=256, rngs=nnx.Rngs(0)))
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    assert num_params > 1000
+    if name == "cifar10":  # the paper's 32 blocks of 128 channels
+        assert config.model.network_kwargs.num_blocks == 32 and config.model.network_kwargs.channels == 128
+        assert 20e6 < num_params < 60e6

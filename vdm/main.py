@@ -28,10 +28,7 @@ def main(argv):
     try:
         result = modes[_MODE.value](_CONFIG.value, _WORKDIR.value)
     except (configlib.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # e.g. batch size not divisible by the devices
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # bad input: one line, no traceback
         return 2
     if "bpd" in result:
         print(f"test bits/dim: {result['bpd']:.4f} (prior {result['bpd_prior']:.4f}, reconstruction "

@@ -8,8 +8,6 @@ from a checkpoint continues exactly as the uninterrupted run would have.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 import signal
@@ -54,16 +52,21 @@ def build_model(config, info: data_lib.DatasetInfo, seed: int) -> tuple[nnx.Grap
 
 
 def _decay_mask(params):
-    """Weight decay on network kernels (ndim >= 2) only: not biases, norms or the schedule."""
+    """Weight decay on the network's kernels only: not biases, norm scales or the schedule.
+
+    By name, not by rank: scanned blocks stack their biases into rank-2 arrays.
+    """
     def keep(path, x):
-        return jnp.ndim(x) >= 2 and jax.tree_util.keystr(path[:1]) != "['schedule']"
+        return getattr(path[-1], "key", None) == "kernel" and getattr(path[0], "key", None) != "schedule"
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
     t = config.train
-    lr = optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), optax.constant_schedule(t.lr)],
-                              [t.warmup_steps])
+    # Linear warm-up lr * (step + 1) / warmup_steps, so that the very first step already moves.
+    warmup = max(int(t.warmup_steps), 1)
+    lr = optax.join_schedules([optax.linear_schedule(t.lr / warmup, t.lr, warmup - 1), optax.constant_schedule(t.lr)],
+                              [warmup - 1])
     adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=_decay_mask)
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
 
@@ -170,7 +173,10 @@ class Trainer:
         self.config, self.workdir = config, workdir
         parallel.maybe_initialize_distributed()
         self.mesh = parallel.make_data_mesh()
-        parallel.check_batch_divisible(config.train.batch_size, self.mesh)
+        try:
+            parallel.check_batch_divisible(config.train.batch_size, self.mesh)
+        except ValueError as e:
+            raise configlib.ConfigError(str(e)) from None
         self.dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
         if config.train.batch_size > self.dataset.info.num_train:
             raise configlib.ConfigError(
