@@ -283,3 +283,19 @@ def test_every_config_validates_and_builds_its_model(name):
     if name == "cifar10":  # the paper's 32 blocks of 128 channels
         assert config.model.network_kwargs.num_blocks == 32 and config.model.network_kwargs.channels == 128
         assert 20e6 < num_params < 60e6
+
+
+def test_incompatible_checkpoint_is_one_line_error_and_is_kept(tmp_path):
+    config = _config()
+    config.train.num_steps = 2
+    config.eval.num_examples = 16
+    config.sample.num_images = 1
+    config.sample.num_steps = 1
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    config.model.network_kwargs.channels = 16  # a different model in the same workdir
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train.train_and_evaluate(config, workdir)
+    message = str(info.value)
+    assert "\n" not in message and "checkpoints" in message and "shape" in message
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 2
