@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, nets, samplers, schedules, weightings
+from vdm import diffusion, nets, samplers, schedules, time_sampling, weightings
 
 VECTOR_NETWORKS = ("mlp",)  # networks that take flat vectors [B, D] rather than images
 
@@ -79,6 +79,22 @@ def _bpd_scale(model: VDM) -> float:
     return 1.0 / (math.prod(model.image_shape) * math.log(2.0))
 
 
+def _split_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(diffusion, reconstruction, dropout) keys of one training step."""
+    rng_diffusion, rng_reconstruction, rng_dropout = jax.random.split(rng, 3)
+    return rng_diffusion, rng_reconstruction, rng_dropout
+
+
+def training_times(rng: jax.Array, batch_size: int, settings: LossSettings) -> jax.Array:
+    """The uniforms u (= t) that ``training_loss(model, rng, ...)`` draws: its times, in advance.
+
+    ``diffusion.diffusion_loss`` splits its key into (times, noise); this reproduces the
+    first half, for the variance-minimising schedule gradient, which needs t before the loss.
+    """
+    rng_t, _ = jax.random.split(_split_rng(rng)[0])
+    return time_sampling.build(settings.time_sampler)(rng_t, batch_size)
+
+
 def training_loss(model: VDM, rng: jax.Array, x: jax.Array, settings: LossSettings, density=None,
                   levels=None):
     """The training objective in bits/dim and its metrics.
@@ -88,15 +104,15 @@ def training_loss(model: VDM, rng: jax.Array, x: jax.Array, settings: LossSettin
     always include an unbiased estimate of the VLB from the same samples (the diffusion
     term divided by w(lambda)), so bpd is reported whatever is trained.
 
-    ``levels=(u, s, ds)`` replaces the schedule's interior by precomputed values, for
-    ``diffusion.value_and_grad_with_schedule_variance``.
+    ``levels=(s, ds)`` replaces the schedule's interior by its values shape(t), shape'(t)
+    at ``t = training_times(rng, ...)``, for ``diffusion.value_and_grad_with_schedule_variance``.
 
     Returns (mean loss, metrics); metrics hold per-batch means plus the per-example
     "per_example_loss" and "diffusion_nats" (for the variance gradient), "logsnr" and,
     with a density, "integrand" (for adaptive density updates).
     """
     f = diffusion.encode(x, model.vocab_size)
-    rng_diffusion, rng_reconstruction, rng_dropout = jax.random.split(rng, 3)
+    rng_diffusion, rng_reconstruction, rng_dropout = _split_rng(rng)
     gamma_0, gamma_1 = model.schedule(jnp.array([0.0, 1.0]))
     prior = diffusion.prior_kl(f, gamma_1)
     reconstruction = diffusion.reconstruction_nll(rng_reconstruction, x, gamma_0, model.vocab_size)

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vdm import checkpoint as ckpt_lib
 from vdm import configlib, data as data_lib, diffusion, metrics as metrics_lib, parallel, schedules, time_sampling
-from vdm.model import VDM, LossSettings, evaluation_terms, generate, training_loss
+from vdm.model import VDM, LossSettings, evaluation_terms, generate, training_loss, training_times
 
 # --------------------------------------------------------------------------------------
 # State
@@ -105,8 +105,7 @@ def _grads_with_schedule_variance(graphdef, params, rng, x, settings):
     """VLB gradients for everything but the schedule interior, which gets d E[L^2] (VDM App. I.2)."""
     model = nnx.merge(graphdef, params)
     graph2, interior, other = nnx.split(model, schedules.ScheduleShape, ...)
-    rng_t, _ = jax.random.split(jax.random.split(rng, 3)[0])  # the same times training_loss would draw
-    t = time_sampling.build(settings.time_sampler)(rng_t, x.shape[0])
+    t = training_times(rng, x.shape[0], settings)  # the times training_loss(rng) draws
 
     def shape_fn(interior, t):
         return nnx.merge(graph2, interior, other).schedule.shape(t)
