@@ -107,3 +107,18 @@ def test_bad_schedule_arguments_give_one_line_errors():
         schedules.build("cosine", gamma_min=5.0, gamma_max=5.0)
     with pytest.raises(ValueError, match="monotone_net"):
         schedules.build("monotone_net", gamma_min=G0, gamma_max=G1, width=3)
+
+
+@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
+def test_declared_endpoints_match_the_curve_and_leave_the_interior_without_gradient(name):
+    from vdm import diffusion
+
+    sched = _build(name)
+    g0, g1 = diffusion.schedule_endpoints(sched)
+    np.testing.assert_allclose([g0, g1], sched(jnp.array([0.0, 1.0])), atol=2e-4)
+    np.testing.assert_allclose([g0, g1], [G0, G1], atol=1e-5)
+    grads = nnx.grad(lambda s: sum(diffusion.schedule_endpoints(s)))(sched)
+    for path, g in jax.tree_util.tree_flatten_with_path(nnx.state(grads, schedules.ScheduleShape))[0]:
+        assert np.all(np.asarray(g) == 0), path
+    # A plain function has no declared endpoints: it is evaluated at t = 0 and 1.
+    assert [float(v) for v in diffusion.schedule_endpoints(lambda t: 3.0 * t - 1.0)] == [-1.0, 2.0]

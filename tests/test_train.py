@@ -178,6 +178,13 @@ def test_cli_reports_bad_input_as_one_line(tmp_path):
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr.strip().splitlines()[-1]
 
 
+def _small(config):
+    """The test config with an MLP score network: these tests are about the loss, and compile fast."""
+    config.model.network = "mlp"
+    config.model.network_kwargs = {"hidden": 32, "depth": 1}
+    return config
+
+
 def _one_step(config, workdir):
     trainer = train.Trainer(config, workdir)
     before = jax.device_get(trainer.state)
@@ -199,7 +206,7 @@ def _leaf(tree, *path):
     {"weighting": "edm_monotonic", "importance_sampling": "adaptive"},
 ])
 def test_loss_settings_from_the_config_reach_the_train_step(tmp_path, loss):
-    config = _config()
+    config = _small(_config())
     config.model.schedule_kwargs.learn_endpoints = "importance_sampling" not in loss
     for key, value in loss.items():
         config.loss[key] = value
@@ -220,11 +227,11 @@ def test_loss_settings_from_the_config_reach_the_train_step(tmp_path, loss):
 
 
 def test_variance_gradient_changes_only_the_schedule_interior_update(tmp_path):
-    config = _config()
+    config = _small(_config())
     plain = _one_step(config, str(tmp_path / "a"))
     config.loss.variance_schedule_grad = True
     varied = _one_step(config, str(tmp_path / "b"))
-    same_net = _leaf(plain[2].params, "score", "conv_out", "kernel"), _leaf(varied[2].params, "score", "conv_out", "kernel")
+    same_net = _leaf(plain[2].params, "score", "dense_out", "kernel"), _leaf(varied[2].params, "score", "dense_out", "kernel")
     np.testing.assert_allclose(*same_net, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(_leaf(plain[2].params, "schedule", "endpoints", "low"),
                                _leaf(varied[2].params, "schedule", "endpoints", "low"), rtol=1e-5)

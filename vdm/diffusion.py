@@ -242,6 +242,21 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
 # --------------------------------------------------------------------------------------
 
 
+def schedule_endpoints(gamma_fn: Callable) -> tuple[jax.Array, jax.Array]:
+    """(gamma_0, gamma_1) of a schedule.
+
+    Schedules from ``vdm.schedules`` declare their endpoints (``gamma_fn.endpoints()``):
+    exact, and with no gradient to the schedule's interior (evaluating the interior at
+    t = 0 and 1 cancels only up to rounding, and Adam would turn that rounding into full
+    steps). Any other callable is evaluated at t = 0 and t = 1.
+    """
+    endpoints = getattr(gamma_fn, "endpoints", None)
+    if callable(endpoints):
+        return endpoints()
+    gamma = gamma_fn(jnp.array([0.0, 1.0]))
+    return gamma[0], gamma[1]
+
+
 def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
     """nats / (num_dims ln 2)."""
     return nats / (num_dims * math.log(2.0))
@@ -256,7 +271,7 @@ def vlb(rng: jax.Array, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, v
     """
     f = encode(x, vocab_size)
     rng_diffusion, rng_reconstruction = jax.random.split(rng)
-    gamma_0, gamma_1 = gamma_fn(jnp.array([0.0, 1.0]))
+    gamma_0, gamma_1 = schedule_endpoints(gamma_fn)
     terms = {
         "prior": prior_kl(f, gamma_1),
         "reconstruction": reconstruction_nll(rng_reconstruction, x, gamma_0, vocab_size),

@@ -113,7 +113,7 @@ def training_loss(model: VDM, rng: jax.Array, x: jax.Array, settings: LossSettin
     """
     f = diffusion.encode(x, model.vocab_size)
     rng_diffusion, rng_reconstruction, rng_dropout = _split_rng(rng)
-    gamma_0, gamma_1 = model.schedule(jnp.array([0.0, 1.0]))
+    gamma_0, gamma_1 = diffusion.schedule_endpoints(model.schedule)
     prior = diffusion.prior_kl(f, gamma_1)
     reconstruction = diffusion.reconstruction_nll(rng_reconstruction, x, gamma_0, model.vocab_size)
     eps_fn = model.eps_fn(rng_dropout)
