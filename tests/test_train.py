@@ -231,8 +231,8 @@ def test_variance_gradient_changes_only_the_schedule_interior_update(tmp_path):
     plain = _one_step(config, str(tmp_path / "a"))
     config.loss.variance_schedule_grad = True
     varied = _one_step(config, str(tmp_path / "b"))
-    same_net = _leaf(plain[2].params, "score", "dense_out", "kernel"), _leaf(varied[2].params, "score", "dense_out", "kernel")
-    np.testing.assert_allclose(*same_net, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_leaf(plain[2].params, "score", "dense_out", "kernel"),
+                               _leaf(varied[2].params, "score", "dense_out", "kernel"), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(_leaf(plain[2].params, "schedule", "endpoints", "low"),
                                _leaf(varied[2].params, "schedule", "endpoints", "low"), rtol=1e-5)
     assert not np.allclose(_leaf(plain[2].params, "schedule", "w3"), _leaf(varied[2].params, "schedule", "w3"))
