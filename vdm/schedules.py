@@ -4,8 +4,7 @@ Every schedule is a Flax NNX module called as ``gamma = schedule(t)`` with t of 
 [B] (values in [0, 1]) and gamma of shape [B], satisfies gamma(0) = gamma_min and
 gamma(1) = gamma_max, and declares them: ``schedule.endpoints()`` returns
 (gamma_min, gamma_max), fixed or learned, which the bound uses directly.
-gamma'(t) is never written by hand: the loss takes it
-from ``jax.jvp``.
+gamma'(t) is never written by hand: the loss takes it from ``jax.jvp``.
 
 | name            | gamma(t)                                               | learned            |
 |-----------------|--------------------------------------------------------|--------------------|
