@@ -199,7 +199,7 @@ class Trainer:
         self._train_step = jax.jit(self.train_step, in_shardings=(self.replicated, batch_spec),
                                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         self._batch_spec = batch_spec
-        eval_spec = NamedSharding(self.mesh, P(parallel.DATA_AXIS))
+        self._eval_spec = eval_spec = NamedSharding(self.mesh, P(parallel.DATA_AXIS))
         self._eval_step = jax.jit(make_eval_step(self.graphdef, config),
                                   in_shardings=(self.replicated, eval_spec, eval_spec, self.replicated),
                                   out_shardings=self.replicated)
@@ -240,7 +240,7 @@ class Trainer:
             images = images[: self.config.eval.num_examples]
         bs = self.config.eval.batch_size
         bs = -(-bs // self.mesh.size) * self.mesh.size  # round up to a multiple of the device count
-        eval_spec = NamedSharding(self.mesh, P(parallel.DATA_AXIS))
+        eval_spec = self._eval_spec
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0x5EED)
         totals: dict[str, float] = {}
         for i, batch in enumerate(data_lib.eval_batches(images, bs, process_index=jax.process_index(),
