@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import free_port
 
 from vdm.checkpoint import Checkpointer, CheckpointError, abstract_like
 
@@ -231,6 +232,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_restore_onto_a_mesh(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -272,14 +274,12 @@ jax.distributed.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_two_process_save_and_restore(tmp_path):
     """Both processes of a 2-process CPU run (gloo collectives) save and restore one checkpoint."""
     import json
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     code = textwrap.dedent(TWO_PROCESS_CODE.replace("__DIR__", str(tmp_path / "mp")))
     procs = []
     for pid in range(2):

@@ -240,7 +240,7 @@ def test_diffusion_loss_with_x_prediction_of_the_bayes_denoiser_equals_eps_versi
 def test_vlb_terms_sum_and_bits_per_dim():
     x = jax.random.randint(jax.random.PRNGKey(0), (8, 4, 4, 1), 0, 256)
     sched = _schedule("fixed_linear")
-    zero_net = lambda z, g: jnp.zeros_like(z)  # noqa: E731
+    zero_net = lambda z, g, c: jnp.zeros_like(z)  # noqa: E731
     terms = jax.jit(lambda r, x: diffusion.vlb(r, x, sched, zero_net))(jax.random.PRNGKey(1), x)
     np.testing.assert_allclose(terms["total"], terms["prior"] + terms["reconstruction"] + terms["diffusion"], rtol=1e-6)
     np.testing.assert_allclose(terms["bpd"], terms["total"] / (16 * math.log(2)), rtol=1e-6)

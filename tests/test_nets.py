@@ -137,6 +137,27 @@ def test_output_depends_on_gamma_and_z(nets, name):
     )
 
 
+@jax.jit
+def apply_cond(net, z, gamma, cond):
+    return net(z, gamma, cond)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_class_conditioning(name):
+    """Each example's output depends on its own label; cond=None is the null class; unconditional nets refuse labels."""
+    net = perturb(make(name, num_classes=3), 5)
+    z, gamma = inputs(name)
+    labels = jnp.array([0, 1, 2])
+    out = np.asarray(apply_cond(net, z, gamma, {"label": labels}))
+    changed = np.asarray(apply_cond(net, z, gamma, {"label": jnp.array([0, 2, 2])}))
+    per_example = np.abs(out - changed).max(axis=tuple(range(1, out.ndim)))
+    assert per_example[0] == 0 and per_example[2] == 0 and per_example[1] > 1e-4
+    null = np.asarray(apply_cond(net, z, gamma, {"label": jnp.full((3,), 3)}))
+    np.testing.assert_array_equal(np.asarray(apply_cond(net, z, gamma, None)), null)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        apply_cond(make(name), z, gamma, {"label": labels})
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_dropout_only_with_key_and_reproducible(nets, name):
     _, net = nets[name]
@@ -415,5 +436,15 @@ def test_normalize_gamma():
 
 def test_registry():
     assert NETWORKS == {"unet": ScoreUNet, "multires_unet": MultiResUNet, "mlp": MLP}
-    with pytest.raises(ValueError, match="mlp.*multires_unet.*unet"):
+    with pytest.raises(ValueError, match="unknown network 'resnet'; valid names: ") as info:
         build("resnet")
+    assert all(name in str(info.value) for name in NETWORKS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_input_rank_matches_what_the_network_takes(nets, name):
+    net, _ = nets[name]
+    z, gamma = inputs(name)
+    assert z.ndim == NETWORKS[name].input_rank
+    with pytest.raises(ValueError, match="expected z of shape"):
+        apply(net, z.reshape(z.shape[0], -1) if z.ndim == 4 else z[:, None, None, :], gamma)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 120
@@ -45,12 +45,6 @@ def _run(code: str, n_devices: int) -> str:
     return proc.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Independent reference for the linear-model step: closed-form MSE gradient in numpy.
 def _numpy_sgd_step(w, b, x, y, lr):
     pred = x @ w + b
@@ -72,11 +66,10 @@ def _linear_data():
 def test_single_device_helpers_in_process():
     import jax
 
-    from vdm.parallel import check_batch_divisible, make_data_mesh, process_batch_slice
+    from vdm.parallel import check_batch_divisible, make_data_mesh
 
     mesh = make_data_mesh(jax.devices()[:1])
     check_batch_divisible(30, mesh)  # one device: any positive size works
-    assert process_batch_slice(mesh, 30) == slice(0, 30)
     with pytest.raises(ValueError, match=r"^data\.eval_batch_size=0 is not divisible by the 1 devices$"):
         check_batch_divisible(0, mesh, name="data.eval_batch_size")
 
@@ -87,7 +80,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 from vdm.parallel import (batch_sharded, check_batch_divisible, host_batch_to_global,
-                          make_data_mesh, process_batch_slice, replicate, replicated)
+                          make_data_mesh, replicate, replicated)
 
 out = {}
 mesh = make_data_mesh()
@@ -102,7 +95,6 @@ try:
     check_batch_divisible(30, mesh)
 except ValueError as e:
     out["divisible_msg"] = str(e)
-assert process_batch_slice(mesh, 16) == slice(0, 16)
 
 # --- host batch -> global array (pytree), round trip and per-device rows
 x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
@@ -116,6 +108,13 @@ for shard in g["x"].addressable_shards:
     i = pos[shard.device]
     np.testing.assert_array_equal(np.asarray(shard.data), x[2 * i: 2 * i + 2])
 assert len(g["x"].addressable_shards) == 8
+
+# --- a stack of steps [k, B, ...] sharded along its batch axis
+stack = np.arange(3 * 16, dtype=np.float32).reshape(3, 16)
+gs = host_batch_to_global(mesh, stack, batch_axis=1)
+assert gs.sharding.spec == P(None, "data")
+for shard in gs.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), stack[:, 2 * pos[shard.device]: 2 * pos[shard.device] + 2])
 
 # --- jitted reduction over the sharded batch
 m = jax.jit(lambda a: jnp.mean(a, axis=0), out_shardings=replicated(mesh))(g["x"])
@@ -172,6 +171,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_eight_devices(tmp_path):
     w, b, x, y = _linear_data()
     data_path = tmp_path / "linear.npz"
@@ -204,7 +204,7 @@ print("OK")
 
 
 def test_maybe_initialize_distributed_decides_without_touching_devices():
-    stdout = _run(INIT_CODE.replace("__PORT__", str(_free_port())), n_devices=2)
+    stdout = _run(INIT_CODE.replace("__PORT__", str(free_port())), n_devices=2)
     assert stdout.strip().endswith("OK")
 
 
@@ -246,12 +246,13 @@ jax.distributed.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost(tmp_path):
     w, b, x, y = _linear_data()
     data_path = tmp_path / "linear.npz"
     np.savez(data_path, w=w, b=b, x=x, y=y)
     code = WORKER_CODE.replace("__DATA__", str(data_path))
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         env = _env(

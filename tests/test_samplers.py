@@ -17,7 +17,7 @@ def test_ancestral_sampler_with_bayes_denoiser_recovers_the_data_distribution(sc
     # z_1 from the true marginal q(z_1) (not N(0, I)), so that only the sampler is tested.
     a2, s2 = 1 / (1 + np.exp(g1)), 1 / (1 + np.exp(-g1))
     z1 = jnp.sqrt(a2 * 0.25 + s2) * jax.random.normal(jax.random.PRNGKey(0), (n, 2))
-    z0 = jax.jit(lambda r, z: samplers.ancestral(r, data.eps_fn, sched, z, 200))(jax.random.PRNGKey(1), z1)
+    z0 = jax.jit(lambda r, z: samplers.ancestral(r, data.eps_fn, sched, z, num_steps=200))(jax.random.PRNGKey(1), z1)
     var = np.asarray(z0, np.float64).var(0)
     a2_0, s2_0 = 1 / (1 + np.exp(g0)), 1 / (1 + np.exp(-g0))
     expected = a2_0 * 0.25 + s2_0
@@ -36,7 +36,7 @@ def test_decode_samples_picks_the_nearest_bin_at_low_noise():
 
 def test_generate_shapes_and_range_and_unknown_sampler():
     sched = schedules.build("fixed_linear", gamma_min=-13.3, gamma_max=5.0)
-    x = samplers.generate(jax.random.PRNGKey(0), lambda z, g: jnp.zeros_like(z), sched, (3, 5, 5, 1),
+    x = samplers.generate(jax.random.PRNGKey(0), lambda z, g, c: jnp.zeros_like(z), sched, (3, 5, 5, 1),
                           num_steps=4, vocab_size=17)
     assert x.shape == (3, 5, 5, 1) and x.dtype == jnp.int32
     assert int(x.min()) >= 0 and int(x.max()) <= 16

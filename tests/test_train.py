@@ -1,8 +1,6 @@
 """The training system end to end: CLI, resume, data parallelism, multi-process, bad input."""
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,31 +8,21 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, compile_count, config_names, free_port, load_config as _config, run_python as _run
 
 from vdm import checkpoint, configlib, data, metrics, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _config(name="test"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def _run(args, env=None, timeout=300):
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
+@pytest.mark.slow
 def test_cli_trains_evaluates_samples_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
     base = ["-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir]
     first = _run(base + ["--config.train.num_steps=2"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test bits/dim:" in first.stdout and os.path.exists(os.path.join(workdir, "samples_2.png"))
+    with np.load(os.path.join(workdir, "samples_2.npz")) as saved:
+        assert saved["images"].dtype == np.uint8 and saved["images"].shape == (16, 8, 8, 1)
+        assert saved["images"].max() < 17 and "labels" not in saved  # 17 grey levels, unconditional
     result = json.loads(first.stdout.strip().splitlines()[-1])
     assert result["step"] == 2 and result["count"] == 100 and 0 < result["bpd"] < 20
     with open(os.path.join(workdir, "config.json")) as f:
@@ -55,6 +43,25 @@ def test_cli_trains_evaluates_samples_and_resumes(tmp_path):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     sample = _run(base + ["--mode", "sample"])
     assert sample.returncode == 0 and "samples_4.png" in sample.stdout, sample.stderr[-2000:]
+    assert os.path.exists(os.path.join(workdir, "samples_4.npz"))
+    grids = [tag for tag in _tensorboard_tags(os.path.join(workdir, "tensorboard")) if tag == "samples"]
+    assert len(grids) == 2  # the end of training and --mode sample
+
+
+def _tensorboard_tags(directory):
+    from tensorboardX.proto import event_pb2
+
+    tags = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            raw = f.read()
+        pos = 0
+        while pos < len(raw):  # TFRecord framing: length, crc, payload, crc
+            length = int.from_bytes(raw[pos:pos + 8], "little")
+            event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+            tags += [v.tag for v in event.summary.value if v.HasField("image")]
+            pos += 16 + length
+    return tags
 
 
 def _params_after(config, workdir, num_steps):
@@ -65,6 +72,7 @@ def _params_after(config, workdir, num_steps):
     return jax.device_get(trainer.state)
 
 
+@pytest.mark.slow
 def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     config = _config()
     config.train.eval_every = 100  # no mid-run eval
@@ -80,20 +88,20 @@ def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path):
 
 
 DEVICE_SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys, jax, numpy as np
+    import json, sys, jax, numpy as np
+    sys.path.insert(0, "tests")
+    from conftest import compile_count, load_config
     from vdm import train
-    spec = importlib.util.spec_from_file_location("c", "configs/test.py")
-    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
-    config = m.get_config()
+    config = load_config("test")
     config.train.batch_size = 16
     trainer = train.Trainer(config, sys.argv[1])
     losses = []
     for step in range(3):
-        trainer.state, metrics = trainer._train_step(trainer.state, trainer.train_batch(step))
+        trainer.state, metrics = trainer.train_step(trainer.state, trainer.train_batch(step))
         losses.append(float(metrics["loss"]))
     leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(jax.device_get(trainer.state.params))]
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), "losses": losses,
-                      "traces": trainer.train_step.trace_count[0],
+                      "traces": compile_count(trainer.train_step),
                       "checksum": [float(np.sum(x)) for x in leaves],
                       "first": [float(x.ravel()[0]) for x in leaves]}))
 """)
@@ -106,6 +114,7 @@ def _device_run(tmp_path, devices, name, extra_env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_take_the_same_steps_and_compile_once(tmp_path):
     one = _device_run(tmp_path, 1, "one")
     eight = _device_run(tmp_path, 8, "eight")
@@ -116,14 +125,9 @@ def test_one_device_and_eight_devices_take_the_same_steps_and_compile_once(tmp_p
     np.testing.assert_allclose(eight["first"], one["first"], rtol=1e-4, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_two_processes_train_together_and_agree(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -166,6 +170,7 @@ def test_bad_config_fails_with_one_line_before_compiling(tmp_path, override, mes
     assert not os.path.exists(tmp_path / "checkpoints" / "0")
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_as_one_line(tmp_path):
     out = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
                 "--config.train.batch_size=12"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
@@ -188,7 +193,7 @@ def _small(config):
 def _one_step(config, workdir):
     trainer = train.Trainer(config, workdir)
     before = jax.device_get(trainer.state)
-    trainer.state, m = trainer._train_step(trainer.state, trainer.train_batch(0))
+    trainer.state, m = trainer.train_step(trainer.state, trainer.train_batch(0))
     return trainer, before, jax.device_get(trainer.state), {k: float(v) for k, v in m.items()}
 
 
@@ -231,24 +236,30 @@ def test_variance_gradient_changes_only_the_schedule_interior_update(tmp_path):
     plain = _one_step(config, str(tmp_path / "a"))
     config.loss.variance_schedule_grad = True
     varied = _one_step(config, str(tmp_path / "b"))
-    np.testing.assert_allclose(_leaf(plain[2].params, "score", "dense_out", "kernel"),
-                               _leaf(varied[2].params, "score", "dense_out", "kernel"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_leaf(plain[2].params, "network", "dense_out", "kernel"),
+                               _leaf(varied[2].params, "network", "dense_out", "kernel"), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(_leaf(plain[2].params, "schedule", "endpoints", "low"),
                                _leaf(varied[2].params, "schedule", "endpoints", "low"), rtol=1e-5)
     assert not np.allclose(_leaf(plain[2].params, "schedule", "w3"), _leaf(varied[2].params, "schedule", "w3"))
 
 
-def test_weight_decay_spares_biases_norms_and_the_schedule():
+@pytest.mark.parametrize("network", ["unet", "mlp"])
+def test_weight_decay_spares_biases_norms_embeddings_and_the_schedule(network):
     config = _config()
-    info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10)
-    _, params = train.build_model(config, info, 0)
-    mask = train._decay_mask(params)
+    config.model.num_classes = 10
+    if network == "mlp":
+        _small(config)
+    info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10, num_classes=10)
+    _, params, mask = train.build_model(config, info, 0)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat and any(flat.values())
+    assert any("label_embedding" in name for name in flat)
     for name, decayed in flat.items():
         assert decayed == ("['schedule']" not in name and ("kernel" in name)), name
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     import signal
     import time
@@ -274,7 +285,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert saved is not None and saved >= 1
 
 
-@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")))
+@pytest.mark.parametrize("name", config_names())
 def test_every_config_validates_and_builds_its_model(name):
     from flax import nnx
 
@@ -283,7 +294,8 @@ def test_every_config_validates_and_builds_its_model(name):
     config = _config(name)
     configlib.validate(config)
     shapes = {"cifar10": (32, 32, 3), "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "toy2d": (1, 1, 2),
-              "digits": (8, 8, 1), "test": (8, 8, 1), "mnist": (28, 28, 1)}
+              "digits": (8, 8, 1), "digits_cond": (8, 8, 1), "test": (8, 8, 1), "mnist": (28, 28, 1),
+              "mnist_cond": (28, 28, 1)}
     model = nnx.eval_shape(lambda: VDM.from_config(config, image_shape=shapes[name], vocab_size=256, rngs=nnx.Rngs(0)))
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
     assert num_params > 1000

@@ -33,13 +33,13 @@ class GaussianData:
     def sample(self, rng: jax.Array, batch_size: int) -> jax.Array:
         return self.scale * jax.random.normal(rng, (batch_size, self.dim))
 
-    def eps_fn(self, z: jax.Array, gamma: jax.Array) -> jax.Array:
+    def eps_fn(self, z: jax.Array, gamma: jax.Array, cond=None) -> jax.Array:
         """The Bayes-optimal eps-prediction E[eps | z_t] (gamma per example, [B])."""
         alpha_sq = jax.nn.sigmoid(-gamma)[:, None]
         sigma_sq = jax.nn.sigmoid(gamma)[:, None]
         return jnp.sqrt(sigma_sq) * z / (alpha_sq * self.scale**2 + sigma_sq)
 
-    def x_fn(self, z: jax.Array, gamma: jax.Array) -> jax.Array:
+    def x_fn(self, z: jax.Array, gamma: jax.Array, cond=None) -> jax.Array:
         """The Bayes-optimal x-prediction E[x | z_t]."""
         alpha_sq = jax.nn.sigmoid(-gamma)[:, None]
         sigma_sq = jax.nn.sigmoid(gamma)[:, None]

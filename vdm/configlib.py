@@ -8,8 +8,9 @@ anything is compiled and raises ``ConfigError`` with one line naming the bad fie
 from __future__ import annotations
 
 import ml_collections
+from flax import nnx
 
-from vdm import diffusion, nets, samplers, schedules, time_sampling, weightings
+from vdm import diffusion, nets, registry, samplers, schedules, time_sampling, weightings
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.network = "unet"  # vdm.nets.NETWORKS
     c.model.network_kwargs = ml_collections.ConfigDict()
     c.model.prediction = "eps"  # eps | x | v
+    c.model.num_classes = 0  # > 0: class-conditional (the data must have labels 0..num_classes-1)
 
     # Loss: what is trained. Evaluation always reports the true VLB.
     c.loss = ml_collections.ConfigDict()
@@ -44,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.importance_sampling = ""  # "" (uniform t) | weighting | adaptive
     c.loss.density_bins = 100
     c.loss.variance_schedule_grad = False  # VDM App. I.2: train the schedule interior on E[L^2]
+    c.loss.label_dropout = 0.1  # conditional models: P(label -> null class), for classifier-free guidance
 
     # Training.
     c.train = ml_collections.ConfigDict()
@@ -74,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.sampler = "ancestral"
     c.sample.num_steps = 256
     c.sample.num_images = 64
+    c.sample.guidance = 0.0  # classifier-free guidance weight w; 0 = the plain conditional model
+    c.sample.labels = ()  # classes to sample (repeated to num_images); () = an even spread over all classes
     return c
 
 
@@ -82,55 +87,91 @@ def _fail(field: str, value, problem: str):
 
 
 def _choice(field: str, value, table) -> None:
-    if value not in table:
-        _fail(field, value, f"valid names: {', '.join(table)}")
+    try:
+        registry.lookup(table, value, field)
+    except ValueError as e:
+        _fail(field, value, "valid names:" + str(e).split("valid names:")[1])
+
+
+def _schedule(config):
+    """The configured schedule, built abstractly (no arrays): to ask it what it learns."""
+    c = config.model
+    try:
+        return nnx.eval_shape(lambda: schedules.build(c.schedule, gamma_min=c.gamma_min, gamma_max=c.gamma_max,
+                                                      rngs=nnx.Rngs(0), **dict(c.schedule_kwargs)))
+    except ValueError as e:
+        _fail("model.schedule_kwargs", dict(c.schedule_kwargs), str(e))
 
 
 def validate(config) -> None:
     """Check names, ranges and combinations; raise ConfigError with one line, before any compile."""
-    m, lo, t = config.model, config.loss, config.train
-    _choice("model.schedule", m.schedule, schedules.SCHEDULES)
-    _choice("model.network", m.network, nets.NETWORKS)
-    _choice("model.prediction", m.prediction, diffusion.PREDICTIONS)
-    _choice("loss.weighting", lo.weighting, weightings.WEIGHTINGS)
-    _choice("loss.time_sampler", lo.time_sampler, time_sampling.TIME_SAMPLERS)
+    model, loss, opt = config.model, config.loss, config.train
+    _choice("model.schedule", model.schedule, schedules.SCHEDULES)
+    _choice("model.network", model.network, nets.NETWORKS)
+    _choice("model.prediction", model.prediction, diffusion.PREDICTIONS)
+    _choice("loss.weighting", loss.weighting, weightings.WEIGHTINGS)
+    _choice("loss.time_sampler", loss.time_sampler, time_sampling.TIME_SAMPLERS)
     _choice("sample.sampler", config.sample.sampler, samplers.SAMPLERS)
-    if lo.importance_sampling:
-        _choice("loss.importance_sampling", lo.importance_sampling, time_sampling.DENSITIES)
-    if not m.gamma_min < m.gamma_max:
-        _fail("model.gamma_min", m.gamma_min, f"must be below model.gamma_max={m.gamma_max}")
+    if loss.importance_sampling:
+        _choice("loss.importance_sampling", loss.importance_sampling, time_sampling.DENSITIES)
+    if not model.gamma_min < model.gamma_max:
+        _fail("model.gamma_min", model.gamma_min, f"must be below model.gamma_max={model.gamma_max}")
     try:
-        weightings.build(lo.weighting, **dict(lo.weighting_kwargs))
+        weighting = weightings.build(loss.weighting, **dict(loss.weighting_kwargs))
     except ValueError as e:
-        _fail("loss.weighting_kwargs", dict(lo.weighting_kwargs), str(e))
-    if lo.num_steps < 0:
-        _fail("loss.num_steps", lo.num_steps, "must be >= 0 (0 = continuous time)")
-    if lo.num_steps and lo.weighting != "elbo":
-        _fail("loss.weighting", lo.weighting, "discrete time (loss.num_steps > 0) trains only the elbo")
-    if lo.num_steps and lo.importance_sampling:
-        _fail("loss.importance_sampling", lo.importance_sampling, "needs continuous time (loss.num_steps=0)")
-    learns_endpoints = m.schedule == "learned_linear" or (
-        m.schedule == "monotone_net" and m.schedule_kwargs.get("learn_endpoints", True))
-    if lo.importance_sampling and learns_endpoints:
-        _fail("loss.importance_sampling", lo.importance_sampling,
-              "draws log-SNR on a fixed range; use a schedule with fixed endpoints")
-    if lo.variance_schedule_grad:
-        if not getattr(schedules.SCHEDULES[m.schedule], "has_learned_interior", False):
-            _fail("loss.variance_schedule_grad", True, f"needs a schedule with a learned interior, not {m.schedule!r}")
-        if lo.num_steps or lo.importance_sampling or lo.weighting != "elbo":
+        _fail("loss.weighting_kwargs", dict(loss.weighting_kwargs), str(e))
+    schedule = _schedule(config)
+    if loss.num_steps < 0:
+        _fail("loss.num_steps", loss.num_steps, "must be >= 0 (0 = continuous time)")
+    if loss.num_steps and not weighting.is_elbo:
+        _fail("loss.weighting", loss.weighting, "discrete time (loss.num_steps > 0) trains only the elbo")
+    if loss.num_steps and loss.importance_sampling:
+        _fail("loss.importance_sampling", loss.importance_sampling, "needs continuous time (loss.num_steps=0)")
+    if loss.importance_sampling and schedule.learns_endpoints:
+        _fail("loss.importance_sampling", loss.importance_sampling,
+              f"draws log-SNR on a fixed range; schedule {model.schedule!r} learns its endpoints "
+              "(use fixed endpoints, e.g. model.schedule_kwargs.learn_endpoints=False)")
+    if loss.variance_schedule_grad:
+        if not schedule.learns_interior:
+            _fail("loss.variance_schedule_grad", True, f"needs a schedule with a learned interior, not {model.schedule!r}")
+        if loss.num_steps or loss.importance_sampling or not weighting.is_elbo:
             _fail("loss.variance_schedule_grad", True, "applies to the continuous-time elbo with uniform t only")
+    if model.num_classes < 0:
+        _fail("model.num_classes", model.num_classes, "must be >= 0 (0 = unconditional)")
+    if not 0.0 <= loss.label_dropout <= 1.0:
+        _fail("loss.label_dropout", loss.label_dropout, "must be in [0, 1]")
+    if config.sample.guidance < 0:
+        _fail("sample.guidance", config.sample.guidance, "must be >= 0 (0 = no guidance)")
+    if config.sample.guidance and not model.num_classes:
+        _fail("sample.guidance", config.sample.guidance, "needs a class-conditional model (model.num_classes > 0)")
+    labels = tuple(config.sample.labels)
+    if labels and not model.num_classes:
+        _fail("sample.labels", labels, "needs a class-conditional model (model.num_classes > 0)")
+    if any(not 0 <= int(y) < model.num_classes for y in labels):
+        _fail("sample.labels", labels, f"must lie in 0..{model.num_classes - 1}")
     for name in ("num_steps", "batch_size", "steps_per_call", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints"):
-        if int(t[name]) < 1:
-            _fail(f"train.{name}", t[name], "must be >= 1")
+        if int(opt[name]) < 1:
+            _fail(f"train.{name}", opt[name], "must be >= 1")
     for name in ("log_every", "eval_every", "checkpoint_every"):
-        if t[name] % t.steps_per_call:
-            _fail(f"train.{name}", t[name], f"must be a multiple of train.steps_per_call={t.steps_per_call}")
-    if t.lr <= 0:
-        _fail("train.lr", t.lr, "must be positive")
-    if not 0.0 <= t.ema_decay < 1.0:
-        _fail("train.ema_decay", t.ema_decay, "must be in [0, 1)")
+        if opt[name] % opt.steps_per_call:
+            _fail(f"train.{name}", opt[name], f"must be a multiple of train.steps_per_call={opt.steps_per_call}")
+    if opt.lr <= 0:
+        _fail("train.lr", opt.lr, "must be positive")
+    if not 0.0 <= opt.ema_decay < 1.0:
+        _fail("train.ema_decay", opt.ema_decay, "must be in [0, 1)")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", config.eval.batch_size, "must be >= 1")
     if config.sample.num_steps < 1 or config.sample.num_images < 1:
         _fail("sample.num_steps", config.sample.num_steps, "sample.num_steps and sample.num_images must be >= 1")
+
+
+def validate_against_data(config, info) -> None:
+    """Check the config against the data set it will train on (``vdm.data.DatasetInfo``)."""
+    if config.train.batch_size > info.num_train:
+        _fail("train.batch_size", config.train.batch_size, f"larger than the {info.num_train} training examples")
+    num_classes = config.model.num_classes
+    if num_classes and not info.num_classes:
+        _fail("model.num_classes", num_classes, f"needs labels, and data source {config.data.source!r} has none")
+    if num_classes and num_classes < info.num_classes:
+        _fail("model.num_classes", num_classes, f"data source {config.data.source!r} has {info.num_classes} classes")

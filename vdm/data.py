@@ -136,6 +136,8 @@ class DatasetInfo:
     vocab_size: int
     num_train: int
     num_test: int
+    num_classes: int = 0  # 0: no labels
+    kind: str = "image"  # "image" or "points" (2-D data stored as [N, 1, 1, 2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -883,5 +885,34 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
         vocab_size=train.vocab_size,
         num_train=train.images.shape[0],
         num_test=test.images.shape[0],
+        num_classes=0 if train.labels is None else int(train.labels.max()) + 1,
+        kind="points" if name == "sklearn_moons" else "image",
     )
     return Dataset(info=info, train=train, test=test)
+
+
+def _rows(split: Split, index: np.ndarray) -> dict:
+    out = {"image": np.asarray(split.images[index])}
+    if split.labels is not None:
+        out["label"] = np.asarray(split.labels[index]).astype(np.int32)
+    return out
+
+
+def host_train_batch(split: Split, global_batch_size: int, *, seed: int, step: int, process_index: int = 0,
+                     process_count: int = 1) -> dict:
+    index = batch_indices(len(split.images), global_batch_size, seed=seed, step=step, process_index=process_index,
+                          process_count=process_count)
+    return _rows(split, index)
+
+
+def host_eval_batches(split: Split, global_batch_size: int, *, num_examples: int = 0, process_index: int = 0,
+                      process_count: int = 1):
+    per_host = _check_sharding(global_batch_size, process_index, process_count)
+    count = min(num_examples or len(split.images), len(split.images))
+    for batch in range(num_eval_batches(count, global_batch_size)):
+        start = batch * global_batch_size + process_index * per_host
+        index = np.arange(start, start + per_host)
+        mask = index < count
+        rows = _rows(split, np.where(mask, index, 0))
+        rows = {k: np.where(mask.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0).astype(v.dtype) for k, v in rows.items()}
+        yield rows | {"mask": mask}

@@ -23,8 +23,10 @@ Conventions (stated once, here)
 - bits/dim = nats / (num_dims ln 2).
 
 A schedule is any callable ``gamma_fn(t[B]) -> gamma[B]``; a denoiser is any callable
-``eps_fn(z_t, gamma_t) -> output`` whose output is an eps-, x- or v-prediction
-(``prediction=``), converted to eps in exactly one place, ``to_eps``.
+``eps_fn(z_t, gamma_t, cond) -> output`` whose output is an eps-, x- or v-prediction
+(``prediction=``), converted to eps in exactly one place, ``to_eps``. ``cond`` is
+whatever the denoiser is conditioned on (``None``, or ``{"label": int [B]}`` for the
+class-conditional models of ``vdm.model``); the functions here pass it through untouched.
 
 Numerics: everything is written with ``log_sigmoid``, ``softplus`` and ``expm1`` so that
 gamma anywhere in [-20, 20] is safe in float32.
@@ -37,7 +39,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from vdm import time_sampling, weightings
+from vdm import registry, time_sampling, weightings
 
 # --------------------------------------------------------------------------------------
 # Data <-> bin centres
@@ -154,9 +156,7 @@ PREDICTIONS = {
 
 def to_eps(prediction: str, out: jax.Array, z: jax.Array, gamma: jax.Array) -> jax.Array:
     """Convert a network output of kind ``prediction`` (eps, x or v) into eps_hat."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; valid names: {', '.join(PREDICTIONS)}")
-    return PREDICTIONS[prediction](out, z, gamma)
+    return registry.lookup(PREDICTIONS, prediction, "prediction")(out, z, gamma)
 
 
 # --------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def noise_levels(u: jax.Array, gamma_fn: Callable, *, num_steps: int = 0, weight
         logsnr, log_p = logsnr_density.sample(u)
         return -logsnr, w(logsnr) * jnp.exp(-log_p), log_p
     if num_steps:
-        if w.name != "elbo":
+        if not w.is_elbo:
             raise ValueError(f"discrete time (num_steps={num_steps}) supports only the elbo weighting, not {w.name!r}")
         t = (jnp.floor(u * num_steps) + 1.0) / num_steps
         t = jnp.minimum(t, 1.0)
@@ -195,24 +195,24 @@ def noise_levels(u: jax.Array, gamma_fn: Callable, *, num_steps: int = 0, weight
 
 
 def denoising_loss(rng: jax.Array, f: jax.Array, gamma_t: jax.Array, weight: jax.Array,
-                   eps_fn: Callable, *, prediction: str = "eps") -> jax.Array:
-    """0.5 * weight * ||eps - eps_hat(z_t, gamma_t)||^2 per example [B], eps ~ N(0, I) from rng."""
+                   eps_fn: Callable, *, prediction: str = "eps", cond=None) -> jax.Array:
+    """0.5 * weight * ||eps - eps_hat(z_t, gamma_t, cond)||^2 per example [B], eps ~ N(0, I) from rng."""
     eps = jax.random.normal(rng, f.shape, f.dtype)
     z_t = diffuse(f, gamma_t, eps)
-    eps_hat = to_eps(prediction, eps_fn(z_t, gamma_t), z_t, gamma_t)
+    eps_hat = to_eps(prediction, eps_fn(z_t, gamma_t, cond), z_t, gamma_t)
     return 0.5 * weight * _sum_per_example(jnp.square(eps - eps_hat))
 
 
 def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Callable, *,
                    num_steps: int = 0, time_sampler="low_discrepancy", weighting="elbo",
-                   prediction: str = "eps", logsnr_density=None, return_aux: bool = False):
+                   prediction: str = "eps", logsnr_density=None, cond=None, return_aux: bool = False):
     """The diffusion term of the VLB (or its weighted version), in nats per example [B].
 
     Args:
       rng: PRNG key; split into one for the times and one for the noise.
       f: encoded data [B, ...] (any float data for analytic tests).
       gamma_fn: schedule, t [B] -> gamma [B], increasing; gamma'(t) comes from ``jax.jvp``.
-      eps_fn: denoiser, (z_t [B, ...], gamma_t [B]) -> eps/x/v prediction [B, ...].
+      eps_fn: denoiser, (z_t [B, ...], gamma_t [B], cond) -> eps/x/v prediction [B, ...].
       num_steps: 0 for continuous time (L_inf), T > 0 for the T-step loss L_T.
       time_sampler: name in ``time_sampling.TIME_SAMPLERS`` or a callable (rng, B) -> u.
       weighting: name in ``weightings.WEIGHTINGS`` or a ``Weighting``; "elbo" gives the VLB.
@@ -220,6 +220,7 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
       logsnr_density: a density over lambda (``time_sampling.GridDensity`` or
         ``AdaptiveDensity``) to importance-sample the noise level; the schedule's interior
         is then not used.
+      cond: passed to ``eps_fn`` (``None``: unconditional).
       return_aux: also return {"logsnr", "log_p"} for density updates and diagnostics.
 
     With ``weighting="elbo"`` the mean over the data of the result is the diffusion term
@@ -231,7 +232,7 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
     u = sampler(rng_t, batch)
     gamma_t, weight, log_p = noise_levels(u, gamma_fn, num_steps=num_steps, weighting=weighting,
                                           logsnr_density=logsnr_density)
-    loss = denoising_loss(rng_eps, f, gamma_t, weight, eps_fn, prediction=prediction)
+    loss = denoising_loss(rng_eps, f, gamma_t, weight, eps_fn, prediction=prediction, cond=cond)
     if return_aux:
         return loss, {"logsnr": -gamma_t, "log_p": log_p}
     return loss
@@ -258,15 +259,16 @@ def schedule_endpoints(gamma_fn: Callable) -> tuple[jax.Array, jax.Array]:
 
 
 def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
-    """nats / (num_dims ln 2)."""
-    return nats / (num_dims * math.log(2.0))
+    """nats / (num_dims ln 2): the one place where nats become bits per dimension."""
+    return nats * (1.0 / (num_dims * math.log(2.0)))
 
 
 def vlb(rng: jax.Array, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, vocab_size: int = 256,
-        num_steps: int = 0, time_sampler="low_discrepancy", prediction: str = "eps") -> dict:
+        num_steps: int = 0, time_sampler="low_discrepancy", prediction: str = "eps", cond=None) -> dict:
     """The variational bound -log p(x) <= prior + reconstruction + diffusion, per example.
 
-    ``x`` holds integers in {0..V-1}, shape [B, ...]. Returns a dict of [B] arrays in nats:
+    ``x`` holds integers in {0..V-1}, shape [B, ...]; ``cond`` goes to ``eps_fn`` (with a
+    label it is the conditional bound on -log p(x | y)). Returns a dict of [B] arrays in nats:
     "prior", "reconstruction", "diffusion", "total", and "bpd" (total in bits per dim).
     """
     f = encode(x, vocab_size)
@@ -276,7 +278,7 @@ def vlb(rng: jax.Array, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, v
         "prior": prior_kl(f, gamma_1),
         "reconstruction": reconstruction_nll(rng_reconstruction, x, gamma_0, vocab_size),
         "diffusion": diffusion_loss(rng_diffusion, f, gamma_fn, eps_fn, num_steps=num_steps,
-                                    time_sampler=time_sampler, prediction=prediction),
+                                    time_sampler=time_sampler, prediction=prediction, cond=cond),
     }
     terms["total"] = terms["prior"] + terms["reconstruction"] + terms["diffusion"]
     terms["bpd"] = bits_per_dim(terms["total"], math.prod(x.shape[1:]))

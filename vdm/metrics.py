@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -55,7 +54,6 @@ class MetricWriter:
       is_main: whether this process writes; default ``jax.process_index() == 0``
         (which initialises JAX's backend, so create writers after
         ``vdm.parallel.maybe_initialize_distributed``).
-      save_png: :meth:`write_image` also saves ``workdir/images/<name>_<step>.png``.
 
     ``metrics.jsonl`` is opened in append mode, so a resumed run continues the
     same file.  Non-finite values are written as ``NaN``/``Infinity`` (Python's
@@ -68,13 +66,11 @@ class MetricWriter:
         *,
         enable_tensorboard: bool = True,
         is_main: bool | None = None,
-        save_png: bool = True,
     ):
         self.workdir = os.fspath(workdir)
         self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(self.workdir, "tensorboard")
         self.is_main = _default_is_main() if is_main is None else bool(is_main)
-        self._save_png = save_png
         self._file: TextIO | None = None
         self._tb: Any = None
         if not self.is_main:
@@ -116,13 +112,6 @@ class MetricWriter:
         step = int(step)
         if self._tb is not None:
             self._tb.add_image(name, img, global_step=step, dataformats="HW" if img.ndim == 2 else "HWC")
-        if self._save_png:
-            from PIL import Image
-
-            image_dir = os.path.join(self.workdir, "images")
-            os.makedirs(image_dir, exist_ok=True)
-            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-            Image.fromarray(img).save(os.path.join(image_dir, f"{safe}_{step:08d}.png"))
 
     def flush(self) -> None:
         """Push buffered TensorBoard events (JSON lines are flushed on every write)."""

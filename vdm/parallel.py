@@ -13,8 +13,7 @@ gradient all-reduce itself, so no ``pmap``/``psum`` bookkeeping is needed::
                    in_shardings=(replicated(mesh), batch_sharded(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)),
                    donate_argnums=0)
-    rows = process_batch_slice(mesh, cfg.batch_size)   # this host's rows
-    batch = host_batch_to_global(mesh, numpy_batch[rows])
+    batch = host_batch_to_global(mesh, this_hosts_rows)   # rows p*B/P .. (p+1)*B/P of process p
     state, metrics = step(state, batch)
 
 Multi-process (multi-host) runs use the same code: every process calls the
@@ -44,7 +43,6 @@ __all__ = [
     "host_batch_to_global",
     "make_data_mesh",
     "maybe_initialize_distributed",
-    "process_batch_slice",
     "replicate",
     "replicated",
 ]
@@ -120,9 +118,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Sharding that splits an array's leading (batch) axis over ``"data"``."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharded(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Sharding that splits an array's batch axis (default the leading one) over ``"data"``."""
+    return NamedSharding(mesh, PartitionSpec(*(None,) * batch_axis, DATA_AXIS))
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, *, name: str = "train.batch_size") -> None:
@@ -136,48 +134,34 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, *, name: str = "train.b
         raise ValueError(f"{name}={global_batch} is not divisible by the {n} devices")
 
 
-def process_batch_slice(mesh: Mesh, global_batch: int) -> slice:
-    """Rows ``[start, stop)`` of the global batch that this process must supply.
-
-    With one process this is ``slice(0, global_batch)``.  Pass the selected rows
-    to :func:`host_batch_to_global`.
-    """
-    check_batch_divisible(global_batch, mesh)
-    index_map = batch_sharded(mesh).addressable_devices_indices_map((global_batch,))
-    bounds = sorted((idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
-                    for idx in index_map.values())
-    if not bounds:
-        raise ValueError("this process owns no device of the mesh")
-    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
-        if stop != start:
-            raise ValueError("this process's devices do not hold a contiguous block of the batch")
-    return slice(bounds[0][0], bounds[-1][1])
-
-
-def host_batch_to_global(mesh: Mesh, host_batch: Any) -> Any:
+def host_batch_to_global(mesh: Mesh, host_batch: Any, batch_axis: int = 0) -> Any:
     """Assemble per-process numpy batches into global arrays sharded on ``"data"``.
 
     Args:
       mesh: the data mesh.
-      host_batch: a pytree of arrays whose leading axis is this process's slice
-        of the global batch (the whole batch when running single-process).
-        Every process must pass slices of the same size.
+      host_batch: a pytree of arrays whose ``batch_axis`` is this process's
+        contiguous block of the global batch (the whole batch when running
+        single-process; process ``p`` of ``P`` holds rows ``p B/P .. (p+1) B/P``).
+        Every process must pass blocks of the same size.
+      batch_axis: which axis is the batch (1 for ``[steps, batch, ...]`` stacks).
 
     Returns:
-      The same pytree of ``jax.Array`` with global leading size
+      The same pytree of ``jax.Array`` with global batch size
       ``local_rows * process_count``, each device holding its block of rows.
     """
-    sharding = batch_sharded(mesh)
+    sharding = batch_sharded(mesh, batch_axis)
     n_local = len(mesh.local_devices)
+    n_processes = mesh.size // n_local
 
     def to_global(x: Any) -> jax.Array:
         x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % n_local:
+        if x.ndim <= batch_axis or x.shape[batch_axis] % n_local:
             raise ValueError(
                 f"host batch leaf of shape {x.shape} cannot be split over this "
-                f"process's {n_local} devices along its leading axis"
+                f"process's {n_local} devices along axis {batch_axis}"
             )
-        return jax.make_array_from_process_local_data(sharding, x)
+        shape = x.shape[:batch_axis] + (x.shape[batch_axis] * n_processes,) + x.shape[batch_axis + 1:]
+        return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(to_global, host_batch)
 

@@ -4,7 +4,10 @@ Every schedule is a Flax NNX module called as ``gamma = schedule(t)`` with t of 
 [B] (values in [0, 1]) and gamma of shape [B], satisfies gamma(0) = gamma_min and
 gamma(1) = gamma_max, and declares them: ``schedule.endpoints()`` returns
 (gamma_min, gamma_max), fixed or learned, which the bound uses directly.
-gamma'(t) is never written by hand: the loss takes it from ``jax.jvp``.
+gamma'(t) is never written by hand: the loss takes it from ``jax.jvp``. Every schedule
+also says what it learns: ``learns_endpoints`` (gamma_min / gamma_max are parameters) and
+``learns_interior`` (the shape between them is; such a schedule exposes ``shape(t)``,
+the normalised interior, for the variance-minimising gradient of VDM App. I.2).
 
 | name            | gamma(t)                                               | learned            |
 |-----------------|--------------------------------------------------------|--------------------|
@@ -16,17 +19,21 @@ gamma'(t) is never written by hand: the loss takes it from ``jax.jvp``.
 
 Learned parameters are typed so that filters can pick them out: ``ScheduleEndpoint``
 for g0 and g1, ``ScheduleShape`` for the interior of ``monotone_net``. Both subclass
-``nnx.Param``. Training excludes them from weight decay, and the variance-minimising
-gradient (``diffusion.value_and_grad_with_schedule_variance``) treats ``ScheduleShape``
-as the interior.
+``nnx.Param`` (not ``vdm.nets.layers.Kernel``, the only type that gets weight decay),
+and the variance-minimising gradient (``vdm.model``, through
+``diffusion.value_and_grad_with_schedule_variance``) treats ``ScheduleShape`` as the
+interior. A new schedule is one class here plus its entry in ``SCHEDULES``.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vdm import registry
 
 
 class ScheduleEndpoint(nnx.Param):
@@ -66,22 +73,18 @@ class _Endpoints(nnx.Module):
         return jnp.float32(self.fixed[0]), jnp.float32(self.fixed[1])
 
 
-class FixedLinear(nnx.Module):
-    """gamma(t) = gamma_min + (gamma_max - gamma_min) t, nothing learned."""
+class Linear(nnx.Module):
+    """gamma(t) = gamma_min + (gamma_max - gamma_min) t; endpoints fixed or learned (VDM's learned linear)."""
 
-    def __init__(self, gamma_min: float, gamma_max: float, *, rngs: nnx.Rngs | None = None):
-        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=False)
+    learns_interior = False
 
-    def __call__(self, t: jax.Array) -> jax.Array:
-        low, high = self.endpoints()
-        return low + (high - low) * t
+    def __init__(self, gamma_min: float, gamma_max: float, *, learn_endpoints: bool = False,
+                 rngs: nnx.Rngs | None = None):
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=learn_endpoints)
 
-
-class LearnedLinear(nnx.Module):
-    """gamma(t) = gamma_min + (gamma_max - gamma_min) t with both endpoints learned (VDM)."""
-
-    def __init__(self, gamma_min: float, gamma_max: float, *, rngs: nnx.Rngs | None = None):
-        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=True)
+    @property
+    def learns_endpoints(self) -> bool:
+        return self.endpoints.learned
 
     def __call__(self, t: jax.Array) -> jax.Array:
         low, high = self.endpoints()
@@ -104,7 +107,7 @@ class MonotoneNet(nnx.Module):
     dominates at initialisation, so the initial schedule is close to linear.
     """
 
-    has_learned_interior = True
+    learns_interior = True
 
     def __init__(self, gamma_min: float, gamma_max: float, *, hidden: int = 1024,
                  learn_endpoints: bool = True, rngs: nnx.Rngs):
@@ -115,6 +118,10 @@ class MonotoneNet(nnx.Module):
         self.w2 = ScheduleShape(jax.random.normal(key1, (hidden,)))
         self.b2 = ScheduleShape(jax.random.normal(key2, (hidden,)))
         self.w3 = ScheduleShape(jax.random.normal(key3, (hidden,)))
+
+    @property
+    def learns_endpoints(self) -> bool:
+        return self.endpoints.learned
 
     def _h(self, t: jax.Array) -> jax.Array:
         linear = jax.nn.softplus(self.slope[...]) * t
@@ -147,6 +154,9 @@ class ShiftedCosine(nnx.Module):
     pi/2 - theta computed directly, so gamma stays accurate out to |gamma| = 20 in float32.
     """
 
+    learns_endpoints = False
+    learns_interior = False
+
     def __init__(self, gamma_min: float, gamma_max: float, *, shift: float = 0.0,
                  rngs: nnx.Rngs | None = None):
         self.endpoints = _Endpoints(gamma_min, gamma_max, learned=False)
@@ -173,8 +183,8 @@ class Cosine(ShiftedCosine):
 
 
 SCHEDULES = {
-    "fixed_linear": FixedLinear,
-    "learned_linear": LearnedLinear,
+    "fixed_linear": functools.partial(Linear, learn_endpoints=False),
+    "learned_linear": functools.partial(Linear, learn_endpoints=True),
     "monotone_net": MonotoneNet,
     "cosine": Cosine,
     "shifted_cosine": ShiftedCosine,
@@ -183,12 +193,11 @@ SCHEDULES = {
 
 def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | None = None, **kwargs) -> nnx.Module:
     """The schedule called ``name`` with endpoints [gamma_min, gamma_max]."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    cls = registry.lookup(SCHEDULES, name, "schedule")
     _check_endpoints(gamma_min, gamma_max)
     if rngs is None:
         rngs = nnx.Rngs(0)
     try:
-        return SCHEDULES[name](gamma_min, gamma_max, rngs=rngs, **kwargs)
+        return cls(gamma_min, gamma_max, rngs=rngs, **kwargs)
     except TypeError as e:
         raise ValueError(f"schedule {name!r}: {e}") from None

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from vdm import registry
+
 # --------------------------------------------------------------------------------------
 # Uniform samplers: (rng, batch_size) -> u in [0, 1)
 # --------------------------------------------------------------------------------------
@@ -56,9 +58,7 @@ TIME_SAMPLERS = {
 
 def build(name: str):
     """The uniform sampler called ``name``."""
-    if name not in TIME_SAMPLERS:
-        raise ValueError(f"unknown time sampler {name!r}; valid names: {', '.join(TIME_SAMPLERS)}")
-    return TIME_SAMPLERS[name]
+    return registry.lookup(TIME_SAMPLERS, name, "time sampler")
 
 
 # --------------------------------------------------------------------------------------
@@ -178,8 +178,7 @@ DENSITIES = {
 
 def build_density(name: str, weighting, logsnr_min: float, logsnr_max: float, **kw):
     """The log-SNR density called ``name`` on [logsnr_min, logsnr_max]."""
-    if name not in DENSITIES:
-        raise ValueError(f"unknown log-SNR density {name!r}; valid names: {', '.join(DENSITIES)}")
+    builder = registry.lookup(DENSITIES, name, "log-SNR density")
     if not logsnr_min < logsnr_max:
         raise ValueError(f"log-SNR density needs logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
-    return DENSITIES[name](weighting, logsnr_min, logsnr_max, **kw)
+    return builder(weighting, logsnr_min, logsnr_max, **kw)

@@ -5,6 +5,9 @@
 are the ``eval`` and ``sample`` modes. Everything random is a function of
 (config.seed, step), and the data order is a function of (seed, step), so a run resumed
 from a checkpoint continues exactly as the uninterrupted run would have.
+
+The objective belongs to the model (``vdm.model.loss_and_grads``): this file only
+applies the gradients, keeps the EMA and the state, and moves batches and metrics.
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vdm import checkpoint as ckpt_lib
-from vdm import configlib, data as data_lib, diffusion, metrics as metrics_lib, parallel, schedules, time_sampling
-from vdm.model import VDM, LossSettings, evaluation_terms, generate, training_loss, training_times
+from vdm import configlib, data as data_lib, metrics as metrics_lib, parallel
+from vdm import model as model_lib
+from vdm.nets.layers import Kernel
 
 # --------------------------------------------------------------------------------------
 # State
@@ -42,127 +45,83 @@ class TrainState:
     density: Any  # log-SNR density for importance sampling, or None
 
 
-def build_model(config, info: data_lib.DatasetInfo, seed: int) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, params): the static structure and the initial parameters as a pure dict.
+def build_model(config, info: data_lib.DatasetInfo, seed: int) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, params, decay_mask): the static structure, the initial parameters as a pure
+    dict, and which of them get weight decay (the networks' ``Kernel`` parameters, by type).
 
     The initialisers run inside one ``jax.jit`` (one compilation instead of one per
     parameter shape, which is what makes eager NNX construction slow on CPU); the values
     are the same as eager construction.
     """
     def make():
-        return VDM.from_config(config, image_shape=info.shape, vocab_size=info.vocab_size, rngs=nnx.Rngs(seed))
+        return model_lib.VDM.from_config(config, image_shape=info.shape, vocab_size=info.vocab_size,
+                                         rngs=nnx.Rngs(seed))
 
-    graphdef, _, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    graphdef, abstract, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
     if jax.tree_util.tree_leaves(rest):
         raise configlib.ConfigError(f"model holds non-parameter state {list(nnx.to_pure_dict(rest))}")
+    decay_mask = nnx.to_pure_dict(jax.tree.map(lambda v: isinstance(v, Kernel), abstract,
+                                               is_leaf=lambda v: isinstance(v, nnx.Variable)))
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(), nnx.Param)))()
-    return graphdef, params
+    return graphdef, params, decay_mask
 
 
-def _decay_mask(params):
-    """Weight decay on the network's kernels only: not biases, norm scales or the schedule.
-
-    By name, not by rank: scanned blocks stack their biases into rank-2 arrays.
-    """
-    def keep(path, x):
-        return getattr(path[-1], "key", None) == "kernel" and getattr(path[0], "key", None) != "schedule"
-    return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    t = config.train
+def make_optimizer(config, decay_mask) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, weight decay on ``decay_mask`` only, optional global-norm clipping."""
+    opt = config.train
     # Linear warm-up lr * (step + 1) / warmup_steps, so that the very first step already moves.
-    warmup = max(int(t.warmup_steps), 1)
-    lr = optax.join_schedules([optax.linear_schedule(t.lr / warmup, t.lr, warmup - 1), optax.constant_schedule(t.lr)],
-                              [warmup - 1])
-    adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=_decay_mask)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+    warmup = max(int(opt.warmup_steps), 1)
+    lr = optax.join_schedules([optax.linear_schedule(opt.lr / warmup, opt.lr, warmup - 1),
+                               optax.constant_schedule(opt.lr)], [warmup - 1])
+    adamw = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw) if opt.grad_clip > 0 else adamw
 
 
-def make_density(config):
-    lo = config.loss
-    if not lo.importance_sampling:
-        return None
-    w = LossSettings.from_config(config).weighting
-    return time_sampling.build_density(lo.importance_sampling, w, -config.model.gamma_max, -config.model.gamma_min,
-                                       num_bins=lo.density_bins)
-
-
-def initial_state(config, params, tx) -> TrainState:
+def initial_state(config, params, tx, objective: model_lib.Objective) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(config.seed), params=params,
                       opt_state=tx.init(params), ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                      density=make_density(config))
+                      density=objective.initial_density())
 
 
 # --------------------------------------------------------------------------------------
 # The compiled steps
 # --------------------------------------------------------------------------------------
 
-LOGGED = ("loss", "bpd", "bpd_prior", "bpd_reconstruction", "bpd_diffusion", "gamma_0", "gamma_1")
-
-
-def _grads_with_schedule_variance(graphdef, params, rng, x, settings):
-    """VLB gradients for everything but the schedule interior, which gets d E[L^2] (VDM App. I.2)."""
-    model = nnx.merge(graphdef, params)
-    graph2, interior, other = nnx.split(model, schedules.ScheduleShape, ...)
-    t = training_times(rng, x.shape[0], settings)  # the times training_loss(rng) draws
-
-    def shape_fn(interior, t):
-        return nnx.merge(graph2, interior, other).schedule.shape(t)
-
-    def per_example(other, s, ds):
-        m = nnx.merge(graph2, jax.lax.stop_gradient(interior), other)
-        _, metrics = training_loss(m, rng, x, settings, levels=(s, ds))
-        return metrics["per_example_loss"], metrics["diffusion_nats"], metrics
-
-    (_, metrics), g_other, g_interior = diffusion.value_and_grad_with_schedule_variance(
-        per_example, shape_fn, interior, other, t)
-    return metrics, nnx.to_pure_dict(nnx.merge_state(g_other, g_interior))
-
 
 def make_train_step(graphdef, tx, config):
-    """state, batch [k, B, ...] -> (state after k optimizer steps, metrics of the last)."""
-    settings = LossSettings.from_config(config)
+    """state, batch of k steps {"image": [k, B, ...], ...} -> (state after k optimizer steps, metrics of the last)."""
+    objective = model_lib.Objective.from_config(config)
     ema_decay = config.train.ema_decay
-    trace_count = [0]
 
-    def one_step(state: TrainState, x):
+    def one_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        if settings.variance_schedule_grad:
-            metrics, grads = _grads_with_schedule_variance(graphdef, state.params, rng, x, settings)
-        else:
-            def loss_fn(params):
-                return training_loss(nnx.merge(graphdef, params), rng, x, settings, density=state.density)
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss, grads, terms = model_lib.loss_and_grads(graphdef, state.params, batch, rng, objective, state.density)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        density = state.density
-        if isinstance(density, time_sampling.AdaptiveDensity):
-            density = density.update(metrics["logsnr"], metrics["integrand"])
-        logged = {k: metrics[k] for k in LOGGED}
-        logged["grad_norm"] = optax.tree.norm(grads)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, density=density)
+        sums = model_lib.bpd_sums(terms, math.prod(batch["image"].shape[1:]))
+        count = sums.pop("count")
+        logged = {k: v / count for k, v in sums.items()} | {
+            "loss": loss, "gamma_0": terms.gamma_0, "gamma_1": terms.gamma_1, "grad_norm": optax.tree.norm(grads)}
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                            density=objective.update_density(state.density, terms))
         return new, logged
 
     def train_step(state, batch):
-        trace_count[0] += 1
-        state, metrics = jax.lax.scan(one_step, state, batch)
-        return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
+        state, logged = jax.lax.scan(one_step, state, batch)
+        return state, jax.tree_util.tree_map(lambda m: m[-1], logged)
 
-    train_step.trace_count = trace_count
     return train_step
 
 
 def make_eval_step(graphdef, config):
-    """Sums over one padded batch of the per-example VLB terms (bits/dim), masked."""
-    def eval_step(params, x, mask, rng):
-        terms = evaluation_terms(nnx.merge(graphdef, params), rng, x, num_steps=config.eval.num_steps)
-        scale = 1.0 / (math.prod(x.shape[1:]) * math.log(2.0))
-        sums = {k: jnp.sum(jnp.where(mask, terms[k], 0.0)) * scale
-                for k in ("total", "prior", "reconstruction", "diffusion")}
-        sums["count"] = jnp.sum(mask.astype(jnp.float32))
+    """Masked sums over one padded batch of the per-example VLB terms (bits/dim)."""
+    def eval_step(params, batch, mask, rng):
+        model = nnx.merge(graphdef, params)
+        terms = model_lib.evaluation_terms(model, batch, rng, num_steps=config.eval.num_steps)
+        sums = model_lib.bpd_sums(terms, model.num_dims, mask)
+        sums.pop("loss")
         return sums
     return eval_step
 
@@ -185,37 +144,33 @@ class Trainer:
         except ValueError as e:
             raise configlib.ConfigError(str(e)) from None
         self.dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
-        if config.train.batch_size > self.dataset.info.num_train:
-            raise configlib.ConfigError(
-                f"config.train.batch_size={config.train.batch_size}: larger than the "
-                f"{self.dataset.info.num_train} training examples")
-        self.graphdef, params = build_model(config, self.dataset.info, config.seed)
-        self.tx = make_optimizer(config)
-        self.state = initial_state(config, params, self.tx)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.state = jax.device_put(self.state, self.replicated)
-        self.train_step = make_train_step(self.graphdef, self.tx, config)
-        batch_spec = NamedSharding(self.mesh, P(None, parallel.DATA_AXIS))
-        self._train_step = jax.jit(self.train_step, in_shardings=(self.replicated, batch_spec),
-                                   out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        self._batch_spec = batch_spec
-        self._eval_spec = eval_spec = NamedSharding(self.mesh, P(parallel.DATA_AXIS))
-        self._eval_step = jax.jit(make_eval_step(self.graphdef, config),
-                                  in_shardings=(self.replicated, eval_spec, eval_spec, self.replicated),
-                                  out_shardings=self.replicated)
+        info = self.dataset.info
+        configlib.validate_against_data(config, info)
+        self.graphdef, params, decay_mask = build_model(config, info, config.seed)
+        self.tx = make_optimizer(config, decay_mask)
+        self.objective = model_lib.Objective.from_config(config)
+        replicated = parallel.replicated(self.mesh)
+        self.state = parallel.replicate(initial_state(config, params, self.tx, self.objective), self.mesh)
+        steps_batch = parallel.batch_sharded(self.mesh, batch_axis=1)  # [k, B, ...]
+        batch = parallel.batch_sharded(self.mesh)  # [B, ...]
+        self.train_step = jax.jit(make_train_step(self.graphdef, self.tx, config),
+                                  in_shardings=(replicated, steps_batch), out_shardings=(replicated, replicated),
+                                  donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.graphdef, config),
+                                 in_shardings=(replicated, batch, batch, replicated), out_shardings=replicated)
         self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                   max_to_keep=config.train.keep_checkpoints)
 
     # -- data ---------------------------------------------------------------------------
 
-    def train_batch(self, step: int):
-        """The global batch [k, B, ...] for optimizer steps step .. step + k - 1, as a sharded array."""
-        t = self.config.train
-        rows = parallel.process_batch_slice(self.mesh, t.batch_size)
-        host = np.stack([data_lib.train_batch(self.dataset.train.images, t.batch_size, seed=self.config.seed,
-                                              step=step + i)[rows] for i in range(t.steps_per_call)])
-        global_shape = (t.steps_per_call, t.batch_size) + host.shape[2:]
-        return jax.make_array_from_process_local_data(self._batch_spec, host, global_shape)
+    def train_batch(self, step: int) -> dict:
+        """The global batch {"image": [k, B, ...], "label": [k, B]} for steps step .. step + k - 1, sharded."""
+        opt = self.config.train
+        rows = [data_lib.host_train_batch(self.dataset.train, opt.batch_size, seed=self.config.seed, step=step + i,
+                                          process_index=jax.process_index(), process_count=jax.process_count())
+                for i in range(opt.steps_per_call)]
+        return parallel.host_batch_to_global(self.mesh, {k: np.stack([r[k] for r in rows]) for k in rows[0]},
+                                             batch_axis=1)
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -225,73 +180,100 @@ class Trainer:
             self.state = self.checkpointer.restore(step, target=ckpt_lib.abstract_like(self.state))
         return int(self.state.step)
 
-    def save(self, force: bool = False) -> None:
+    def save(self) -> None:
         step = int(self.state.step)
         if self.checkpointer.latest_step() != step:
-            self.checkpointer.save(step, self.state, force=force)
+            self.checkpointer.save(step, self.state)
 
     # -- evaluation and sampling ----------------------------------------------------------
 
     def evaluate(self, params=None) -> dict:
-        """Bits/dim of the VLB over one complete pass of the test split (EMA parameters)."""
+        """Bits/dim of the VLB over one complete pass of the test split (EMA parameters).
+
+        For a class-conditional model this is the conditional bound on -log p(x | y).
+        """
         params = self.state.ema_params if params is None else params
-        images = self.dataset.test.images
-        if self.config.eval.num_examples:
-            images = images[: self.config.eval.num_examples]
         bs = self.config.eval.batch_size
         bs = -(-bs // self.mesh.size) * self.mesh.size  # round up to a multiple of the device count
-        eval_spec = self._eval_spec
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0x5EED)
         totals: dict[str, float] = {}
-        for i, batch in enumerate(data_lib.eval_batches(images, bs, process_index=jax.process_index(),
-                                                        process_count=jax.process_count())):
-            x = jax.make_array_from_process_local_data(eval_spec, batch.images, (bs,) + batch.images.shape[1:])
-            mask = jax.make_array_from_process_local_data(eval_spec, batch.mask, (bs,))
-            sums = self._eval_step(params, x, mask, jax.random.fold_in(rng, i))
-            for k, v in sums.items():
+        batches = data_lib.host_eval_batches(self.dataset.test, bs, num_examples=self.config.eval.num_examples,
+                                             process_index=jax.process_index(), process_count=jax.process_count())
+        for i, host in enumerate(batches):
+            batch = parallel.host_batch_to_global(self.mesh, host)
+            mask = batch.pop("mask")
+            sums = self.eval_step(params, batch, mask, jax.random.fold_in(rng, i))
+            for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         count = totals.pop("count")
-        return {("bpd" if k == "total" else f"bpd_{k}"): v / count for k, v in totals.items()} | {"count": count}
+        return {k: v / count for k, v in totals.items()} | {"count": count}
 
-    def sample(self, path: str, params=None) -> np.ndarray:
-        """Draw config.sample.num_images samples with the EMA parameters and write a PNG grid."""
+    def sample_labels(self) -> jax.Array | None:
+        """The classes to sample: None for an unconditional model, else config.sample.labels (or an even spread)."""
+        c, num_classes = self.config.sample, self.config.model.num_classes
+        return model_lib.spread_labels(c.num_images, num_classes, c.labels) if num_classes else None
+
+    def sample(self, step: int, writer: metrics_lib.MetricWriter | None = None, params=None) -> str:
+        """Draw config.sample.num_images samples with the EMA parameters.
+
+        Writes ``samples_<step>.npz`` (``images`` uint8 [N, H, W, C] and, for a conditional
+        model, ``labels``) and ``samples_<step>.png``, and the grid to TensorBoard.
+        Returns the PNG's path.
+        """
         c = self.config.sample
         params = self.state.ema_params if params is None else params
-        fn = jax.jit(lambda p, r: generate(nnx.merge(self.graphdef, p), r, c.num_images, num_steps=c.num_steps,
-                                           sampler=c.sampler))
-        images = np.asarray(fn(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11)))
+        labels = self.sample_labels()
+
+        def fn(p, r):
+            return model_lib.generate(nnx.merge(self.graphdef, p), r, c.num_images, num_steps=c.num_steps,
+                                      sampler=c.sampler, labels=labels, guidance=c.guidance)
+
+        images = np.asarray(jax.jit(fn)(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11)))
+        info = self.dataset.info
+        images = images.astype(np.uint8)
+        path = os.path.join(self.workdir, f"samples_{step}")
         if jax.process_index() == 0:
-            save_image_grid(path, images, self.dataset.info.vocab_size)
-        return images
+            arrays = {"images": images} | ({} if labels is None else {"labels": np.asarray(labels)})
+            np.savez(path + ".npz", **arrays)
+            columns = self.config.model.num_classes if labels is not None and not c.labels else None
+            grid = draw_samples(images, info.vocab_size, info.kind, columns=columns)
+            save_png(path + ".png", grid)
+            if writer is not None:
+                writer.write_image(step, "samples", grid)
+        return path + ".png"
 
 
-def save_image_grid(path: str, images: np.ndarray, vocab_size: int) -> None:
-    """Write integer images [N, H, W, C] in {0..V-1} as one PNG grid (values scaled to 0..255).
+def draw_samples(images: np.ndarray, vocab_size: int, kind: str, columns: int | None = None) -> np.ndarray:
+    """A uint8 picture of integer samples [N, H, W, C] in {0..V-1}, as the data set's ``kind`` asks.
 
-    2-D point data ([N, 1, 1, 2]) is drawn as a 256 x 256 scatter plot instead.
+    ``"image"``: a grid with a 2-pixel border, values scaled to 0..255, ``columns`` wide
+    (default: about square). ``"points"`` (2-D data, [N, 1, 1, 2]): a V x V scatter plot.
     """
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     n, h, w, c = images.shape
-    if (h, w, c) == (1, 1, 2):
+    if kind == "points":
         canvas = np.full((vocab_size, vocab_size), 255, np.uint8)
-        xy = images.reshape(n, 2)
+        xy = images.reshape(n, 2).astype(np.int64)
         canvas[vocab_size - 1 - xy[:, 1], xy[:, 0]] = 0
-        Image.fromarray(canvas).save(path)
-        return
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
+        return canvas
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
     grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.uint8)
     scaled = np.round(images.astype(np.float64) * 255.0 / (vocab_size - 1)).astype(np.uint8)
     for i in range(n):
         r, k = divmod(i, cols)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + k * (w + 2): 2 + k * (w + 2) + w] = scaled[i]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_png(path: str, picture: np.ndarray) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(picture).save(path)
 
 
 class _StopRequested:
-    """Set by SIGTERM/SIGINT so the loop can save a checkpoint before exiting."""
+    """Set by SIGTERM so the loop can save a checkpoint before exiting."""
 
     def __init__(self):
         self.flag = False
@@ -324,10 +306,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Train (resuming from the latest checkpoint in workdir), evaluate, sample. Returns final metrics."""
     trainer = Trainer(config, workdir)  # validates config, loads data: fails before any compile
     write_config(config, workdir)
-    t = config.train
     start = trainer.restore_latest()
     writer = metrics_lib.MetricWriter(workdir)
-    progress = metrics_lib.Progress(t.num_steps, initial_step=start, log_every=t.log_every)
+    progress = metrics_lib.Progress(config.train.num_steps, initial_step=start, log_every=config.train.log_every)
     try:
         if start:
             progress.log(f"resumed from step {start} in {workdir}")
@@ -339,27 +320,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_loop(trainer: Trainer, writer, progress, start: int) -> dict:
-    config, workdir = trainer.config, trainer.workdir
-    t = config.train
+    opt = trainer.config.train
     last_time, last_step = time.perf_counter(), start
     with _StopRequested() as stop:
         step = start
-        while step < t.num_steps:
-            trainer.state, m = trainer._train_step(trainer.state, trainer.train_batch(step))
-            step += t.steps_per_call
-            if step % t.log_every == 0 or step >= t.num_steps:
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
+        while step < opt.num_steps:
+            trainer.state, logged = trainer.train_step(trainer.state, trainer.train_batch(step))
+            step += opt.steps_per_call
+            if step % opt.log_every == 0 or step >= opt.num_steps:
+                logged = {k: float(v) for k, v in jax.device_get(logged).items()}
                 now = time.perf_counter()
                 rate = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
-                m.update(steps_per_sec=rate, images_per_sec=rate * t.batch_size)
-                writer.write(step, m)
-                progress.update(step, loss=m["loss"], bpd=m["bpd"])
-            if step % t.eval_every == 0 and step < t.num_steps:
-                ev = trainer.evaluate()
-                writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
-                progress.log(f"step {step}: test bpd {ev['bpd']:.4f}")
-            if step % t.checkpoint_every == 0 or step >= t.num_steps or stop.flag:
+                logged.update(steps_per_sec=rate, images_per_sec=rate * opt.batch_size)
+                writer.write(step, logged)
+                progress.update(step, loss=logged["loss"], bpd=logged["bpd"])
+            if step % opt.eval_every == 0 and step < opt.num_steps:
+                result = trainer.evaluate()
+                writer.write(step, {f"eval_{k}": v for k, v in result.items()})
+                progress.log(f"step {step}: test bpd {result['bpd']:.4f}")
+            if step % opt.checkpoint_every == 0 or step >= opt.num_steps or stop.flag:
                 trainer.save()
             if stop.flag:
                 progress.log(f"stop requested: saved step {step}, exiting")
@@ -370,9 +350,7 @@ def _train_loop(trainer: Trainer, writer, progress, start: int) -> dict:
     result = trainer.evaluate()
     step = int(trainer.state.step)
     writer.write(step, {f"eval_{k}": v for k, v in result.items()})
-    sample_path = os.path.join(workdir, f"samples_{step}.png")
-    trainer.sample(sample_path)
-    return result | {"samples": sample_path, "step": step}
+    return result | {"samples": trainer.sample(step, writer), "step": step}
 
 
 def _restored_trainer(config, workdir: str) -> Trainer:
@@ -392,9 +370,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 
 
 def sample_checkpoint(config, workdir: str) -> dict:
-    """--mode sample: a PNG grid of samples from the latest checkpoint."""
+    """--mode sample: samples (.npz, .png, TensorBoard) from the latest checkpoint."""
     trainer = _restored_trainer(config, workdir)
-    path = os.path.join(workdir, f"samples_{int(trainer.state.step)}.png")
-    trainer.sample(path)
+    step = int(trainer.state.step)
+    with metrics_lib.MetricWriter(workdir) as writer:
+        path = trainer.sample(step, writer)
     trainer.checkpointer.close()
-    return {"samples": path, "step": int(trainer.state.step)}
+    return {"samples": path, "step": step}

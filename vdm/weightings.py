@@ -16,7 +16,7 @@ objective exactly (not only up to a factor) when its own noise schedule and unif
 are used; the docstrings give the derivation. Choose one by name with ``build``:
 
     w = weightings.build("sigmoid", bias=2.0)
-    w(logsnr), w.monotonic
+    w(logsnr), w.monotonic, w.is_elbo
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import math
 from typing import Any, Callable
 
 import jax.numpy as jnp
+
+from vdm import registry
 
 
 def elbo(logsnr):
@@ -141,27 +143,33 @@ def min_snr(logsnr, snr_gamma: float = 5.0):
 
 @dataclasses.dataclass(frozen=True)
 class Weighting:
-    """A named weighting with its parameters bound; call it on log-SNR values."""
+    """A named weighting with its parameters bound; call it on log-SNR values.
+
+    It declares what it is: ``monotonic`` (non-increasing in lambda, so the objective is an
+    ELBO of noise-augmented data) and ``is_elbo`` (w = 1: the objective is the VLB itself).
+    """
 
     name: str
     fn: Callable[..., Any]
     monotonic: bool
+    is_elbo: bool = False
     params: tuple = ()  # ((name, value), ...), hashable so a Weighting can be a static jit argument
 
     def __call__(self, logsnr):
         return self.fn(logsnr, **dict(self.params))
 
 
-# name -> (function, monotonic in lambda?)
+# name -> the weighting with its default parameters. A new weighting is a function above
+# plus its entry here.
 WEIGHTINGS = {
-    "elbo": (elbo, True),
-    "sigmoid": (sigmoid, True),
-    "edm": (edm, False),
-    "edm_monotonic": (edm_monotonic, True),
-    "v_mse": (v_mse, True),
-    "eps_mse": (eps_mse, False),
-    "flow_matching": (flow_matching, True),
-    "min_snr": (min_snr, False),
+    "elbo": Weighting("elbo", elbo, monotonic=True, is_elbo=True),
+    "sigmoid": Weighting("sigmoid", sigmoid, monotonic=True),
+    "edm": Weighting("edm", edm, monotonic=False),
+    "edm_monotonic": Weighting("edm_monotonic", edm_monotonic, monotonic=True),
+    "v_mse": Weighting("v_mse", v_mse, monotonic=True),
+    "eps_mse": Weighting("eps_mse", eps_mse, monotonic=False),
+    "flow_matching": Weighting("flow_matching", flow_matching, monotonic=True),
+    "min_snr": Weighting("min_snr", min_snr, monotonic=False),
 }
 
 
@@ -169,13 +177,11 @@ def build(name: str | Weighting, **params) -> Weighting:
     """The weighting called ``name`` with ``params`` bound (e.g. ``bias`` for sigmoid)."""
     if isinstance(name, Weighting):
         return name
-    if name not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {name!r}; valid names: {', '.join(WEIGHTINGS)}")
-    fn, monotonic = WEIGHTINGS[name]
-    accepted = [p for p in inspect.signature(fn).parameters if p != "logsnr"]
+    template = registry.lookup(WEIGHTINGS, name, "weighting")
+    accepted = [p for p in inspect.signature(template.fn).parameters if p != "logsnr"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(
             f"weighting {name!r} takes parameters {accepted or 'none'}, not {', '.join(unknown)}"
         )
-    return Weighting(name, fn, monotonic, tuple(sorted(params.items())))
+    return dataclasses.replace(template, params=tuple(sorted(params.items())))

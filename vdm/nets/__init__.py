@@ -1,18 +1,23 @@
-"""Noise-prediction ("score") networks for Variational Diffusion Models.
+"""Denoising networks for Variational Diffusion Models.
 
 Every network is a Flax NNX module constructed as
-``Net(in_channels, ..., rngs=nnx.Rngs(seed))`` and called as
-``eps_hat = net(z, gamma, *, dropout_rng=None)``:
+``Net(in_channels, ..., gamma_min=..., gamma_max=..., num_classes=0, rngs=nnx.Rngs(seed))``
+and called as ``out = net(z, gamma, cond=None, *, dropout_rng=None)``:
 
-* ``z``: ``[B, H, W, C]`` images (U-Nets) or ``[B, D]`` vectors (MLP);
+* ``z``: ``[B, H, W, C]`` images or ``[B, D]`` vectors; the class attribute
+  ``input_rank`` (4 or 2) says which, so the model knows whether to flatten;
 * ``gamma``: ``[B]`` float32, ``-log SNR``, normalised internally to ``[0, 1]``
   with the ``gamma_min`` / ``gamma_max`` constructor arguments;
-* ``eps_hat``: float32 with the shape of ``z``, exactly zero at initialisation;
+* ``cond``: ``None`` (unconditional; for a network built with ``num_classes > 0`` it
+  means the null class of classifier-free guidance) or ``{"label": int32 [B]}``;
+* ``out``: float32 with the shape of ``z``, exactly zero at initialisation; an eps-,
+  x- or v-prediction as the model's ``prediction`` says (``vdm.diffusion.to_eps``);
 * dropout is active if and only if a PRNG key ``dropout_rng`` is given.
 
-Available networks (see :data:`NETWORKS`): ``"unet"`` (the VDM full-resolution
-U-Net, Kingma et al. 2021, arXiv:2107.00630), ``"multires_unet"`` (DDPM-style
-multi-resolution U-Net) and ``"mlp"`` (residual MLP for 2-D toy data).
+Networks (:data:`NETWORKS`): ``"unet"`` (the VDM full-resolution U-Net, Kingma et al.
+2021, arXiv:2107.00630), ``"multires_unet"`` (DDPM-style multi-resolution U-Net) and
+``"mlp"`` (residual MLP for 2-D toy data). A new network is one module that follows the
+interface above plus its entry here.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 from flax import nnx
 
+from vdm import registry
 from vdm.nets.layers import fourier_features, timestep_embedding
 from vdm.nets.mlp import MLP
 from vdm.nets.unet import MultiResUNet, ScoreUNet
@@ -32,19 +38,17 @@ NETWORKS: dict[str, type[nnx.Module]] = {
 }
 
 
+def lookup(name: str) -> type[nnx.Module]:
+    """The network class registered as ``name``."""
+    return registry.lookup(NETWORKS, name, "network")
+
+
 def build(name: str, **kwargs: Any) -> nnx.Module:
     """Constructs the network registered as ``name`` in :data:`NETWORKS` with ``kwargs``.
 
     Example: ``build("unet", in_channels=1, channels=32, num_blocks=4, rngs=nnx.Rngs(0))``.
-
-    Raises:
-      ValueError: if ``name`` is not a key of :data:`NETWORKS`.
     """
-    try:
-        cls = NETWORKS[name]
-    except KeyError:
-        raise ValueError(f"unknown network {name!r}; valid names: {sorted(NETWORKS)}") from None
-    return cls(**kwargs)
+    return lookup(name)(**kwargs)
 
 
 __all__ = [
@@ -54,5 +58,6 @@ __all__ = [
     "ScoreUNet",
     "build",
     "fourier_features",
+    "lookup",
     "timestep_embedding",
 ]

@@ -276,7 +276,7 @@ def conv3x3(
     Uses :func:`conv_general_dilated`, so its gradient is fast inside ``nnx.scan`` on CPU.
     """
     kwargs = {"kernel_init": zeros_init} if zero_init else {}
-    return nnx.Conv(
+    conv = nnx.Conv(
         in_channels,
         out_channels,
         kernel_size=(3, 3),
@@ -288,26 +288,78 @@ def conv3x3(
         rngs=rngs,
         **kwargs,
     )
+    conv.kernel = Kernel(conv.kernel[...])
+    return conv
 
 
-class ConditioningMLP(nnx.Module):
-    """Embeds the normalised gamma: sinusoidal embedding -> Dense -> swish -> Dense -> swish.
+class Kernel(nnx.Param):
+    """A weight matrix or convolution kernel: the parameters that get weight decay.
 
-    VDM (``ScoreUNet``): ``temb = get_timestep_embedding(t * 1000, n_embd)``
-    followed by two ``Dense(4 * n_embd)`` layers with swish activations.
-
-    Call: ``t [B]`` (normalised gamma) -> ``[B, out_dim]`` in the compute dtype.
+    Every dense and convolution layer of ``vdm.nets`` stores its kernel as this type
+    (biases, norm scales, embeddings and the noise schedule stay plain ``nnx.Param``), so
+    the optimizer chooses weight decay by type, whatever the path or the rank of the array.
     """
 
-    def __init__(self, embed_dim: int, out_dim: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        self.embed_dim = embed_dim
-        self.dense0 = nnx.Linear(embed_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense1 = nnx.Linear(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, t: Array) -> Array:
-        h = timestep_embedding(t, self.embed_dim)
-        h = jax.nn.swish(self.dense0(h))
-        return jax.nn.swish(self.dense1(h))
+def dense(in_features: int, out_features: int, **kwargs) -> nnx.Linear:
+    """``nnx.Linear`` whose kernel is a :class:`Kernel`."""
+    layer = nnx.Linear(in_features, out_features, **kwargs)
+    layer.kernel = Kernel(layer.kernel[...])
+    return layer
+
+
+class NoiseConditioning(nnx.Module):
+    """The conditioning vector every network is built on: gamma and an optional class -> ``[B, out_dim]``.
+
+    VDM (``ScoreUNet``): ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``,
+    ``emb = swish(Dense(swish(Dense(timestep_embedding(1000 t)))))``. With
+    ``num_classes > 0`` a learned class embedding is added (Ho & Salimans 2022); its table
+    has ``num_classes + 1`` rows, the last being the null class that classifier-free guidance
+    uses for the unconditional prediction. ``cond=None`` means the null class for a
+    conditional network and nothing at all for an unconditional one.
+
+    Call: ``gamma [B]`` (or a scalar), ``cond`` (``None`` or ``{"label": int [B]}``),
+    ``batch_size`` -> ``[B, out_dim]`` in the compute dtype.
+    """
+
+    def __init__(self, embed_dim: int, out_dim: int, *, gamma_min: float, gamma_max: float, num_classes: int = 0,
+                 dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        if not gamma_max > gamma_min:
+            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.embed_dim = embed_dim
+        self.gamma_min, self.gamma_max = gamma_min, gamma_max
+        self.num_classes = num_classes
+        self.dense0 = dense(embed_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense1 = dense(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.label_embedding = (
+            nnx.Embed(num_classes + 1, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if num_classes else None
+        )
+
+    def __call__(self, gamma: Array, cond: dict | None, batch_size: int) -> Array:
+        t = normalize_gamma(batch_gamma(gamma, batch_size), self.gamma_min, self.gamma_max)
+        h = jax.nn.swish(self.dense0(timestep_embedding(t, self.embed_dim)))
+        h = jax.nn.swish(self.dense1(h))
+        if self.label_embedding is None:
+            if cond is not None and cond.get("label") is not None:
+                raise ValueError("this network was built with num_classes=0 and cannot take a class label")
+            return h
+        labels = jnp.full((batch_size,), self.num_classes, jnp.int32) if cond is None else cond["label"]
+        return h + self.label_embedding(labels)
+
+
+def input_channels(in_channels: int, with_fourier_features: bool, n_min: int, n_max: int) -> int:
+    """Channels of :func:`input_features` for ``in_channels`` channels of ``z``."""
+    return in_channels + (num_fourier_channels(in_channels, n_min, n_max) if with_fourier_features else 0)
+
+
+def input_features(z: Array, with_fourier_features: bool, n_min: int, n_max: int) -> Array:
+    """The U-Nets' input: ``z`` in float32, with its base-2 Fourier features appended when asked."""
+    h = z.astype(jnp.float32)
+    if with_fourier_features:
+        h = jnp.concatenate([h, fourier_features(h, n_min, n_max)], axis=-1)
+    return h
 
 
 class ResnetBlock(nnx.Module):
@@ -338,11 +390,11 @@ class ResnetBlock(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = group_norm(in_channels, **common)
         self.conv1 = conv3x3(in_channels, out_channels, **common)
-        self.cond_proj = nnx.Linear(cond_dim, out_channels, use_bias=False, kernel_init=zeros_init, **common)
+        self.cond_proj = dense(cond_dim, out_channels, use_bias=False, kernel_init=zeros_init, **common)
         self.norm2 = group_norm(out_channels, **common)
         self.dropout = nnx.Dropout(dropout)
         self.conv2 = conv3x3(out_channels, out_channels, zero_init=True, **common)
-        self.nin_shortcut = nnx.Linear(in_channels, out_channels, **common) if in_channels != out_channels else None
+        self.nin_shortcut = dense(in_channels, out_channels, **common) if in_channels != out_channels else None
 
     def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
         h = self.conv1(jax.nn.swish(self.norm1(x)))
@@ -368,10 +420,10 @@ class AttnBlock(nnx.Module):
     def __init__(self, channels: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = group_norm(channels, **common)
-        self.q = nnx.Linear(channels, channels, **common)
-        self.k = nnx.Linear(channels, channels, **common)
-        self.v = nnx.Linear(channels, channels, **common)
-        self.proj_out = nnx.Linear(channels, channels, kernel_init=zeros_init, **common)
+        self.q = dense(channels, channels, **common)
+        self.k = dense(channels, channels, **common)
+        self.v = dense(channels, channels, **common)
+        self.proj_out = dense(channels, channels, kernel_init=zeros_init, **common)
 
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape

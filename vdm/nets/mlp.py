@@ -2,7 +2,7 @@
 
 Used for 2-D toy densities with Variational Diffusion Models (Kingma, Salimans,
 Poole & Ho, 2021, arXiv:2107.00630). Same interface as the U-Nets:
-``eps_hat = net(z, gamma, *, dropout_rng=None)`` with ``z [B, D]`` and
+``eps_hat = net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, D]`` and
 ``gamma [B]``; the output layer is zero-initialised so ``eps_hat == 0`` at init.
 """
 
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets.layers import Array, ConditioningMLP, DType, batch_gamma, normalize_gamma, zeros_init
+from vdm.nets.layers import Array, DType, NoiseConditioning, dense, zeros_init
 
 
 class ResidualDenseBlock(nnx.Module):
@@ -24,10 +24,10 @@ class ResidualDenseBlock(nnx.Module):
     def __init__(self, hidden: int, cond_dim: int, *, dropout: float, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = nnx.LayerNorm(hidden, **common)
-        self.dense1 = nnx.Linear(hidden, hidden, **common)
-        self.cond_proj = nnx.Linear(cond_dim, hidden, use_bias=False, **common)
+        self.dense1 = dense(hidden, hidden, **common)
+        self.cond_proj = dense(cond_dim, hidden, use_bias=False, **common)
         self.dropout = nnx.Dropout(dropout)
-        self.dense2 = nnx.Linear(hidden, hidden, **common)
+        self.dense2 = dense(hidden, hidden, **common)
 
     def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
         h = jax.nn.swish(self.dense1(self.norm(x)) + self.cond_proj(cond))
@@ -49,13 +49,17 @@ class MLP(nnx.Module):
       depth: number of residual blocks.
       dropout: dropout rate inside the blocks.
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
+      num_classes: number of classes for class conditioning (0: unconditional); see
+        :class:`~vdm.nets.layers.NoiseConditioning`.
       dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for parameter initialisation.
 
-    Call: ``net(z, gamma, *, dropout_rng=None)`` with ``z [B, D]``, ``gamma [B]``
-    (or a scalar) -> ``eps_hat [B, D]`` float32.
+    Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, D]``, ``gamma [B]``
+    (or a scalar), ``cond`` ``None`` or ``{"label": int [B]}`` -> ``eps_hat [B, D]`` float32.
     """
+
+    input_rank = 2  # takes flat vectors [B, D]
 
     def __init__(
         self,
@@ -66,36 +70,33 @@ class MLP(nnx.Module):
         dropout: float = 0.0,
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
+        num_classes: int = 0,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        if not gamma_max > gamma_min:
-            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
         self.in_channels = in_channels
-        self.gamma_min = gamma_min
-        self.gamma_max = gamma_max
         self.dtype = dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.cond_mlp = ConditioningMLP(hidden, hidden, **common)
-        self.dense_in = nnx.Linear(in_channels, hidden, **common)
+        self.conditioning = NoiseConditioning(hidden, hidden, gamma_min=gamma_min, gamma_max=gamma_max,
+                                              num_classes=num_classes, **common)
+        self.dense_in = dense(in_channels, hidden, **common)
         self.blocks = nnx.List(
             [ResidualDenseBlock(hidden, hidden, dropout=dropout, **common) for _ in range(depth)]
         )
         self.norm_out = nnx.LayerNorm(hidden, **common)
-        self.dense_out = nnx.Linear(hidden, in_channels, kernel_init=zeros_init, **common)
+        self.dense_out = dense(hidden, in_channels, kernel_init=zeros_init, **common)
 
-    def __call__(self, z: Array, gamma: Array, *, dropout_rng: Array | None = None) -> Array:
-        """Predicts the noise ``eps`` from ``z [B, D]`` and ``gamma [B]``; returns float32 ``[B, D]``."""
+    def __call__(self, z: Array, gamma: Array, cond: dict | None = None, *, dropout_rng: Array | None = None) -> Array:
+        """Predicts the noise ``eps`` from ``z [B, D]``, ``gamma [B]`` and ``cond``; returns float32 ``[B, D]``."""
         if z.ndim != 2 or z.shape[-1] != self.in_channels:
             raise ValueError(f"expected z of shape [B, {self.in_channels}], got {z.shape}")
-        gamma = batch_gamma(gamma, z.shape[0])
-        cond = self.cond_mlp(normalize_gamma(gamma, self.gamma_min, self.gamma_max))
+        emb = self.conditioning(gamma, cond, z.shape[0])
         h = self.dense_in(z.astype(self.dtype))
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, len(self.blocks))
         for i, block in enumerate(self.blocks):
-            h = block(h, cond, None if keys is None else keys[i])
+            h = block(h, emb, None if keys is None else keys[i])
         h = jax.nn.swish(self.norm_out(h))
         return self.dense_out(h).astype(jnp.float32)

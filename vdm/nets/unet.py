@@ -7,9 +7,10 @@ full resolution, with base-2 Fourier features of the input concatenated to it.
 ``MultiResUNet`` is the DDPM-style multi-resolution U-Net (Ho et al., 2020),
 with the same conditioning and blocks, for cheap runs on small images.
 
-Both map ``z [B, H, W, C]`` float and ``gamma [B]`` (``-log SNR``) to
-``eps_hat [B, H, W, C]`` float32, condition on the normalised
-``t = (gamma - gamma_min) / (gamma_max - gamma_min)`` and zero-initialise the
+Both map ``z [B, H, W, C]`` float, ``gamma [B]`` (``-log SNR``) and ``cond``
+(``None`` or ``{"label": int [B]}``) to ``eps_hat [B, H, W, C]`` float32, condition on
+the normalised ``t = (gamma - gamma_min) / (gamma_max - gamma_min)`` (plus a class
+embedding when built with ``num_classes``; see :class:`NoiseConditioning`) and zero-initialise the
 output convolution so that ``eps_hat == 0`` at initialisation. Dropout is
 active if and only if ``dropout_rng`` is passed.
 
@@ -28,15 +29,13 @@ from flax import nnx
 from vdm.nets.layers import (
     Array,
     AttnBlock,
-    ConditioningMLP,
     DType,
+    NoiseConditioning,
     ResnetBlock,
-    batch_gamma,
     conv3x3,
-    fourier_features,
     group_norm,
-    normalize_gamma,
-    num_fourier_channels,
+    input_channels,
+    input_features,
 )
 
 
@@ -120,15 +119,19 @@ class ScoreUNet(nnx.Module):
       fourier_min, fourier_max: exponent range (inclusive) of the Fourier
         features (VDM: 6, 7, i.e. ``sin/cos(2**n * 2 pi z)``).
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
+      num_classes: classes for class conditioning (0: unconditional); see :class:`NoiseConditioning`.
       scan_blocks: store the repeated stages stacked and apply them with ``nnx.scan``.
       remat: rematerialise (gradient-checkpoint) each stage.
       dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for parameter initialisation.
 
-    Call: ``net(z, gamma, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
-    ``gamma [B]`` (or a scalar) -> ``eps_hat [B, H, W, C]`` float32.
+    Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
+    ``gamma [B]`` (or a scalar), ``cond`` ``None`` or ``{"label": int [B]}`` ->
+    ``eps_hat [B, H, W, C]`` float32.
     """
+
+    input_rank = 4  # takes images [B, H, W, C]
 
     def __init__(
         self,
@@ -143,6 +146,7 @@ class ScoreUNet(nnx.Module):
         fourier_max: int = 7,
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
+        num_classes: int = 0,
         scan_blocks: bool = True,
         remat: bool = False,
         dtype: DType = jnp.float32,
@@ -151,26 +155,21 @@ class ScoreUNet(nnx.Module):
     ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if not gamma_max > gamma_min:
-            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
         self.in_channels = in_channels
         self.channels = channels
         self.num_blocks = num_blocks
         self.use_fourier = with_fourier_features
         self.fourier_min = fourier_min
         self.fourier_max = fourier_max
-        self.gamma_min = gamma_min
-        self.gamma_max = gamma_max
         self.scan_blocks = scan_blocks
         self.remat = remat
         self.dtype = dtype
 
         common = dict(dtype=dtype, param_dtype=param_dtype)
         cond_dim = 4 * channels
-        self.cond_mlp = ConditioningMLP(channels, cond_dim, **common, rngs=rngs)
-        conv_in_channels = in_channels
-        if with_fourier_features:
-            conv_in_channels += num_fourier_channels(in_channels, fourier_min, fourier_max)
+        self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
+                                              num_classes=num_classes, **common, rngs=rngs)
+        conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max)
         self.conv_in = conv3x3(conv_in_channels, channels, **common, rngs=rngs)
 
         def make_stage(rngs: nnx.Rngs, in_ch: int, attn: bool) -> ResAttnStage:
@@ -240,16 +239,13 @@ class ScoreUNet(nnx.Module):
             h = apply(stage, jnp.concatenate([h, skips[i]], axis=-1), cond, None if keys is None else keys[i])
         return h
 
-    def __call__(self, z: Array, gamma: Array, *, dropout_rng: Array | None = None) -> Array:
-        """Predicts the noise ``eps`` from ``z [B, H, W, C]`` and ``gamma [B]``; returns float32 ``[B, H, W, C]``."""
+    def __call__(self, z: Array, gamma: Array, cond: dict | None = None, *,
+                 dropout_rng: Array | None = None) -> Array:
+        """Predicts the noise ``eps`` from ``z [B, H, W, C]``, ``gamma [B]`` and ``cond``; float32 ``[B, H, W, C]``."""
         if z.ndim != 4 or z.shape[-1] != self.in_channels:
             raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
-        gamma = batch_gamma(gamma, z.shape[0])
-        cond = self.cond_mlp(normalize_gamma(gamma, self.gamma_min, self.gamma_max))
-
-        h = z.astype(jnp.float32)
-        if self.use_fourier:
-            h = jnp.concatenate([h, fourier_features(h, self.fourier_min, self.fourier_max)], axis=-1)
+        cond = self.conditioning(gamma, cond, z.shape[0])
+        h = input_features(z, self.use_fourier, self.fourier_min, self.fourier_max)
         h0 = self.conv_in(h.astype(self.dtype))
 
         down_keys = _split_or_none(dropout_rng, 0, self.num_blocks)
@@ -351,11 +347,14 @@ class MultiResUNet(nnx.Module):
       resample_with_conv: strided conv / conv after nearest upsampling (else
         average pooling / plain nearest upsampling).
       with_fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
-      dtype, param_dtype, rngs: as in :class:`ScoreUNet`.
+      num_classes, dtype, param_dtype, rngs: as in :class:`ScoreUNet`.
 
-    Call: ``net(z, gamma, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
-    ``gamma [B]`` (or a scalar) -> ``eps_hat [B, H, W, C]`` float32.
+    Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
+    ``gamma [B]`` (or a scalar), ``cond`` ``None`` or ``{"label": int [B]}`` ->
+    ``eps_hat [B, H, W, C]`` float32.
     """
+
+    input_rank = 4  # takes images [B, H, W, C]
 
     def __init__(
         self,
@@ -374,6 +373,7 @@ class MultiResUNet(nnx.Module):
         fourier_max: int = 7,
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
+        num_classes: int = 0,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -389,16 +389,12 @@ class MultiResUNet(nnx.Module):
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
         if any(not 0 <= i < len(channel_mult) for i in attention_levels):
             raise ValueError(f"attention_levels {attention_levels} out of range for {len(channel_mult)} levels")
-        if not gamma_max > gamma_min:
-            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
         self.in_channels = in_channels
         self.channel_mult = channel_mult
         self.num_res_blocks = num_res_blocks
         self.use_fourier = with_fourier_features
         self.fourier_min = fourier_min
         self.fourier_max = fourier_max
-        self.gamma_min = gamma_min
-        self.gamma_max = gamma_max
         self.dtype = dtype
 
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -411,10 +407,9 @@ class MultiResUNet(nnx.Module):
         def attn(ch: int, level: int) -> AttnBlock | None:
             return AttnBlock(ch, **common) if level in attention_levels else None
 
-        self.cond_mlp = ConditioningMLP(channels, cond_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        conv_in_channels = in_channels
-        if with_fourier_features:
-            conv_in_channels += num_fourier_channels(in_channels, fourier_min, fourier_max)
+        self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
+                                              num_classes=num_classes, **common)
+        conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max)
         self.conv_in = conv3x3(conv_in_channels * patch_size**2, channels, **common)
 
         # Down path; ``skip_channels`` records the width of every skip tensor.
@@ -456,8 +451,9 @@ class MultiResUNet(nnx.Module):
         self.norm_out = group_norm(ch, **common)
         self.conv_out = conv3x3(ch, in_channels * patch_size**2, zero_init=True, **common)
 
-    def __call__(self, z: Array, gamma: Array, *, dropout_rng: Array | None = None) -> Array:
-        """Predicts the noise ``eps`` from ``z [B, H, W, C]`` and ``gamma [B]``; returns float32 ``[B, H, W, C]``."""
+    def __call__(self, z: Array, gamma: Array, cond: dict | None = None, *,
+                 dropout_rng: Array | None = None) -> Array:
+        """Predicts the noise ``eps`` from ``z [B, H, W, C]``, ``gamma [B]`` and ``cond``; float32 ``[B, H, W, C]``."""
         if z.ndim != 4 or z.shape[-1] != self.in_channels:
             raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
         factor = 2 ** (len(self.channel_mult) - 1) * self.patch_size
@@ -467,8 +463,7 @@ class MultiResUNet(nnx.Module):
                 f"halves the resolution {len(self.channel_mult) - 1} times, so H and W must be divisible by {factor}; "
                 f"got {z.shape[1]}x{z.shape[2]}. Use fewer levels (shorter channel_mult) or pad the images."
             )
-        gamma = batch_gamma(gamma, z.shape[0])
-        cond = self.cond_mlp(normalize_gamma(gamma, self.gamma_min, self.gamma_max))
+        cond = self.conditioning(gamma, cond, z.shape[0])
         num_blocks = len(self.down_blocks) + len(self.up_blocks) + 2
         keys = _split_or_none(dropout_rng, 0, num_blocks)
         key_index = iter(range(num_blocks))
@@ -477,10 +472,7 @@ class MultiResUNet(nnx.Module):
             i = next(key_index)
             return None if keys is None else keys[i]
 
-        h = z.astype(jnp.float32)
-        if self.use_fourier:
-            h = jnp.concatenate([h, fourier_features(h, self.fourier_min, self.fourier_max)], axis=-1)
-        h = space_to_depth(h, self.patch_size)
+        h = space_to_depth(input_features(z, self.use_fourier, self.fourier_min, self.fourier_max), self.patch_size)
         h = self.conv_in(h.astype(self.dtype))
         hs = [h]
         blocks = iter(zip(self.down_blocks, self.down_attns))
