@@ -746,6 +746,7 @@ def test_pipeline_errors_are_raised_before_reading():
         (lambda: data.eval_batches(source, 4, num_examples=-1), ["num_examples"]),
         (lambda: data.eval_batches(source, 6, process_count=4), ["divisible"]),
         (lambda: data.eval_batches(source, 4, process_index=2, process_count=2), ["process_index"]),
+        (lambda: data.train_batch(np.zeros((8, 2, 2, 1), np.uint8), 4, seed=0, step=0), ["make_split"]),
     ]:
         with pytest.raises(data.DataError) as error:
             call()
