@@ -1,7 +1,6 @@
 """Helpers shared by the tests: configs, subprocess runs, free ports, compile counts."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -12,10 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str = "test"):
     """``configs/<name>.py``'s ``get_config()``."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from vdm import configlib
+
+    return configlib.load_file(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def config_names() -> list[str]:

@@ -7,6 +7,9 @@ anything is compiled and raises ``ConfigError`` with one line naming the bad fie
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from flax import nnx
 
@@ -80,6 +83,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.guidance = 0.0  # classifier-free guidance weight w; 0 = the plain conditional model
     c.sample.labels = ()  # classes to sample (repeated to num_images); () = an even spread over all classes
     return c
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of the config file at ``path``.
+
+    Config files derive from each other with it, so a variant names its base once:
+    ``c = configlib.load_file(os.path.join(os.path.dirname(__file__), "digits.py"))``.
+    """
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _fail(field: str, value, problem: str):

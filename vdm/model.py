@@ -257,17 +257,18 @@ def loss_and_grads(graphdef: nnx.GraphDef, params, batch: dict, rng: jax.Array, 
 
 
 def _loss_and_grads_with_schedule_variance(graphdef, params, batch, d: Draw, objective: Objective):
-    """VLB gradients for everything but the schedule interior, which gets d E[L^2] (VDM App. I.2)."""
+    """VLB gradients for everything but the schedule interior, which gets d E[L^2] (VDM App. I.2), L in bits/dim."""
     model = nnx.merge(graphdef, params)
     graph2, interior, other = nnx.split(model, schedules.ScheduleShape, ...)
 
     def shape_fn(interior, t):
         return nnx.merge(graph2, interior, other).schedule.shape(t)
 
-    def per_example(other, s, ds):
+    def per_example(other, s, ds):  # everything in bits/dim: the interior minimises E[L_diffusion^2] in bpd^2
         m = nnx.merge(graph2, jax.lax.stop_gradient(interior), other)
         terms = per_example_terms(m, batch, d, objective, levels=(s, ds))
-        return diffusion.bits_per_dim(terms.loss, m.num_dims), terms.diffusion, terms
+        return (diffusion.bits_per_dim(terms.loss, m.num_dims), diffusion.bits_per_dim(terms.diffusion, m.num_dims),
+                terms)
 
     (loss, terms), g_other, g_interior = diffusion.value_and_grad_with_schedule_variance(
         per_example, shape_fn, interior, other, d.u)
