@@ -212,7 +212,7 @@ WORKER_CODE = """
 import json, sys
 import numpy as np
 from vdm.parallel import (batch_sharded, host_batch_to_global, make_data_mesh,
-                          maybe_initialize_distributed, process_batch_slice, replicate, replicated)
+                          maybe_initialize_distributed, replicate, replicated)
 assert maybe_initialize_distributed(initialization_timeout=60)   # env: JAX_COORDINATOR_ADDRESS etc.
 import jax, jax.numpy as jnp
 pid = jax.process_index()
@@ -221,8 +221,7 @@ assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device
 mesh = make_data_mesh()
 data = np.load("__DATA__")
 full = {"x": data["x"], "y": data["y"]}          # the global batch (16 rows)
-rows = process_batch_slice(mesh, 16)
-assert rows == slice(8 * pid, 8 * pid + 8), rows
+rows = slice(8 * pid, 8 * pid + 8)  # process p supplies rows p B/P .. (p + 1) B/P, as vdm.data does
 g = host_batch_to_global(mesh, {k: v[rows] for k, v in full.items()})
 assert g["x"].shape == (16, 4) and not g["x"].is_fully_addressable
 for shard in g["x"].addressable_shards:

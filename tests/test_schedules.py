@@ -122,3 +122,15 @@ def test_declared_endpoints_match_the_curve_and_leave_the_interior_without_gradi
         assert np.all(np.asarray(g) == 0), path
     # A plain function has no declared endpoints: it is evaluated at t = 0 and 1.
     assert [float(v) for v in diffusion.schedule_endpoints(lambda t: 3.0 * t - 1.0)] == [-1.0, 2.0]
+
+
+@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
+def test_declarations_match_the_parameters(name):
+    """learns_endpoints / learns_interior say what the schedule's parameters are; an interior has a shape(t)."""
+    sched = _build(name)
+    endpoints = jax.tree_util.tree_leaves(nnx.state(sched, schedules.ScheduleEndpoint))
+    interior = jax.tree_util.tree_leaves(nnx.state(sched, schedules.ScheduleShape))
+    assert sched.learns_endpoints == bool(endpoints)
+    assert sched.learns_interior == bool(interior)
+    if sched.learns_interior:
+        np.testing.assert_allclose(np.asarray(sched.shape(jnp.array([0.0, 1.0]))), [0.0, 1.0], atol=1e-6)

@@ -45,7 +45,7 @@ def test_cli_trains_evaluates_samples_and_resumes(tmp_path):
     assert sample.returncode == 0 and "samples_4.png" in sample.stdout, sample.stderr[-2000:]
     assert os.path.exists(os.path.join(workdir, "samples_4.npz"))
     grids = [tag for tag in _tensorboard_tags(os.path.join(workdir, "tensorboard")) if tag == "samples"]
-    assert len(grids) == 2  # the end of training and --mode sample
+    assert len(grids) == 3  # the end of each training run (steps 2 and 4) and --mode sample
 
 
 def _tensorboard_tags(directory):

@@ -6,9 +6,9 @@ arrays; any pytree of arrays and Python scalars)::
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(target=state)        # onto state's shardings
+        state = ckpt.restore(target=abstract_like(state))   # onto state's shardings
     ...
-    ckpt.save(step, state, metadata={"config": cfg.to_dict()})   # async
+    ckpt.save(step, state)                         # async
     ...
     ckpt.close()                                   # waits for pending saves
 
@@ -63,25 +63,17 @@ def _names(keys: list[str], limit: int = 4) -> str:
     return shown if len(keys) <= limit else f"{shown} (+{len(keys) - limit} more)"
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+def abstract_like(tree: Any) -> Any:
     """Turn a concrete state into a restore target of ``jax.ShapeDtypeStruct``.
 
     ``jax.Array`` leaves keep their sharding (typed PRNG keys keep their key
-    dtype); ``ShapeDtypeStruct`` leaves without a sharding and numpy arrays get
-    ``sharding`` when one is given; other leaves (Python scalars, numpy arrays
-    without ``sharding``) are kept, which makes Orbax restore them as the same
-    host type.
+    dtype); other leaves (``ShapeDtypeStruct``, Python scalars, numpy arrays)
+    are kept, which makes Orbax restore the latter two as the same host type.
     """
 
     def convert(x: Any) -> Any:
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, jax.ShapeDtypeStruct):
-            if x.sharding is None and sharding is not None:
-                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-            return x
-        if isinstance(x, np.ndarray) and sharding is not None:
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         return x
 
     return jax.tree.map(convert, tree)
@@ -150,8 +142,6 @@ class Checkpointer:
         if missing.
       max_to_keep: keep only the most recent ``max_to_keep`` steps (``None``
         keeps all).  Older steps are deleted only when a newer one is saved.
-      save_interval_steps: :meth:`save` without ``force`` only writes when
-        ``step % save_interval_steps == 0``.
       async_save: write in a background thread (default) or block in ``save``.
     """
 
@@ -160,17 +150,11 @@ class Checkpointer:
         directory: str | os.PathLike,
         *,
         max_to_keep: int | None = 3,
-        save_interval_steps: int = 1,
         async_save: bool = True,
     ):
         self._directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self._directory) and not os.path.isdir(self._directory):
             raise CheckpointError(f"checkpoint directory {self._directory} exists but is not a directory")
-        if save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        self.save_interval_steps = int(save_interval_steps)
-        # The interval is applied in `save` (Orbax would also always save the
-        # first step of a run, whatever its number).
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=1,
@@ -199,43 +183,18 @@ class Checkpointer:
         """Most recent saved step, or ``None`` if there is none."""
         return self._manager.latest_step()
 
-    def save(
-        self,
-        step: int,
-        state: Any,
-        *,
-        force: bool = False,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> bool:
+    def save(self, step: int, state: Any) -> bool:
         """Start saving ``state`` as ``step`` (asynchronously by default).
 
-        Args:
-          step: training step.  An existing step is never overwritten, and
-            without ``force`` a step not after the latest saved one is skipped
-            (the call returns ``False``).
-          state: pytree of ``jax.Array``/numpy arrays/Python scalars.
-          force: save even if ``step`` is not a multiple of
-            ``save_interval_steps``.
-          metadata: optional JSON-serialisable dict stored with this step
-            (read it back with :meth:`metadata`).
-
-        Returns:
-          Whether a save was started.
+        An existing step is never overwritten (the call returns ``False``).
+        ``state`` is a pytree of ``jax.Array``/numpy arrays/Python scalars.
+        Returns whether a save was started.
         """
         step = int(step)
-        if not force and step % self.save_interval_steps:
-            return False
         if step in self._manager.all_steps():
             return False
         try:
-            return bool(
-                self._manager.save(
-                    step,
-                    args=ocp.args.StandardSave(state),
-                    force=force,
-                    custom_metadata=dict(metadata) if metadata is not None else None,
-                )
-            )
+            return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True))
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise CheckpointError(f"saving step {step} to {self._directory} failed: {_one_line(e)}") from e
 
@@ -250,13 +209,7 @@ class Checkpointer:
             raise CheckpointError(f"step {step} not found in {self._directory} (available: {listed})")
         return int(step)
 
-    def restore(
-        self,
-        step: int | None = None,
-        target: Any = None,
-        *,
-        sharding: jax.sharding.Sharding | None = None,
-    ) -> Any:
+    def restore(self, step: int | None = None, target: Any = None) -> Any:
         """Restore a saved state.
 
         Args:
@@ -284,7 +237,7 @@ class Checkpointer:
             raise CheckpointError(f"cannot read {where}: no state metadata (corrupted or not a vdm checkpoint)")
         abstract = None
         if target is not None:
-            abstract = abstract_like(target, sharding)
+            abstract = abstract_like(target)
             mismatch = _describe_mismatch(stored_tree, abstract)
             if mismatch is not None:
                 raise CheckpointError(f"{where} does not match the restore target: {mismatch}")
@@ -292,17 +245,6 @@ class Checkpointer:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise CheckpointError(f"cannot restore {where}: {_one_line(e)}") from e
-
-    def metadata(self, step: int | None = None) -> dict[str, Any]:
-        """The ``metadata`` dict passed to :meth:`save` for ``step`` (default latest); ``{}`` if none."""
-        step = self._check_step(step)
-        try:
-            custom = self._manager.metadata(step).custom_metadata
-        except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise CheckpointError(
-                f"cannot read metadata of checkpoint step {step} in {self._directory}: {_one_line(e)}"
-            ) from e
-        return dict(custom or {})
 
     def wait(self) -> None:
         """Block until every pending asynchronous save is on disk."""

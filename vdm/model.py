@@ -209,12 +209,13 @@ def draw(rng: jax.Array, batch_size: int, objective: Objective) -> Draw:
 
 
 def per_example_terms(model: VDM, batch: dict, d: Draw, objective: Objective, density=None, *,
-                      train: bool = True, levels: tuple | None = None) -> Terms:
+                      train: bool = True, interior: tuple | None = None) -> Terms:
     """The per-example terms for the randomness ``d``.
 
-    ``train=False`` turns dropout and label dropout off. ``levels=(s, ds)`` replaces the
-    schedule's interior by its values shape(t), shape'(t) at t = ``d.u`` (for the
-    variance-minimising schedule gradient).
+    ``train=False`` turns dropout and label dropout off. ``interior=(shape, slope)``
+    replaces the schedule's interior by its values shape(t), shape'(t) at t = ``d.u``, so
+    that gamma_t = gamma_0 + (gamma_1 - gamma_0) shape (for the variance-minimising
+    schedule gradient, which differentiates through them).
     """
     x = batch["image"]
     f = diffusion.encode(x, model.vocab_size)
@@ -222,12 +223,12 @@ def per_example_terms(model: VDM, batch: dict, d: Draw, objective: Objective, de
     gamma_0, gamma_1 = diffusion.schedule_endpoints(model.schedule)
     prior = diffusion.prior_kl(f, gamma_1)
     reconstruction = diffusion.reconstruction_nll(d.reconstruction, x, gamma_0, model.vocab_size)
-    if levels is None:
+    if interior is None:
         gamma_t, weight_dt, _ = diffusion.noise_levels(d.u, model.schedule, num_steps=objective.num_steps,
                                                        weighting=objective.weighting, logsnr_density=density)
     else:
-        s, ds = levels
-        gamma_t, weight_dt = gamma_0 + (gamma_1 - gamma_0) * s, (gamma_1 - gamma_0) * ds
+        shape, slope = interior
+        gamma_t, weight_dt = gamma_0 + (gamma_1 - gamma_0) * shape, (gamma_1 - gamma_0) * slope
     diff = diffusion.denoising_loss(d.eps, f, gamma_t, weight_dt, model.denoiser(d.dropout if train else None),
                                     prediction=model.prediction, cond=cond)
     return Terms(prior=prior, reconstruction=reconstruction, diffusion=diff, weight=objective.weighting(-gamma_t),
@@ -264,9 +265,9 @@ def _loss_and_grads_with_schedule_variance(graphdef, params, batch, d: Draw, obj
     def shape_fn(interior, t):
         return nnx.merge(graph2, interior, other).schedule.shape(t)
 
-    def per_example(other, s, ds):  # everything in bits/dim: the interior minimises E[L_diffusion^2] in bpd^2
+    def per_example(other, shape, slope):  # in bits/dim: the interior minimises E[L_diffusion^2] in bpd^2
         m = nnx.merge(graph2, jax.lax.stop_gradient(interior), other)
-        terms = per_example_terms(m, batch, d, objective, levels=(s, ds))
+        terms = per_example_terms(m, batch, d, objective, interior=(shape, slope))
         return (diffusion.bits_per_dim(terms.loss, m.num_dims), diffusion.bits_per_dim(terms.diffusion, m.num_dims),
                 terms)
 
