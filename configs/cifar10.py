@@ -2,10 +2,13 @@
 
     python -m vdm.main --config configs/cifar10.py --workdir workdirs/cifar10 \
         --config.data.kwargs.path=/path/to/cifar-10-python.tar.gz
+    python -m vdm.main --config configs/cifar10.py --workdir workdirs/cifar10 \
+        --config.data.source=tfds_cifar10 --config.data.kwargs.data_dir=/path/to/tensorflow_datasets
 
 Data: the official CIFAR-10 archive (python or binary version) at data.kwargs.path, or
-tensorflow-datasets with --config.data.source=tfds_cifar10 (array_record data prepared
-beforehand; nothing is downloaded at run time).
+tensorflow-datasets (the second command: array_record data prepared beforehand with
+``tfds build cifar10 --file_format=array_record``; nothing is downloaded at run time; the
+file's data.kwargs.path is dropped, with a note, because tfds_cifar10 does not take it).
 Model: learned monotone schedule on gamma in [-13.3, 5]; the full-resolution VDM U-Net,
 32 residual blocks of 128 channels (scanned), dropout 0.1, no attention; continuous-time
 ELBO with low-discrepancy times. AdamW lr 2e-4, b2 0.99, weight decay 0.01, EMA 0.9999,

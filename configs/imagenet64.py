@@ -17,6 +17,6 @@ from vdm import configlib
 def get_config():
     c = configlib.load_file(os.path.join(os.path.dirname(__file__), "imagenet32.py"))
     c.data.source = "tfds_imagenet64"
-    c.model.network_kwargs.remat = True
+    c.model.remat = True
     c.eval.batch_size = 256
     return c

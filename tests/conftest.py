@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,3 +38,25 @@ def free_port() -> int:
 def compile_count(jitted) -> int:
     """How many times a ``jax.jit`` function has been compiled (its cache entries)."""
     return jitted._cache_size()
+
+
+@pytest.fixture
+def tfds(monkeypatch):
+    """``tensorflow_datasets`` with ``mock_data``'s batched reads made to work.
+
+    tfds 4.9's ``mock_data`` installs ``__getitems__`` on the mocked
+    array_record source as ``functools.partial(_getitems, generator=...)``
+    without binding ``self``, so every batched read fails with "missing 1
+    required positional argument: 'record_keys'". Replace the helper with one
+    that takes the record keys as its last positional argument, which is
+    right whether or not ``self`` is passed.
+    """
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tensorflow_datasets.testing import mocking
+
+    def getitems(*args, generator, serialized=False):
+        assert not serialized
+        return [generator[key] for key in args[-1]]
+
+    monkeypatch.setattr(mocking, "_getitems", getitems)
+    return tfds

@@ -817,28 +817,6 @@ def test_eval_batches_without_labels():
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tfds(monkeypatch):
-    """``tensorflow_datasets`` with ``mock_data``'s batched reads made to work.
-
-    tfds 4.9's ``mock_data`` installs ``__getitems__`` on the mocked
-    array_record source as ``functools.partial(_getitems, generator=...)``
-    without binding ``self``, so every batched read fails with "missing 1
-    required positional argument: 'record_keys'". Replace the helper with one
-    that takes the record keys as its last positional argument, which is
-    right whether or not ``self`` is passed.
-    """
-    tfds = pytest.importorskip("tensorflow_datasets")
-    from tensorflow_datasets.testing import mocking
-
-    def getitems(*args, generator, serialized=False):
-        assert not serialized
-        return [generator[key] for key in args[-1]]
-
-    monkeypatch.setattr(mocking, "_getitems", getitems)
-    return tfds
-
-
 def test_tfds_cifar10_mock_data_source(tfds):
     assert "tensorflow" not in sys.modules  # data_source path works without TensorFlow
     with tfds.testing.mock_data(num_examples=6):

@@ -40,6 +40,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vdm import paths
+
 __all__ = ["CheckpointError", "Checkpointer", "abstract_like"]
 
 _MAX_LISTED_MISMATCHES = 3
@@ -152,8 +154,10 @@ class Checkpointer:
         max_to_keep: int | None = 3,
         async_save: bool = True,
     ):
-        self._directory = os.path.abspath(os.fspath(directory))
-        if os.path.exists(self._directory) and not os.path.isdir(self._directory):
+        directory = os.fspath(directory)
+        self._directory = os.path.abspath(directory) if paths.is_local(directory) else directory
+        where = paths.path(self._directory)
+        if where.exists() and not where.is_dir():
             raise CheckpointError(f"checkpoint directory {self._directory} exists but is not a directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

@@ -4,11 +4,21 @@ Each file in ``configs/`` starts from ``base_config()`` and sets what its setup 
 the fields, their types and their documentation live in one place while each config
 file stays a complete description of one experiment. ``validate`` checks a config before
 anything is compiled and raises ``ConfigError`` with one line naming the bad field.
+
+The config is locked (a misspelt field is an error) except for the keyword arguments of
+the pieces chosen by name (``PIECES``): ``model.schedule_kwargs``, ``model.network_kwargs``,
+``loss.weighting_kwargs`` and ``data.kwargs`` take any key, so
+``--config.loss.weighting_kwargs.bias=1.0`` works from the command line; ``validate``
+checks every key against the piece's signature. ``drop_stale_kwargs`` removes the keys a
+piece chosen on the command line does not take (they belonged to the config file's piece).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import os
+from typing import Callable
 
 import ml_collections
 from flax import nnx
@@ -18,6 +28,83 @@ from vdm import diffusion, nets, registry, samplers, schedules, time_sampling, w
 
 class ConfigError(ValueError):
     """A config value is invalid; the message is one line naming the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A piece chosen by name in the config, and the field holding its keyword arguments."""
+
+    kind: str  # what it is, for messages
+    name_field: str  # e.g. "model.schedule"
+    kwargs_field: str  # e.g. "model.schedule_kwargs"
+    callable_of: Callable  # name -> the class or function the kwargs go to
+    set_by_vdm: tuple  # arguments vdm passes itself (not settable through the kwargs)
+
+    def accepted(self, name: str) -> list[str]:
+        """The keyword arguments that the piece called ``name`` takes from the config."""
+        target = self.callable_of(name)
+        if isinstance(target, type):  # nnx modules' metaclass hides __init__ from inspect.signature(cls)
+            target = target.__init__
+        params = inspect.signature(target).parameters.values()
+        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.name not in self.set_by_vdm + ("self",)]
+
+
+def _source(name):
+    from vdm import data  # the data package pulls in grain; import it only when asked
+
+    return registry.lookup(data.SOURCES, name, "data source")
+
+
+COMPUTE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}  # config.model.dtype -> jnp dtype name
+
+
+PIECES = (
+    Piece("schedule", "model.schedule", "model.schedule_kwargs",
+          lambda name: registry.lookup(schedules.SCHEDULES, name, "schedule"), ("gamma_min", "gamma_max", "rngs")),
+    Piece("network", "model.network", "model.network_kwargs", nets.lookup,
+          ("in_channels", "gamma_min", "gamma_max", "num_classes", "dtype", "remat", "rngs")),
+    Piece("weighting", "loss.weighting", "loss.weighting_kwargs",
+          lambda name: registry.lookup(weightings.WEIGHTINGS, name, "weighting").fn, ("logsnr",)),
+    Piece("data source", "data.source", "data.kwargs", _source, ("split",)),
+)
+
+
+def _get(config, path: str):
+    for key in path.split("."):
+        config = config[key]
+    return config
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Lock ``config`` (no new fields) but leave the pieces' keyword arguments open to new keys."""
+    config.lock()
+    for piece in PIECES:
+        _get(config, piece.kwargs_field).unlock()
+    return config
+
+
+def drop_stale_kwargs(config, overridden) -> list[str]:
+    """Remove keyword arguments that a piece chosen by an override does not take; say which.
+
+    ``overridden`` holds the dotted paths set on the command line. A key set there too is
+    kept (``validate`` then names it as an error); a key that came from the config file
+    belonged to the file's piece and is dropped. Returns one note per dropped key.
+    """
+    notes = []
+    for piece in PIECES:
+        if piece.name_field not in overridden:
+            continue
+        name = _get(config, piece.name_field)
+        try:
+            accepted = piece.accepted(name)
+        except ValueError:
+            continue  # an unknown name: validate reports it
+        kwargs = _get(config, piece.kwargs_field)
+        for key in [k for k in kwargs if k not in accepted and f"{piece.kwargs_field}.{k}" not in overridden]:
+            notes.append(f"note: {piece.kind} {name!r} does not take {key!r}; dropped config.{piece.kwargs_field}.{key}")
+            del kwargs[key]
+    return notes
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,6 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.network_kwargs = ml_collections.ConfigDict()
     c.model.prediction = "eps"  # eps | x | v
     c.model.num_classes = 0  # > 0: class-conditional (the data must have labels 0..num_classes-1)
+    c.model.dtype = "float32"  # compute dtype of the network: float32 | bfloat16 (parameters stay float32)
+    c.model.remat = False  # rematerialise each network block in the backward pass: less memory, ~1/3 more compute
 
     # Loss: what is trained. Evaluation always reports the true VLB.
     c.loss = ml_collections.ConfigDict()
@@ -68,6 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.01  # on network kernels only: not norms, biases or the schedule
     c.train.grad_clip = 1.0  # global-norm clipping; 0 turns it off
     c.train.ema_decay = 0.9999  # with warm-up: min(decay, (1 + step) / (10 + step))
+    c.train.coordinator_timeout_s = 300  # multi-host: how long to wait for every process to connect
+    c.train.compilation_cache_dir = "auto"  # XLA's persistent cache: auto = ~/.cache/vdm/jax; "" = off
 
     # Evaluation: bits/dim of the VLB over one full deterministic pass of the test split.
     c.eval = ml_collections.ConfigDict()
@@ -82,7 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_images = 64
     c.sample.guidance = 0.0  # classifier-free guidance weight w; 0 = the plain conditional model
     c.sample.labels = ()  # classes to sample (repeated to num_images); () = an even spread over all classes
-    return c
+    return lock(c)
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
@@ -118,6 +209,16 @@ def _schedule(config):
         _fail("model.schedule_kwargs", dict(c.schedule_kwargs), str(e))
 
 
+def _check_kwargs(config) -> None:
+    for piece in PIECES:
+        name = _get(config, piece.name_field)
+        accepted = piece.accepted(name)
+        for key, value in _get(config, piece.kwargs_field).items():
+            if key not in accepted:
+                _fail(f"{piece.kwargs_field}.{key}", value,
+                      f"{piece.kind} {name!r} takes {', '.join(accepted) or 'no keyword arguments'}")
+
+
 def validate(config) -> None:
     """Check names, ranges and combinations; raise ConfigError with one line, before any compile."""
     model, loss, opt = config.model, config.loss, config.train
@@ -129,6 +230,10 @@ def validate(config) -> None:
     _choice("sample.sampler", config.sample.sampler, samplers.SAMPLERS)
     if loss.importance_sampling:
         _choice("loss.importance_sampling", loss.importance_sampling, time_sampling.DENSITIES)
+    from vdm import data  # the data package pulls in grain; import it only when asked
+
+    _choice("data.source", config.data.source, data.SOURCES)
+    _check_kwargs(config)
     if not model.gamma_min < model.gamma_max:
         _fail("model.gamma_min", model.gamma_min, f"must be below model.gamma_max={model.gamma_max}")
     try:
@@ -151,6 +256,7 @@ def validate(config) -> None:
             _fail("loss.variance_schedule_grad", True, f"needs a schedule with a learned interior, not {model.schedule!r}")
         if loss.num_steps or loss.importance_sampling or not weighting.is_elbo:
             _fail("loss.variance_schedule_grad", True, "applies to the continuous-time elbo with uniform t only")
+    _choice("model.dtype", model.dtype, COMPUTE_DTYPES)
     if model.num_classes < 0:
         _fail("model.num_classes", model.num_classes, "must be >= 0 (0 = unconditional)")
     if not 0.0 <= loss.label_dropout <= 1.0:

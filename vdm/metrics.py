@@ -2,7 +2,8 @@
 
 * :class:`MetricWriter` appends ``{"step": ..., name: value, ...}`` lines to
   ``workdir/metrics.jsonl`` and writes TensorBoard scalar/image events under
-  ``workdir/tensorboard/`` with ``tensorboardX`` (no TensorFlow needed).
+  ``workdir/tensorboard/`` with ``tensorboardX`` (no TensorFlow needed). The workdir may
+  be a cloud URL (``gs://...``): both go through ``vdm.paths`` / ``etils.epath``.
 * :class:`Progress` shows a one-line, in-place progress bar on an interactive
   terminal and plain periodic log lines otherwise (files, CI, notebooks).
 * :func:`read_jsonl` loads a metrics file back as a list of dicts.
@@ -23,6 +24,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import numpy as np
+
+from vdm import paths
 
 __all__ = ["MetricWriter", "Progress", "format_eta", "read_jsonl"]
 
@@ -68,32 +71,33 @@ class MetricWriter:
         is_main: bool | None = None,
     ):
         self.workdir = os.fspath(workdir)
-        self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(self.workdir, "tensorboard")
+        self.jsonl_path = paths.join(self.workdir, "metrics.jsonl")
+        self.tensorboard_dir = paths.join(self.workdir, "tensorboard")
         self.is_main = _default_is_main() if is_main is None else bool(is_main)
-        self._file: TextIO | None = None
+        self._open = False
         self._tb: Any = None
         if not self.is_main:
             return
-        os.makedirs(self.workdir, exist_ok=True)
-        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        paths.path(self.workdir).mkdir(parents=True, exist_ok=True)
+        self._open = True
         if enable_tensorboard:
             from tensorboardX import SummaryWriter
 
+            if not paths.is_local(self.tensorboard_dir):
+                _register_epath_event_writer(self.tensorboard_dir.split("://")[0])
             self._tb = SummaryWriter(logdir=self.tensorboard_dir, flush_secs=30)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Record ``scalars`` (name -> number, JAX/numpy scalars accepted) at ``step``."""
         if not self.is_main:
             return
-        if self._file is None:
+        if not self._open:
             raise RuntimeError("MetricWriter is closed")
         if "step" in scalars:
             raise ValueError("'step' is reserved; pass it as the step argument")
         values = {name: _to_scalar(name, v) for name, v in scalars.items()}
         step = int(step)
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        paths.append_text(self.jsonl_path, json.dumps({"step": step, **values}) + "\n")
         if self._tb is not None:
             for name, v in values.items():
                 self._tb.add_scalar(name, float(v), global_step=step)
@@ -114,9 +118,7 @@ class MetricWriter:
             self._tb.add_image(name, img, global_step=step, dataformats="HW" if img.ndim == 2 else "HWC")
 
     def flush(self) -> None:
-        """Push buffered TensorBoard events (JSON lines are flushed on every write)."""
-        if self._file is not None:
-            self._file.flush()
+        """Push buffered TensorBoard events (JSON lines are written on every write)."""
         if self._tb is not None:
             self._tb.flush()
 
@@ -125,9 +127,7 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._open = False
 
     def __enter__(self) -> MetricWriter:
         return self
@@ -142,8 +142,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     Blank lines are skipped.  A malformed *last* line (a run killed mid-write)
     is dropped; a malformed line elsewhere raises ``ValueError`` naming the line.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, ln) for i, ln in enumerate(f, start=1) if ln.strip()]
+    text = paths.path(path).read_text()
+    lines = [(i, ln) for i, ln in enumerate(text.splitlines(keepends=True), start=1) if ln.strip()]
     records = []
     for k, (lineno, line) in enumerate(lines):
         try:
@@ -308,3 +308,33 @@ class Progress:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _EpathEventWriter:
+    """tensorboardX's record writer for URLs it cannot write itself: the whole file rewritten on flush."""
+
+    def __init__(self, path: str):
+        self._path, self._data = path, bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._data += data
+
+    def flush(self) -> None:
+        paths.write_bytes(self._path, bytes(self._data))
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathEventWriterFactory:
+    def open(self, path: str) -> _EpathEventWriter:
+        return _EpathEventWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        paths.path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_epath_event_writer(scheme: str) -> None:
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _EpathEventWriterFactory())

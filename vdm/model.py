@@ -41,7 +41,8 @@ class VDM(nnx.Module):
 
     def __init__(self, *, image_shape: tuple, vocab_size: int, schedule: str, gamma_min: float,
                  gamma_max: float, network: str, prediction: str = "eps", num_classes: int = 0,
-                 schedule_kwargs: dict | None = None, network_kwargs: dict | None = None, rngs: nnx.Rngs):
+                 dtype: str = "float32", remat: bool = False, schedule_kwargs: dict | None = None,
+                 network_kwargs: dict | None = None, rngs: nnx.Rngs):
         self.image_shape = tuple(int(d) for d in image_shape)
         self.vocab_size = int(vocab_size)
         self.prediction = prediction
@@ -52,14 +53,15 @@ class VDM(nnx.Module):
         self.flatten = network_cls.input_rank == 2  # the network takes vectors [B, D], not images
         in_channels = math.prod(self.image_shape) if self.flatten else self.image_shape[-1]
         self.network = network_cls(in_channels=in_channels, gamma_min=gamma_min, gamma_max=gamma_max,
-                                   num_classes=self.num_classes, rngs=rngs, **(network_kwargs or {}))
+                                   num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat, rngs=rngs,
+                                   **(network_kwargs or {}))
 
     @classmethod
     def from_config(cls, config, *, image_shape: tuple, vocab_size: int, rngs: nnx.Rngs) -> "VDM":
         c = config.model
         return cls(image_shape=image_shape, vocab_size=vocab_size, schedule=c.schedule, gamma_min=c.gamma_min,
                    gamma_max=c.gamma_max, network=c.network, prediction=c.prediction, num_classes=c.num_classes,
-                   schedule_kwargs=dict(c.schedule_kwargs), network_kwargs=dict(c.network_kwargs), rngs=rngs)
+                   dtype=c.dtype, remat=c.remat, schedule_kwargs=dict(c.schedule_kwargs), network_kwargs=dict(c.network_kwargs), rngs=rngs)
 
     @property
     def num_dims(self) -> int:

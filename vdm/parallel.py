@@ -26,6 +26,8 @@ On CPU, cross-process collectives use gloo, which is the default
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +50,12 @@ __all__ = [
 ]
 
 
-def maybe_initialize_distributed(enable: bool | None = None, **kwargs: Any) -> bool:
+class DistributedError(RuntimeError):
+    """The processes of a multi-host run could not be connected; the message is one line."""
+
+
+def maybe_initialize_distributed(enable: bool | None = None, *, timeout_s: int = 300, log=None,
+                                 **kwargs: Any) -> bool:
     """Initialise ``jax.distributed`` if (and only if) this run is multi-process.
 
     Decision rule, evaluated without touching any JAX device (so it is safe to
@@ -67,19 +74,27 @@ def maybe_initialize_distributed(enable: bool | None = None, **kwargs: Any) -> b
     process 0, read by JAX itself), ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID`` (read here, since ``jax.distributed.initialize`` does not).
 
+    While it waits for the other processes it says so through ``log`` (default: a
+    line on stderr). If they have not all arrived after ``timeout_s`` seconds, it
+    prints one ``error:`` line saying what to check and ends the process with exit
+    code 2 (JAX's coordination client would otherwise abort it with a C++ stack
+    trace a little later). Other failures raise :class:`DistributedError`.
+
     Args:
       enable: force (``True``), forbid (``False``) or auto-detect (``None``).
+      timeout_s: how long to wait for all processes to reach the coordinator.
+      log: ``log(message)`` for the waiting line.
       **kwargs: passed to ``jax.distributed.initialize`` (``coordinator_address``,
-        ``num_processes``, ``process_id``, ``local_device_ids``,
-        ``initialization_timeout``, ...).
+        ``num_processes``, ``process_id``, ``local_device_ids``, ...).
 
     Returns:
       Whether ``jax.distributed`` is initialised after the call.
     """
     if jax.distributed.is_initialized():
         return True
+    address = kwargs.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if enable is None:
-        enable = bool(kwargs.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+        enable = bool(address)
     if not enable:
         return False
     for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
@@ -87,14 +102,36 @@ def maybe_initialize_distributed(enable: bool | None = None, **kwargs: Any) -> b
             try:
                 kwargs[key] = int(os.environ[env])
             except ValueError:
-                raise ValueError(f"{env}={os.environ[env]!r} is not an integer") from None
+                raise DistributedError(f"{env}={os.environ[env]!r} is not an integer") from None
+    kwargs.setdefault("initialization_timeout", int(timeout_s) + 60)  # our watchdog below fires first
+    who = (f"process {kwargs['process_id']} of {kwargs['num_processes']}"
+           if kwargs.get("process_id") is not None and kwargs.get("num_processes") is not None
+           else "this process (ids from JAX's cluster detection)")
+    (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+        f"waiting up to {timeout_s} s for all processes at the JAX coordinator {address or '(auto-detected)'} "
+        f"as {who}")
+    arrived = threading.Event()
+
+    def give_up():
+        if not arrived.is_set():
+            print(f"error: not every process reached the JAX coordinator {address} within {timeout_s} s ({who}): "
+                  "start the same command on every host, with JAX_NUM_PROCESSES and a distinct JAX_PROCESS_ID "
+                  "each, and check that the address is reachable", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(**kwargs)
-    except ValueError as e:
-        raise ValueError(
-            f"jax.distributed.initialize failed: {e} (set JAX_COORDINATOR_ADDRESS, "
-            "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under a cluster JAX detects)"
-        ) from e
+    except Exception as e:  # noqa: BLE001 - JAX raises ValueError, RuntimeError or XlaRuntimeError
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise DistributedError(
+            f"jax.distributed.initialize failed: {first[:300]} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+            "and JAX_PROCESS_ID on every host, or run under a cluster JAX detects)") from None
+    finally:
+        arrived.set()
+        watchdog.cancel()
     return True
 
 

@@ -11,6 +11,9 @@ applies the gradients, keeps the EMA and the state, and moves batches and metric
 """
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import math
 import os
 import signal
@@ -24,7 +27,7 @@ import optax
 from flax import nnx, struct
 
 from vdm import checkpoint as ckpt_lib
-from vdm import configlib, data as data_lib, metrics as metrics_lib, parallel
+from vdm import configlib, data as data_lib, metrics as metrics_lib, parallel, paths
 from vdm import model as model_lib
 from vdm.nets.layers import Kernel
 
@@ -45,25 +48,31 @@ class TrainState:
     density: Any  # log-SNR density for importance sampling, or None
 
 
-def build_model(config, info: data_lib.DatasetInfo, seed: int) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, params, decay_mask): the static structure, the initial parameters as a pure
-    dict, and which of them get weight decay (the networks' ``Kernel`` parameters, by type).
+def model_initializer(config, info: data_lib.DatasetInfo):
+    """(graphdef, init, decay_mask): the static structure, ``init(seed) -> params`` (a pure dict),
+    and which parameters get weight decay (the networks' ``Kernel`` parameters, by type).
 
-    The initialisers run inside one ``jax.jit`` (one compilation instead of one per
-    parameter shape, which is what makes eager NNX construction slow on CPU); the values
-    are the same as eager construction.
+    ``init`` runs the initialisers inside one ``jax.jit`` (one compilation instead of one
+    per parameter shape, which is what makes eager NNX construction slow on CPU); the
+    values are the same as eager construction.
     """
-    def make():
+    def make(key):
         return model_lib.VDM.from_config(config, image_shape=info.shape, vocab_size=info.vocab_size,
-                                         rngs=nnx.Rngs(seed))
+                                         rngs=nnx.Rngs(key))
 
-    graphdef, abstract, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))), nnx.Param, ...)
     if jax.tree_util.tree_leaves(rest):
         raise configlib.ConfigError(f"model holds non-parameter state {list(nnx.to_pure_dict(rest))}")
     decay_mask = nnx.to_pure_dict(jax.tree.map(lambda v: isinstance(v, Kernel), abstract,
                                                is_leaf=lambda v: isinstance(v, nnx.Variable)))
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(), nnx.Param)))()
-    return graphdef, params, decay_mask
+    init = jax.jit(lambda key: nnx.to_pure_dict(nnx.state(make(key), nnx.Param)))
+    return graphdef, lambda seed: init(jax.random.key(seed)), decay_mask
+
+
+def build_model(config, info: data_lib.DatasetInfo, seed: int) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, params, decay_mask) for ``seed``: see ``model_initializer``."""
+    graphdef, init, decay_mask = model_initializer(config, info)
+    return graphdef, init(seed), decay_mask
 
 
 def make_optimizer(config, decay_mask) -> optax.GradientTransformation:
@@ -131,35 +140,129 @@ def make_eval_step(graphdef, config):
 # --------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """Everything of a run that is compiled; kept between runs of one config in one process."""
+
+    graphdef: Any
+    init: Any  # seed -> params
+    tx: optax.GradientTransformation
+    train_step: Any
+    eval_step: Any
+    sample: Any  # (params, rng, labels) -> images
+
+
+_COMPILED: dict[str, Compiled] = {}
+
+# Config fields that change no compiled function: runs that differ only in these share them.
+_NOT_COMPILED = {"seed": (), "data": (), "train": ("num_steps", "log_every", "eval_every", "checkpoint_every",
+                                                   "keep_checkpoints", "coordinator_timeout_s",
+                                                   "compilation_cache_dir")}
+
+
+def _compile_key(config, info, mesh) -> str:
+    """What the compiled functions depend on: the config less ``_NOT_COMPILED``, the data's shape, the mesh."""
+    c = json.loads(config.to_json_best_effort(sort_keys=True))
+    for section, fields in _NOT_COMPILED.items():
+        if not fields:
+            c.pop(section, None)
+        for key in fields:
+            c[section].pop(key, None)
+    devices = [d.id for d in mesh.devices.flat]
+    return json.dumps([c, dataclasses.astuple(info)[1:], devices], sort_keys=True, default=str)
+
+
+def compile_run(config, info, mesh) -> Compiled:
+    """The jitted functions of a run (cached per process: a notebook's second run of a config reuses them)."""
+    key = _compile_key(config, info, mesh)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    graphdef, init, decay_mask = model_initializer(config, info)
+    tx = make_optimizer(config, decay_mask)
+    replicated = parallel.replicated(mesh)
+    steps_batch = parallel.batch_sharded(mesh, batch_axis=1)  # [k, B, ...]
+    batch = parallel.batch_sharded(mesh)  # [B, ...]
+    train_step = jax.jit(make_train_step(graphdef, tx, config), in_shardings=(replicated, steps_batch),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef, config), in_shardings=(replicated, batch, batch, replicated),
+                        out_shardings=replicated)
+    c = config.sample
+
+    def sample(params, rng, labels):
+        return model_lib.generate(nnx.merge(graphdef, params), rng, c.num_images, num_steps=c.num_steps,
+                                  sampler=c.sampler, labels=labels, guidance=c.guidance)
+
+    _COMPILED[key] = Compiled(graphdef, init, tx, train_step, eval_step, jax.jit(sample))
+    return _COMPILED[key]
+
+
+def use_compilation_cache(directory: str) -> str | None:
+    """Keep XLA's compiled programs in ``directory`` across processes (JAX's persistent cache).
+
+    ``"auto"``: ``$XDG_CACHE_HOME/vdm/jax`` (default ``~/.cache/vdm/jax``); ``""``: off.
+    A second run of the same config then skips XLA compilation. Returns the directory used.
+    """
+    if not directory:
+        return None
+    if directory == "auto":
+        directory = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vdm", "jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
+def prepare(config) -> tuple[Any, data_lib.Dataset]:
+    """Everything a run checks before compiling: the config, the processes, the mesh, the data.
+
+    Raises ConfigError / DataError / DistributedError with one line on bad input.
+    """
+    configlib.validate(config)
+    parallel.maybe_initialize_distributed(timeout_s=config.train.coordinator_timeout_s)
+    mesh = parallel.make_data_mesh()
+    try:
+        parallel.check_batch_divisible(config.train.batch_size, mesh)
+    except ValueError as e:
+        raise configlib.ConfigError(str(e)) from None
+    dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
+    configlib.validate_against_data(config, dataset.info)
+    return mesh, dataset
+
+
 class Trainer:
     """Holds the compiled functions, the mesh and the data for one workdir."""
 
     def __init__(self, config, workdir: str):
-        configlib.validate(config)
         self.config, self.workdir = config, workdir
-        parallel.maybe_initialize_distributed()
-        self.mesh = parallel.make_data_mesh()
-        try:
-            parallel.check_batch_divisible(config.train.batch_size, self.mesh)
-        except ValueError as e:
-            raise configlib.ConfigError(str(e)) from None
-        self.dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
+        self.mesh, self.dataset = prepare(config)
         info = self.dataset.info
-        configlib.validate_against_data(config, info)
-        self.graphdef, params, decay_mask = build_model(config, info, config.seed)
-        self.tx = make_optimizer(config, decay_mask)
+        self.compilation_cache = use_compilation_cache(config.train.compilation_cache_dir)
+        compiled = compile_run(config, info, self.mesh)
+        self.graphdef, self.tx = compiled.graphdef, compiled.tx
+        self.train_step, self.eval_step, self._sample = compiled.train_step, compiled.eval_step, compiled.sample
         self.objective = model_lib.Objective.from_config(config)
-        replicated = parallel.replicated(self.mesh)
+        params = compiled.init(config.seed)
         self.state = parallel.replicate(initial_state(config, params, self.tx, self.objective), self.mesh)
-        steps_batch = parallel.batch_sharded(self.mesh, batch_axis=1)  # [k, B, ...]
-        batch = parallel.batch_sharded(self.mesh)  # [B, ...]
-        self.train_step = jax.jit(make_train_step(self.graphdef, self.tx, config),
-                                  in_shardings=(replicated, steps_batch), out_shardings=(replicated, replicated),
-                                  donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.graphdef, config),
-                                 in_shardings=(replicated, batch, batch, replicated), out_shardings=replicated)
-        self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+        self.checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                                   max_to_keep=config.train.keep_checkpoints)
+
+    def startup_lines(self) -> list[str]:
+        """What this run sees: software, processes, devices, mesh, batch, precision, size, workdir."""
+        opt, devices = self.config.train, jax.devices()
+        num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.state.params))
+        info = self.dataset.info
+        return [
+            f"vdm: jax {jax.__version__}, backend {jax.default_backend()} ({devices[0].device_kind}); "
+            f"process {jax.process_index()} of {jax.process_count()}; "
+            f"devices {jax.local_device_count()} local, {jax.device_count()} global",
+            f"mesh {dict(self.mesh.shape)}; batch {opt.batch_size} global = "
+            f"{opt.batch_size // jax.process_count()} per process = {opt.batch_size // self.mesh.size} per device; "
+            f"{opt.steps_per_call} step(s) per call; compute {self.config.model.dtype}"
+            f"{', remat' if self.config.model.remat else ''}",
+            f"model: {num_params:,} parameters ({self.config.model.network}, {self.config.model.schedule} schedule); "
+            f"data: {info.name} {info.shape} x {info.num_train} train / {info.num_test} test",
+            f"workdir: {self.workdir}",
+        ]
 
     # -- data ---------------------------------------------------------------------------
 
@@ -237,18 +340,16 @@ class Trainer:
         c = self.config.sample
         params = self.state.ema_params if params is None else params
         labels = self.sample_labels()
-
-        def fn(p, r):
-            return model_lib.generate(nnx.merge(self.graphdef, p), r, c.num_images, num_steps=c.num_steps,
-                                      sampler=c.sampler, labels=labels, guidance=c.guidance)
-
-        images = np.asarray(jax.jit(fn)(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11)))
+        images = np.asarray(self._sample(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11),
+                                         labels))
         info = self.dataset.info
         images = images.astype(np.uint8)
-        path = os.path.join(self.workdir, f"samples_{step}")
+        path = paths.join(self.workdir, f"samples_{step}")
         if jax.process_index() == 0:
             arrays = {"images": images} | ({} if labels is None else {"labels": np.asarray(labels)})
-            np.savez(path + ".npz", **arrays)
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            paths.write_bytes(path + ".npz", buffer.getvalue())
             columns = self.config.model.num_classes if labels is not None and not c.labels else None
             grid = draw_samples(images, info.vocab_size, info.kind, columns=columns)
             save_png(path + ".png", grid)
@@ -280,10 +381,12 @@ def draw_samples(images: np.ndarray, vocab_size: int, kind: str, columns: int | 
 
 
 def save_png(path: str, picture: np.ndarray) -> None:
+    """Write a uint8 picture as a PNG file (a local path or a URL)."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(picture).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    paths.write_bytes(path, buffer.getvalue())
 
 
 class _StopRequested:
@@ -310,10 +413,9 @@ class _StopRequested:
 
 
 def write_config(config, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
+    """``workdir/config.json``: the resolved config (process 0 only)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        paths.write_bytes(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True).encode())
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -324,6 +426,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(config.train.num_steps, initial_step=start, log_every=config.train.log_every)
     try:
+        for line in trainer.startup_lines():
+            progress.log(line)
         if start:
             progress.log(f"resumed from step {start} in {workdir}")
         return _train_loop(trainer, writer, progress, start)
@@ -371,7 +475,7 @@ def _train_loop(trainer: Trainer, writer, progress, start: int) -> dict:
 def _restored_trainer(config, workdir: str) -> Trainer:
     trainer = Trainer(config, workdir)
     if trainer.checkpointer.latest_step() is None:
-        raise ckpt_lib.CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first")
+        raise ckpt_lib.CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}: train first")
     trainer.restore_latest()
     return trainer
 

@@ -349,6 +349,11 @@ class NoiseConditioning(nnx.Module):
         return h + self.label_embedding(labels)
 
 
+def call_block(block: nnx.Module, h: Array, cond: Array, dropout_rng: Array | None) -> Array:
+    """``block(h, cond, dropout_rng)`` as a function of the module, for ``nnx.remat(call_block)``."""
+    return block(h, cond, dropout_rng)
+
+
 def input_channels(in_channels: int, with_fourier_features: bool, n_min: int, n_max: int) -> int:
     """Channels of :func:`input_features` for ``in_channels`` channels of ``z``."""
     return in_channels + (num_fourier_channels(in_channels, n_min, n_max) if with_fourier_features else 0)

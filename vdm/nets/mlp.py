@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets.layers import Array, DType, NoiseConditioning, dense, zeros_init
+from vdm.nets.layers import Array, DType, NoiseConditioning, call_block, dense, zeros_init
 
 
 class ResidualDenseBlock(nnx.Module):
@@ -51,6 +51,7 @@ class MLP(nnx.Module):
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
       num_classes: number of classes for class conditioning (0: unconditional); see
         :class:`~vdm.nets.layers.NoiseConditioning`.
+      remat: rematerialise each residual block in the backward pass.
       dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for parameter initialisation.
@@ -71,6 +72,7 @@ class MLP(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        remat: bool = False,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -78,6 +80,7 @@ class MLP(nnx.Module):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.in_channels = in_channels
+        self.remat = remat
         self.dtype = dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conditioning = NoiseConditioning(hidden, hidden, gamma_min=gamma_min, gamma_max=gamma_max,
@@ -96,7 +99,8 @@ class MLP(nnx.Module):
         emb = self.conditioning(gamma, cond, z.shape[0])
         h = self.dense_in(z.astype(self.dtype))
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, len(self.blocks))
+        apply = nnx.remat(call_block) if self.remat else call_block
         for i, block in enumerate(self.blocks):
-            h = block(h, emb, None if keys is None else keys[i])
+            h = apply(block, h, emb, None if keys is None else keys[i])
         h = jax.nn.swish(self.norm_out(h))
         return self.dense_out(h).astype(jnp.float32)

@@ -32,6 +32,7 @@ from vdm.nets.layers import (
     DType,
     NoiseConditioning,
     ResnetBlock,
+    call_block,
     conv3x3,
     group_norm,
     input_channels,
@@ -67,10 +68,6 @@ class ResAttnStage(nnx.Module):
         if self.attn is not None:
             h = self.attn(h)
         return h
-
-
-def _apply_stage(stage: ResAttnStage, h: Array, cond: Array, dropout_rng: Array | None) -> Array:
-    return stage(h, cond, dropout_rng)
 
 
 def _split_or_none(rng: Array | None, index: int, num: int) -> Array | None:
@@ -215,11 +212,11 @@ class ScoreUNet(nnx.Module):
         """Applies the down stages; returns the last output and all outputs ``[N, B, H, W, ch]``."""
         if self.scan_blocks:
             def body(stage, carry, key):
-                out = _apply_stage(stage, carry, cond, key)
+                out = call_block(stage, carry, cond, key)
                 return out, out
 
             return self._scan(self.down, body, h, keys)
-        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
+        apply = nnx.remat(call_block) if self.remat else call_block
         outs = []
         for i, stage in enumerate(self.down):
             h = apply(stage, h, cond, None if keys is None else keys[i])
@@ -231,10 +228,10 @@ class ScoreUNet(nnx.Module):
         if self.scan_blocks:
             def body(stage, carry, inputs):
                 skip, key = inputs
-                return _apply_stage(stage, jnp.concatenate([carry, skip], axis=-1), cond, key), None
+                return call_block(stage, jnp.concatenate([carry, skip], axis=-1), cond, key), None
 
             return self._scan(self.up, body, h, (skips, keys))[0]
-        apply = nnx.remat(_apply_stage) if self.remat else _apply_stage
+        apply = nnx.remat(call_block) if self.remat else call_block
         for i, stage in enumerate(self.up):
             h = apply(stage, jnp.concatenate([h, skips[i]], axis=-1), cond, None if keys is None else keys[i])
         return h
@@ -347,7 +344,8 @@ class MultiResUNet(nnx.Module):
       resample_with_conv: strided conv / conv after nearest upsampling (else
         average pooling / plain nearest upsampling).
       with_fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
-      num_classes, dtype, param_dtype, rngs: as in :class:`ScoreUNet`.
+      num_classes, remat, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
+      rematerialises each residual block).
 
     Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
     ``gamma [B]`` (or a scalar), ``cond`` ``None`` or ``{"label": int [B]}`` ->
@@ -374,11 +372,13 @@ class MultiResUNet(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        remat: bool = False,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
         channel_mult = tuple(channel_mult)
+        self.remat = remat
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.patch_size = patch_size
@@ -464,6 +464,7 @@ class MultiResUNet(nnx.Module):
                 f"got {z.shape[1]}x{z.shape[2]}. Use fewer levels (shorter channel_mult) or pad the images."
             )
         cond = self.conditioning(gamma, cond, z.shape[0])
+        res = nnx.remat(call_block) if self.remat else call_block
         num_blocks = len(self.down_blocks) + len(self.up_blocks) + 2
         keys = _split_or_none(dropout_rng, 0, num_blocks)
         key_index = iter(range(num_blocks))
@@ -479,7 +480,7 @@ class MultiResUNet(nnx.Module):
         for level in range(len(self.channel_mult)):
             for _ in range(self.num_res_blocks):
                 block, attn = next(blocks)
-                h = block(h, cond, next_key())
+                h = res(block, h, cond, next_key())
                 if attn is not None:
                     h = attn(h)
                 hs.append(h)
@@ -487,17 +488,17 @@ class MultiResUNet(nnx.Module):
                 h = self.downsamples[level](h)
                 hs.append(h)
 
-        h = self.mid_block1(h, cond, next_key())
+        h = res(self.mid_block1, h, cond, next_key())
         if self.mid_attn is not None:
             h = self.mid_attn(h)
-        h = self.mid_block2(h, cond, next_key())
+        h = res(self.mid_block2, h, cond, next_key())
 
         blocks = iter(zip(self.up_blocks, self.up_attns))
         upsamples = iter(self.upsamples)
         for level in reversed(range(len(self.channel_mult))):
             for _ in range(self.num_res_blocks + 1):
                 block, attn = next(blocks)
-                h = block(jnp.concatenate([h, hs.pop()], axis=-1), cond, next_key())
+                h = res(block, jnp.concatenate([h, hs.pop()], axis=-1), cond, next_key())
                 if attn is not None:
                     h = attn(h)
             if level != 0:

@@ -1,0 +1,58 @@
+"""Cloud workdirs: every file the trainer writes goes through etils.epath (here a gs:// URL backed by
+fsspec's in-memory file system), and only process 0 writes the shared files."""
+from unittest import mock
+
+import fsspec
+import numpy as np
+import pytest
+from conftest import load_config
+from etils.epath import backend
+from PIL import Image
+
+from vdm import metrics, paths, train
+
+
+@pytest.fixture
+def memory_gcs():
+    """``gs://`` URLs stored in fsspec's memory file system for the test's duration."""
+    fs = fsspec.filesystem("memory")
+    fs.store.clear()
+    with mock.patch.object(backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fs):
+        yield fs
+    fs.store.clear()
+
+
+def test_files_of_a_run_land_under_a_gs_workdir(memory_gcs, monkeypatch, tmp_path):
+    # Orbax writes gs:// checkpoints itself (tensorstore, google-cloud-storage): not ours to fake here.
+    checkpointer = train.ckpt_lib.Checkpointer
+    monkeypatch.setattr(train.ckpt_lib, "Checkpointer", lambda directory, **kw: checkpointer(tmp_path / "ck", **kw))
+    config = load_config("test")
+    config.sample.num_images = 4
+    config.sample.num_steps = 2
+    workdir = "gs://bucket/runs/a"
+    trainer = train.Trainer(config, workdir)
+    train.write_config(config, workdir)
+    with metrics.MetricWriter(workdir) as writer:
+        writer.write(1, {"loss": 2.0})
+        writer.write(2, {"loss": 1.0})
+        png = trainer.sample(2, writer)
+    stored = sorted(memory_gcs.store)
+    assert png == "gs://bucket/runs/a/samples_2.png"
+    for name in ("config.json", "metrics.jsonl", "samples_2.npz", "samples_2.png"):
+        assert f"{workdir}/{name}" in stored, stored
+    assert any(key.startswith(f"{workdir}/tensorboard/events.out.tfevents") for key in stored)
+    assert [r["step"] for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl")] == [1, 2]  # appended
+    with paths.path(f"{workdir}/samples_2.npz").open("rb") as f:
+        images = np.load(f)["images"]
+    with paths.path(png).open("rb") as f:
+        picture = np.asarray(Image.open(f))
+    assert images.shape == (4, 8, 8, 1) and picture.ndim == 2
+    trainer.checkpointer.close()
+
+
+def test_only_process_0_writes_shared_files(memory_gcs, monkeypatch):
+    monkeypatch.setattr(train.jax, "process_index", lambda: 1)
+    train.write_config(load_config("test"), "gs://bucket/runs/b")
+    with metrics.MetricWriter("gs://bucket/runs/b", is_main=False) as writer:
+        writer.write(1, {"loss": 1.0})
+    assert not [key for key in memory_gcs.store if key.startswith("gs://bucket/runs/b")]
