@@ -306,3 +306,65 @@ def test_incompatible_checkpoint_is_one_line_error_and_is_kept(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "checkpoints" in message and "shape" in message
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 2
+
+
+@pytest.mark.slow
+def test_coordinator_problems_end_in_one_line(tmp_path):
+    base = ["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
+            "--config.train.coordinator_timeout_s=3"]
+    alone = _run(base, env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
+                            "JAX_PROCESS_ID": "1"}, timeout=120)
+    lines = alone.stderr.strip().splitlines()
+    assert alone.returncode == 2, alone.stderr[-2000:]
+    assert lines[0].startswith("waiting up to 3 s for all processes at the JAX coordinator 127.0.0.1:")
+    assert lines[-1].startswith("error: not every process reached the JAX coordinator") and "process 1 of 2" in lines[-1]
+    no_ids = _run(base, env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}"}, timeout=120)
+    assert no_ids.returncode == 2
+    last = no_ids.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: jax.distributed.initialize failed:") and "JAX_NUM_PROCESSES" in last
+
+
+def test_a_second_run_of_a_config_in_one_process_reuses_the_compiled_step(tmp_path):
+    config = _small(_config())
+    config.train.num_steps = 2
+    config.eval.num_examples = 16
+    config.sample.num_images = 2
+    config.sample.num_steps = 2
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+    first = train.Trainer(config, str(tmp_path / "a"))
+    config.train.num_steps = 4  # not part of what is compiled
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+    second = train.Trainer(config, str(tmp_path / "b"))
+    assert second.train_step is first.train_step and compile_count(second.train_step) == 1
+    assert second.eval_step is first.eval_step
+    config.train.lr = 1e-3  # this is compiled into the step: a new one
+    assert train.Trainer(config, str(tmp_path / "c")).train_step is not first.train_step
+
+
+@pytest.mark.slow
+def test_persistent_compilation_cache_fills_and_start_up_block_is_printed(tmp_path):
+    cache = tmp_path / "cache"
+    out = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path / "run"),
+                "--config.train.num_steps=2", f"--config.train.compilation_cache_dir={cache}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert cache.is_dir() and len(list(cache.iterdir())) >= 3  # init, train step, eval step, sampler
+    text = out.stdout + out.stderr
+    for needle in ("vdm: jax ", "process 0 of 1", "devices 1 local, 1 global", "mesh {'data': 1}",
+                   "batch 16 global = 16 per process = 16 per device", "compute float32", "parameters",
+                   f"workdir: {tmp_path / 'run'}"):
+        assert needle in text, needle
+
+
+def test_dtype_and_remat_reach_the_network():
+    config = _small(_config())
+    config.model.dtype = "bfloat16"
+    config.model.remat = True
+    info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10)
+    from flax import nnx
+
+    from vdm.model import VDM
+    model = nnx.eval_shape(lambda: VDM.from_config(config, image_shape=info.shape, vocab_size=17, rngs=nnx.Rngs(0)))
+    assert model.network.dtype == np.dtype("bfloat16") and model.network.remat
+    config.model.dtype = "float16"
+    with pytest.raises(configlib.ConfigError, match="config.model.dtype='float16': valid names: float32, bfloat16"):
+        configlib.validate(config)
