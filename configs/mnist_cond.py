@@ -10,6 +10,14 @@ conditioning (model.num_classes=10) and label dropout 0.1: the null class trains
 unconditional model that classifier-free guidance (Ho & Salimans 2022) subtracts,
 eps = (1 + w) eps(z, y) - w eps(z, null). The sample grid has one column per class.
 Evaluation reports the conditional bound -log p(x | y) in bits/dim.
+
+Measured (2-core CPU shared with other work, 2,500 steps, 7.3 min for the whole run): a
+logistic regression fitted on the 4,500 training digits (90.2% on the 500 test digits); test
+conditional bound 4.76 bits/dim. The classifier
+recognises the requested class in 500 samples (scripts/class_accuracy.py):
+
+    guidance w      0       1       3
+    accuracy        68.0%   93.0%   97.4%     (chance: 10%)
 """
 import os
 
