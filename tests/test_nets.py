@@ -454,7 +454,7 @@ def test_declared_input_rank_matches_what_the_network_takes(nets, name):
 def test_remat_changes_memory_not_the_function(name):
     """Rematerialisation recomputes activations in the backward pass: same outputs, same gradients."""
     z, gamma = inputs(name)
-    results = []
+    results, checkpointed = [], []
     for remat in (False, True):
         net = perturb(make(name, remat=remat), 11)
         graphdef, params = nnx.split(net, nnx.Param)
@@ -463,7 +463,10 @@ def test_remat_changes_memory_not_the_function(name):
             return jnp.sum(nnx.merge(graphdef, params)(z, gamma) ** 2)
 
         results.append(jax.jit(jax.value_and_grad(loss))(params))
+        checkpointed.append("remat" in str(jax.make_jaxpr(jax.grad(loss))(params)))
+    assert checkpointed == [False, True]  # the blocks really are rematerialised
     (l0, g0), (l1, g1) = results
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    # float32 summation order differs when activations are recomputed: compare the whole gradient vector
+    g0, g1 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in (g0, g1))
+    assert np.linalg.norm(g1 - g0) <= 1e-5 * np.linalg.norm(g0)
