@@ -10,6 +10,7 @@ reported as one line, before anything is compiled.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from absl import app, flags, logging
@@ -18,34 +19,78 @@ from ml_collections import config_flags
 MODES = ("train", "eval", "sample")
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None):
-    """The command's flags on ``flag_values``: (config, workdir, mode) holders.
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None, *, mode: bool = True):
+    """The command's flags on ``flag_values``: ``--config`` (with overrides), ``--workdir``, ``--mode``.
 
     ``argv`` is the command line the config overrides are read from (default ``sys.argv``).
+    Scripts that act on a run's workdir (``scripts/class_accuracy.py``) reuse it with ``mode=False``.
     """
     # The config file locks itself (configlib.lock): a misspelt field is an error, while the
     # pieces' keyword arguments (model.schedule_kwargs, ..., data.kwargs) take new keys.
-    config = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
-                                             flag_values=flag_values, lock_config=False,
-                                             accept_new_attributes=True, sys_argv=argv)
-    workdir = flags.DEFINE_string("workdir", None, "Directory or URL (gs://...) for checkpoints, metrics and "
-                                  "samples; a rerun resumes.", flag_values=flag_values)
-    mode = flags.DEFINE_enum("mode", "train", list(MODES), "What to do.", flag_values=flag_values)
+    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                    flag_values=flag_values, lock_config=False,
+                                    accept_new_attributes=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Directory or URL (gs://...) for checkpoints, metrics and "
+                        "samples; a rerun resumes.", flag_values=flag_values)
+    if mode:
+        flags.DEFINE_enum("mode", "train", list(MODES), "What to do.", flag_values=flag_values)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
-    return config, workdir, mode
 
 
-_CONFIG, _WORKDIR, _MODE = define_flags()
+class CommandLineError(ValueError):
+    """A command line that cannot be run; the message is one line."""
+
+
+def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """Parse ``argv`` into ``flag_values`` (the arguments left over), every mistake a CommandLineError.
+
+    absl prints a flag error in two lines, and an override of a field the locked config does not
+    have (``--config.train.num_step=3``) escapes it as a KeyError with the whole config section in
+    its message; both become one line here.
+    """
+    try:
+        return flag_values(argv)
+    except KeyError as e:
+        message = str(e.args[0])
+        key = re.search(r'Key "([^"]+)"', message) or re.match(r"'([^']+)'", message)
+        hint = re.search(r'Did you mean "([^"]+)"', message)
+        field = re.compile(rf"\.{re.escape(key.group(1))}(\.|=|$)") if key else None
+        given = [a for a in argv if field and a.startswith("--config.") and field.search(a)]
+        where = given[0] if given else "--config"
+        what = f'config has no field "{key.group(1)}"' if key else message.splitlines()[0]
+        raise CommandLineError(f"{where}: {what}" + (f' (did you mean "{hint.group(1)}"?)' if hint else "")) from None
+    except flags.Error as e:
+        raise CommandLineError(str(e).splitlines()[0]) from None
+
+
+def parse_or_exit(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """``parse`` for ``app.run(..., flags_parser=...)``: a mistake ends the program with one ``error:`` line."""
+    try:
+        return parse(argv, flag_values)
+    except CommandLineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def resolve(flag_values: flags.FlagValues = flags.FLAGS):
-    """(config, workdir, mode, notes) from parsed flags: stale piece arguments dropped, each with a note."""
+    """(config, workdir, mode, notes) from parsed flags: stale piece arguments dropped, each with a note.
+
+    Raises CommandLineError when the config file could not be loaded (ml_collections reports
+    that only when the config is first used).
+    """
     from vdm import configlib
 
     config = flag_values["config"].value
+    try:
+        config.get("model")
+    except OSError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CommandLineError(f"--config={config_flags.get_config_filename(flag_values['config'])}: cannot load it "
+                               f"({detail[-1]})") from None
     overridden = set(config_flags.get_override_values(flag_values["config"]))
     notes = configlib.drop_stale_kwargs(config, overridden)
-    return config, flag_values["workdir"].value, flag_values["mode"].value, notes
+    mode = flag_values["mode"].value if "mode" in flag_values else None
+    return config, flag_values["workdir"].value, mode, notes
 
 
 def main(argv):
@@ -55,12 +100,13 @@ def main(argv):
     from vdm import checkpoint, configlib, data, parallel, train  # after flag parsing: keep --help fast
 
     modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint}
-    config, workdir, mode, notes = resolve()
-    for note in notes:
-        print(note, file=sys.stderr)
     try:
+        config, workdir, mode, notes = resolve()
+        for note in notes:
+            print(note, file=sys.stderr)
         result = modes[mode](config, workdir)
-    except (configlib.ConfigError, data.DataError, checkpoint.CheckpointError, parallel.DistributedError) as e:
+    except (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
+            parallel.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)  # bad input: one line, no traceback
         return 2
     if "bpd" in result:
@@ -74,4 +120,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_or_exit)
