@@ -182,6 +182,19 @@ def test_a_missing_config_file_is_one_line():
         _parse(["--config", "configs/mnst.py", "--workdir", "/tmp/x"])
 
 
+@pytest.mark.parametrize("body,message", [
+    ("def get_config(:\n    pass\n", "line 1: SyntaxError: invalid syntax"),
+    ("def get_config():\n    return undefined_name\n", "line 2: NameError: name 'undefined_name' is not defined"),
+    ("def get_config():\n    return {}['x']\n", "line 2: KeyError: 'x'"),
+])
+def test_a_config_file_that_fails_is_one_line_naming_the_file_and_line(tmp_path, body, message):
+    path = tmp_path / "broken.py"
+    path.write_text(body)
+    with pytest.raises(main.CommandLineError) as info:
+        _parse(["--config", str(path), "--workdir", "/tmp/x"])
+    assert str(info.value) == f"--config={path}, {message}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where,argv", SCRIPT, ids=[f"{w}:{' '.join(a)[:60]}" for w, a in SCRIPT])
 def test_documented_class_accuracy_command(where, argv, files, tmp_path):

@@ -1,17 +1,20 @@
 """Command line: ``python -m vdm.main --config configs/<name>.py --workdir DIR [--mode train|eval|sample]``.
 
-The only file with flags. Any config field is overridden with ``--config.train.num_steps=500``
-and the like, the pieces' keyword arguments too (``--config.loss.weighting_kwargs.bias=1.0``,
-``--config.data.kwargs.data_dir=...``). The config is locked, so a misspelt field is an error;
-choosing another piece by name drops the file's keyword arguments that it does not take, and
-says so. Bad input (config values, data files, checkpoints, an unreachable coordinator) is
-reported as one line, before anything is compiled.
+The command line (scripts/class_accuracy.py reuses its flags). Any config field is overridden
+with ``--config.train.num_steps=500`` and the like, the pieces' keyword arguments too
+(``--config.loss.weighting_kwargs.bias=1.0``, ``--config.data.kwargs.data_dir=...``). The config
+is locked, so a misspelt field is an error; choosing another piece by name drops the file's
+keyword arguments that it does not take, and says so. Bad input (a misspelt field, a config
+file that is not there, config values, data files, checkpoints, an unreachable coordinator) is
+reported as one ``error:`` line with exit code 2, before anything is compiled.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -51,7 +54,9 @@ def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[
     try:
         return flag_values(argv)
     except KeyError as e:
-        message = str(e.args[0])
+        message = str(e.args[0]) if e.args else ""
+        if not ('Key "' in message or "Did you mean" in message):
+            raise CommandLineError(_config_file_error(e)) from None
         key = re.search(r'Key "([^"]+)"', message) or re.match(r"'([^']+)'", message)
         hint = re.search(r'Did you mean "([^"]+)"', message)
         field = re.compile(rf"\.{re.escape(key.group(1))}(\.|=|$)") if key else None
@@ -61,6 +66,19 @@ def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[
         raise CommandLineError(f"{where}: {what}" + (f' (did you mean "{hint.group(1)}"?)' if hint else "")) from None
     except flags.Error as e:
         raise CommandLineError(str(e).splitlines()[0]) from None
+    except Exception as e:  # the config file's own code failed while it was loaded
+        raise CommandLineError(_config_file_error(e)) from None
+
+
+def _config_file_error(e: BaseException) -> str:
+    """``FILE, line N: TypeName: message`` for an exception raised by a config file's code."""
+    if isinstance(e, SyntaxError):
+        return f"--config={e.filename}, line {e.lineno}: SyntaxError: {e.msg}"
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(("<", here)) and "site-packages" not in f.filename]
+    where = f"--config={frames[-1].filename}, line {frames[-1].lineno}: " if frames else "--config: "
+    return where + f"{type(e).__name__}: " + " ".join(str(e).split())
 
 
 def parse_or_exit(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
