@@ -1,14 +1,22 @@
 """Helpers shared by the tests: configs, subprocess runs, free ports, compile counts."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The persistent compilation cache ("auto" = $XDG_CACHE_HOME/vdm/jax) of the suite's runs, in-process
+# and in subprocesses, starts empty and is not the user's: a fresh clone's timing, nothing left behind.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vdm-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 def load_config(name: str = "test"):
