@@ -39,11 +39,11 @@ def class_accuracy(config, workdir: str, guidance=(0.0, 1.0, 3.0), num_images: i
     if config.model.num_classes <= 0:
         raise configlib.ConfigError(f"config.model.num_classes={config.model.num_classes}: the model is not "
                                     "class-conditional; use a *_cond config")
-    trainer = train.Trainer(config, workdir)
+    trainer = train.Trainer(config, workdir, must_exist=True)
     try:
-        if trainer.checkpointer.latest_step() is None:
-            raise configlib.ConfigError(f"no checkpoint in {workdir}/checkpoints: train the config first")
         step = trainer.restore_latest()
+        if step == 0:
+            raise configlib.ConfigError(f"no checkpoint in {workdir}/checkpoints: train the config first")
         x, y = pixels(trainer.dataset.train)
         classifier = LogisticRegression(max_iter=3000).fit(x, y)
         judge = classifier.score(*pixels(trainer.dataset.test))
@@ -57,7 +57,7 @@ def class_accuracy(config, workdir: str, guidance=(0.0, 1.0, 3.0), num_images: i
             predicted = classifier.predict(images.reshape(num_images, -1) / (trainer.dataset.info.vocab_size - 1))
             result[f"accuracy_guidance_{w:g}"] = round(float(np.mean(predicted == np.asarray(labels))), 4)
     finally:
-        trainer.checkpointer.close()
+        trainer.close()
     return result
 
 

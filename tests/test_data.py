@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import lzma
 import os
 import pickle
 import struct
@@ -357,6 +359,53 @@ def test_cifar10_errors(tmp_path, cifar_arrays):
     with pytest.raises(data.DataError) as error:
         data.load("cifar10_files", "test", path=bad)
     assert_one_line_naming(error, bad, "labels", "0..9")
+
+
+def _damaged(kind: str, directory: Path, archive: Path) -> Path:
+    """A CIFAR-10 archive damaged as a download or a disk can damage it."""
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+        tar.add(directory, arcname=directory.name)
+    raw = bytearray(tar_bytes.getvalue())
+    if kind == "header":  # the third member's header garbled, the gzip stream intact
+        with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tar:
+            offset = tar.getmembers()[3].offset
+        raw[offset:offset + 100] = b"\xff" * 100
+        archive.write_bytes(gzip.compress(bytes(raw)))
+        return archive
+    if kind == "cut-xz":
+        packed = lzma.compress(bytes(raw))
+        archive.write_bytes(packed[: len(packed) // 2])
+        return archive
+    packed = bytearray(gzip.compress(bytes(raw)))
+    if kind == "cut":  # the download stopped early
+        archive.write_bytes(bytes(packed[: len(packed) // 2]))
+    else:  # 64 flipped bytes in the middle
+        middle = len(packed) // 2
+        packed[middle:middle + 64] = bytes(b ^ 0xFF for b in packed[middle:middle + 64])
+        archive.write_bytes(bytes(packed))
+    return archive
+
+
+@pytest.mark.parametrize("kind,words", [("header", ["damaged tar header", "corrupt"]),
+                                        ("cut", ["corrupt gzip data", "end-of-stream"]),
+                                        ("flip", ["corrupt gzip data"]),
+                                        ("cut-xz", ["damaged xz stream", "truncated"])])
+def test_a_damaged_cifar_archive_is_an_error_never_a_smaller_dataset(tmp_path, cifar_arrays, kind, words):
+    directory = write_cifar_python(tmp_path / "cifar-10-batches-py", *cifar_arrays)
+    archive = _damaged(kind, directory, tmp_path / "cifar-10-python.tar.gz")
+    for split in ("train", "test"):
+        with pytest.raises(data.DataError) as error:
+            data.load("cifar10_files", split, path=archive)
+        assert_one_line_naming(error, archive, *words)
+
+
+def test_a_missing_cifar_batch_is_an_error(tmp_path, cifar_arrays):
+    directory = write_cifar_python(tmp_path / "cifar-10-batches-py", *cifar_arrays)
+    (directory / "data_batch_3").unlink()
+    with pytest.raises(data.DataError) as error:
+        data.load("cifar10_files", "train", path=directory)
+    assert_one_line_naming(error, directory, "data_batch_1, 2, 4, 5 but not data_batch_3", "incomplete")
 
 
 class _Exploit:

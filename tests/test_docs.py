@@ -20,7 +20,7 @@ from absl import flags
 from conftest import ROOT
 from test_data import tar_gz, write_cifar_python
 
-from vdm import configlib, main, train
+from vdm import checkpoint, configlib, main, train
 
 DOCUMENTED = [("README.md", open(f"{ROOT}/README.md").read()),
               ("scripts/class_accuracy.py", open(f"{ROOT}/scripts/class_accuracy.py").read().split('"""')[1])] + [
@@ -132,7 +132,7 @@ def test_documented_command(where, argv, files, tmp_path, request, capsys):
         path = trainer.sample(0)
         images = np.load(path[:-4] + ".npz")["images"]
         assert images.shape == (4, *dataset.info.shape) and images.dtype == np.uint8
-        trainer.checkpointer.close()
+        trainer.close()
 
 
 def test_switching_a_piece_drops_the_files_arguments_and_says_so():
@@ -209,7 +209,7 @@ def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     main.parse(argv, fv)
     config, workdir, _, _ = main.resolve(fv)
     guidance = [float(w) for w in fv["guidance"].value]
-    with pytest.raises(configlib.ConfigError, match="no checkpoint in"):
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
         script.class_accuracy(config, workdir, guidance, num_images=10)
     train.train_and_evaluate(config, workdir)
     result = script.class_accuracy(config, workdir, guidance, num_images=10)

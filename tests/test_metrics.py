@@ -86,7 +86,9 @@ def test_jsonl_and_tensorboard_scalars(tmp_path):
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [10, 20, 30]
     assert records[1] == {"step": 20, "loss": 1.25, "bpd": 0.125, "epoch": 2}
-    assert math.isnan(records[2]["loss"]) and records[2]["lr"] == pytest.approx(3e-4)
+    assert records[2]["loss"] is None and records[2]["lr"] == pytest.approx(3e-4)  # strict JSON: NaN as null
+    for line in lines:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert isinstance(records[0]["epoch"], int)
 
     events = _events(str(tmp_path / "tensorboard"))

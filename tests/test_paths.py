@@ -47,7 +47,7 @@ def test_files_of_a_run_land_under_a_gs_workdir(memory_gcs, monkeypatch, tmp_pat
     with paths.path(png).open("rb") as f:
         picture = np.asarray(Image.open(f))
     assert images.shape == (4, 8, 8, 1) and picture.ndim == 2
-    trainer.checkpointer.close()
+    trainer.close()
 
 
 def test_only_process_0_writes_shared_files(memory_gcs, monkeypatch):

@@ -24,6 +24,14 @@ stored as their ``uint32`` key data and come back as typed keys only when the
 restore target holds a typed key (or a ``ShapeDtypeStruct`` with a key dtype);
 restoring without a target returns the raw key data.
 
+Verification: each save records a fingerprint of the state (one position-weighted
+uint32 sum of the bits of every leaf, computed on the devices) and the caller's
+metadata (the trainer's config and data) in Orbax's step metadata; :meth:`Checkpointer.restore`
+recomputes the fingerprint and raises :class:`DamagedCheckpoint` when it differs, or when
+the files cannot be read. :meth:`Checkpointer.restore_newest_good` falls back to the newest
+step that restores intact and moves the damaged newer ones aside (``<step>.damaged``),
+never deleting them; when no step is good it moves nothing.
+
 Errors from a checkpoint that cannot be used (corrupted files, or a tree whose
 structure, shapes or dtypes differ from the restore target) are raised as
 :class:`CheckpointError` with a one-line message naming the directory.  A
@@ -42,13 +50,47 @@ import orbax.checkpoint as ocp
 
 from vdm import paths
 
-__all__ = ["CheckpointError", "Checkpointer", "abstract_like"]
+__all__ = ["CheckpointError", "Checkpointer", "DamagedCheckpoint", "abstract_like", "fingerprint"]
 
 _MAX_LISTED_MISMATCHES = 3
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved, found or restored (one-line message)."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A step's files cannot be read, or what they hold differs from what was saved."""
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """sum_i bits_i * (2654435761 i + 1) mod 2^32 over the leaf's raw bits: any changed or moved value changes it."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    width = x.dtype.itemsize
+    if width in (2, 4) and not jax.numpy.issubdtype(x.dtype, jax.numpy.bool_):
+        bits = jax.lax.bitcast_convert_type(x, {2: jax.numpy.uint16, 4: jax.numpy.uint32}[width])
+    else:
+        bits = x
+    bits = bits.ravel().astype(jax.numpy.uint32)
+    position = jax.numpy.arange(bits.size, dtype=jax.numpy.uint32)
+    return jax.numpy.sum(bits * (position * jax.numpy.uint32(2654435761) + jax.numpy.uint32(1)),
+                         dtype=jax.numpy.uint32)
+
+
+@jax.jit
+def _fingerprints(leaves: list) -> list:
+    return [_leaf_fingerprint(x) for x in leaves]
+
+
+def fingerprint(tree: Any) -> dict[str, Any]:
+    """``{"params/dense/kernel": uint32, ...}``: one number per array leaf of ``tree`` (see
+    ``_leaf_fingerprint``), Python scalars as they are. Keyed by path, so a state restored
+    as plain dicts compares with the dataclass it was saved from."""
+    leaves = _paths(tree)
+    arrays = {k: x for k, x in leaves.items() if isinstance(x, (jax.Array, np.ndarray))}
+    sums = jax.device_get(_fingerprints([jax.numpy.asarray(x) for x in arrays.values()]))
+    return {k: int(sums.pop(0)) if k in arrays else x for k, x in leaves.items()}
 
 
 def _one_line(err: BaseException) -> str:
@@ -187,20 +229,29 @@ class Checkpointer:
         """Most recent saved step, or ``None`` if there is none."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any) -> bool:
-        """Start saving ``state`` as ``step`` (asynchronously by default).
+    def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> bool:
+        """Start saving ``state`` as ``step`` (asynchronously by default), with its fingerprint and ``meta``.
 
         An existing step is never overwritten (the call returns ``False``).
-        ``state`` is a pytree of ``jax.Array``/numpy arrays/Python scalars.
-        Returns whether a save was started.
+        ``state`` is a pytree of ``jax.Array``/numpy arrays/Python scalars; ``meta`` a JSON-able
+        dict kept with the step (``step_metadata``). Returns whether a save was started.
         """
         step = int(step)
         if step in self._manager.all_steps():
             return False
+        custom = dict(meta or {}) | {"fingerprint": fingerprint(state)}
         try:
-            return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True))
+            return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                                           custom_metadata=custom))
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise CheckpointError(f"saving step {step} to {self._directory} failed: {_one_line(e)}") from e
+
+    def step_metadata(self, step: int) -> dict:
+        """The ``meta`` saved with ``step`` and its ``fingerprint`` ({} when unreadable or absent)."""
+        try:
+            return dict(self._manager.metadata(int(step)).custom_metadata or {})
+        except Exception:  # noqa: BLE001 - a damaged step: restore says how
+            return {}
 
     def _check_step(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -235,10 +286,10 @@ class Checkpointer:
         try:
             stored = self._manager.item_metadata(step)
         except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise CheckpointError(f"cannot read {where}: {_one_line(e)}") from e
+            raise DamagedCheckpoint(f"{where} is damaged: cannot read its metadata ({_one_line(e)})") from e
         stored_tree = getattr(stored, "tree", stored)
         if stored_tree is None:
-            raise CheckpointError(f"cannot read {where}: no state metadata (corrupted or not a vdm checkpoint)")
+            raise DamagedCheckpoint(f"{where} is damaged: it has no state metadata")
         abstract = None
         if target is not None:
             abstract = abstract_like(target)
@@ -246,9 +297,56 @@ class Checkpointer:
             if mismatch is not None:
                 raise CheckpointError(f"{where} does not match the restore target: {mismatch}")
         try:
-            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise CheckpointError(f"cannot restore {where}: {_one_line(e)}") from e
+            raise DamagedCheckpoint(f"{where} is damaged: cannot restore it ({_one_line(e)})") from e
+        saved = self.step_metadata(step).get("fingerprint")
+        if saved is not None:
+            now = fingerprint(restored)
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            if changed:
+                raise DamagedCheckpoint(f"{where} is damaged: {_names(changed)} differ(s) from what was saved "
+                                        "(fingerprint)")
+        return restored
+
+    def restore_newest_good(self, target: Any) -> tuple[int | None, Any, list[str]]:
+        """(step, state, notes) from the newest step that restores intact; (None, None, []) if there is none.
+
+        Newer damaged steps are moved aside to ``<step>.damaged`` (never deleted), each with a
+        note. If every step is damaged, nothing is moved and ``CheckpointError`` says so. A step
+        that does not match ``target`` (another model) is not damage: that error is raised as is.
+        """
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state = self.restore(step, target)
+            except DamagedCheckpoint as e:
+                damaged.append((step, str(e)))
+                continue
+            notes = [f"{reason}; moved it to {self._move_aside(bad)} and resumed from step {step}"
+                     for bad, reason in damaged]
+            if damaged:
+                self._manager.reload()
+            return step, state, notes
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint in {self._directory} (nothing was moved): "
+                                  + "; ".join(reason for _, reason in damaged))
+        return None, None, []
+
+    def _move_aside(self, step: int) -> str:
+        source = paths.path(self._directory) / str(step)
+        target = paths.path(self._directory) / f"{step}.damaged"
+        n = 1
+        while target.exists():
+            n += 1
+            target = paths.path(self._directory) / f"{step}.damaged{n}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"vdm checkpoint {step} moved aside")
+        return str(target)
 
     def wait(self) -> None:
         """Block until every pending asynchronous save is on disk."""
@@ -258,11 +356,14 @@ class Checkpointer:
             raise CheckpointError(f"saving to {self._directory} failed: {_one_line(e)}") from e
 
     def close(self) -> None:
-        """Wait for pending saves and release Orbax's resources."""
+        """Wait for pending saves and release Orbax's resources (errors as CheckpointError)."""
         try:
             self.wait()
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception as e:  # noqa: BLE001 - e.g. a full disk surfacing again
+                raise CheckpointError(f"closing {self._directory} failed: {_one_line(e)}") from e
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import math
 import os
 from typing import Callable
 
@@ -40,14 +41,20 @@ class Piece:
     callable_of: Callable  # name -> the class or function the kwargs go to
     set_by_vdm: tuple  # arguments vdm passes itself (not settable through the kwargs)
 
-    def accepted(self, name: str) -> list[str]:
-        """The keyword arguments that the piece called ``name`` takes from the config."""
+    def _params(self, name: str) -> list[inspect.Parameter]:
         target = self.callable_of(name)
         if isinstance(target, type):  # nnx modules' metaclass hides __init__ from inspect.signature(cls)
             target = target.__init__
-        params = inspect.signature(target).parameters.values()
-        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                and p.name not in self.set_by_vdm + ("self",)]
+        return [p for p in inspect.signature(target).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in self.set_by_vdm + ("self",)]
+
+    def accepted(self, name: str) -> list[str]:
+        """The keyword arguments that the piece called ``name`` takes from the config."""
+        return [p.name for p in self._params(name)]
+
+    def required(self, name: str) -> list[str]:
+        """The keyword arguments without a default: the config must give them."""
+        return [p.name for p in self._params(name) if p.default is p.empty]
 
 
 def _source(name):
@@ -157,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.01  # on network kernels only: not norms, biases or the schedule
     c.train.grad_clip = 1.0  # global-norm clipping; 0 turns it off
     c.train.ema_decay = 0.9999  # with warm-up: min(decay, (1 + step) / (10 + step))
+    c.train.skip_nonfinite = 0  # 0: a NaN/inf loss or gradient stops the run; N: drop such steps, stop after N in a row
     c.train.coordinator_timeout_s = 300  # multi-host: how long to wait for every process to connect
     c.train.compilation_cache_dir = "auto"  # XLA's persistent cache: auto = ~/.cache/vdm/jax; "" = off
 
@@ -213,15 +221,35 @@ def _check_kwargs(config) -> None:
     for piece in PIECES:
         name = _get(config, piece.name_field)
         accepted = piece.accepted(name)
-        for key, value in _get(config, piece.kwargs_field).items():
+        kwargs = _get(config, piece.kwargs_field)
+        for key, value in kwargs.items():
             if key not in accepted:
                 _fail(f"{piece.kwargs_field}.{key}", value,
                       f"{piece.kind} {name!r} takes {', '.join(accepted) or 'no keyword arguments'}")
+        for key in piece.required(name):
+            if key not in kwargs:
+                raise ConfigError(f"config.{piece.kwargs_field}.{key} is missing: {piece.kind} {name!r} needs it "
+                                  f"(e.g. --config.{piece.kwargs_field}.{key}=...)")
+
+
+def _nonfinite_fields(tree, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted name, value) of every NaN or infinite float in a config (nested dicts, lists, tuples)."""
+    items = tree.items() if hasattr(tree, "items") else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    out = []
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix and not isinstance(key, int) else f"{prefix}[{key}]" if prefix else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append((name, value))
+        else:
+            out += _nonfinite_fields(value, name)
+    return out
 
 
 def validate(config) -> None:
     """Check names, ranges and combinations; raise ConfigError with one line, before any compile."""
     model, loss, opt = config.model, config.loss, config.train
+    for name, value in _nonfinite_fields(config)[:1]:
+        _fail(name, value, "must be finite")
     _choice("model.schedule", model.schedule, schedules.SCHEDULES)
     _choice("model.network", model.network, nets.NETWORKS)
     _choice("model.prediction", model.prediction, diffusion.PREDICTIONS)
@@ -274,7 +302,9 @@ def validate(config) -> None:
                  "keep_checkpoints"):
         if int(opt[name]) < 1:
             _fail(f"train.{name}", opt[name], "must be >= 1")
-    for name in ("log_every", "eval_every", "checkpoint_every"):
+    if opt.skip_nonfinite < 0:
+        _fail("train.skip_nonfinite", opt.skip_nonfinite, "must be >= 0 (0 = stop at the first non-finite step)")
+    for name in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
         if opt[name] % opt.steps_per_call:
             _fail(f"train.{name}", opt[name], f"must be a multiple of train.steps_per_call={opt.steps_per_call}")
     if opt.lr <= 0:
@@ -283,6 +313,8 @@ def validate(config) -> None:
         _fail("train.ema_decay", opt.ema_decay, "must be in [0, 1)")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", config.eval.batch_size, "must be >= 1")
+    if config.eval.num_examples < 0:
+        _fail("eval.num_examples", config.eval.num_examples, "must be >= 0 (0 = the whole test split)")
     if config.sample.num_steps < 1 or config.sample.num_images < 1:
         _fail("sample.num_steps", config.sample.num_steps, "sample.num_steps and sample.num_images must be >= 1")
 

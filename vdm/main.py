@@ -115,7 +115,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from vdm import checkpoint, configlib, data, parallel, train  # after flag parsing: keep --help fast
+    from vdm import checkpoint, configlib, data, lock, metrics, parallel, train  # after flag parsing: keep --help fast
 
     modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint}
     try:
@@ -124,16 +124,22 @@ def main(argv):
             print(note, file=sys.stderr)
         result = modes[mode](config, workdir)
     except (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
-            parallel.DistributedError) as e:
+            parallel.DistributedError, lock.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)  # bad input: one line, no traceback
         return 2
+    except train.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)  # training diverged: one line, exit code 3
+        return 3
+    except train.Interrupted as e:
+        print(f"stopped by {e.signal_name}", file=sys.stderr)
+        return e.exit_code
     if "bpd" in result:
         print(f"test bits/dim: {result['bpd']:.4f} (prior {result['bpd_prior']:.4f}, reconstruction "
               f"{result['bpd_reconstruction']:.4f}, diffusion {result['bpd_diffusion']:.4f}; "
               f"{int(result['count'])} images, step {result['step']})")
     if "samples" in result:
         print(f"samples: {result['samples']}")
-    print(json.dumps(result))
+    print(json.dumps(metrics.strict(result), allow_nan=False))
     return 0
 
 

@@ -27,7 +27,12 @@ import numpy as np
 
 from vdm import paths
 
-__all__ = ["MetricWriter", "Progress", "format_eta", "read_jsonl"]
+__all__ = ["MetricWriter", "Progress", "format_eta", "read_jsonl", "strict"]
+
+
+def strict(values: Mapping[str, Any]) -> dict:
+    """``values`` with NaN and infinities as None: strict JSON (``null``), which every parser reads."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 
 
 def _default_is_main() -> bool:
@@ -59,8 +64,7 @@ class MetricWriter:
         ``vdm.parallel.maybe_initialize_distributed``).
 
     ``metrics.jsonl`` is opened in append mode, so a resumed run continues the
-    same file.  Non-finite values are written as ``NaN``/``Infinity`` (Python's
-    ``json`` extension, read back by :func:`read_jsonl`).
+    same file.  It is strict JSON: non-finite values are written as ``null``.
     """
 
     def __init__(
@@ -97,7 +101,7 @@ class MetricWriter:
             raise ValueError("'step' is reserved; pass it as the step argument")
         values = {name: _to_scalar(name, v) for name, v in scalars.items()}
         step = int(step)
-        paths.append_text(self.jsonl_path, json.dumps({"step": step, **values}) + "\n")
+        paths.append_text(self.jsonl_path, json.dumps({"step": step, **strict(values)}, allow_nan=False) + "\n")
         if self._tb is not None:
             for name, v in values.items():
                 self._tb.add_scalar(name, float(v), global_step=step)
@@ -200,6 +204,7 @@ class Progress:
       rate_window: steps/s and ETA are measured over roughly the last this
         many seconds.
       clock: time source (monotonic seconds), replaceable for tests.
+      unit: what is counted (``step``; ``batch`` for evaluation).
     """
 
     _BAR_WIDTH = 24
@@ -216,7 +221,9 @@ class Progress:
         min_interval: float = 0.1,
         rate_window: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "step",
     ):
+        self.unit = unit
         if total_steps <= 0:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         if log_every <= 0:
@@ -253,14 +260,15 @@ class Progress:
 
     def format_line(self, step: int, scalars: Mapping[str, Any], now: float) -> str:
         """The status text for ``step`` (without bar or line ending)."""
-        parts = [f"step {step}/{self.total_steps}"]
+        parts = [f"{self.unit} {step}/{self.total_steps}"]
         parts += [f"{name} {_format_value(v)}" for name, v in scalars.items()]
         rate = self._rate(now, step)
+        units = f"{self.unit}es" if self.unit.endswith("ch") else f"{self.unit}s"
         if rate is None:
-            parts += ["-- steps/s", f"ETA {format_eta(None)}"]
+            parts += [f"-- {units}/s", f"ETA {format_eta(None)}"]
         else:
             shown = f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
-            parts += [f"{shown} steps/s", f"ETA {format_eta((self.total_steps - step) / rate)}"]
+            parts += [f"{shown} {units}/s", f"ETA {format_eta((self.total_steps - step) / rate)}"]
         return "  ".join(parts)
 
     def update(self, step: int, **scalars: Any) -> None:

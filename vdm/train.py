@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -27,13 +28,84 @@ import optax
 from flax import nnx, struct
 
 from vdm import checkpoint as ckpt_lib
-from vdm import configlib, data as data_lib, metrics as metrics_lib, parallel, paths
+from vdm import configlib, data as data_lib, lock as lock_lib, metrics as metrics_lib, parallel, paths
 from vdm import model as model_lib
 from vdm.nets.layers import Kernel
 
 # --------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------
+
+
+# The values of a step checked for NaN/inf, in the order of the bits of Health.*_terms.
+CHECKED = ("prior", "reconstruction", "diffusion", "loss", "gamma_0", "gamma_1", "gradient norm")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinity; the message (one line) names the step and the values."""
+
+
+@struct.dataclass
+class Health:
+    """Non-finite steps, tracked on the device so that nothing syncs per step (int32 scalars).
+
+    A step whose checked values (``CHECKED``) are not all finite is never applied: params,
+    optimizer state, EMA and density stay as they were. ``first_*``: the first such step of
+    the run (-1: none) and which values; ``run_*``: the current streak of them.
+    """
+
+    first_step: jax.Array
+    first_terms: jax.Array
+    run_start: jax.Array
+    run_terms: jax.Array
+    run_length: jax.Array
+    skipped: jax.Array
+
+    @classmethod
+    def initial(cls) -> "Health":
+        def none():
+            return jnp.full((), -1, jnp.int32)
+
+        def zero():  # a buffer of its own for each field: the train step donates the state
+            return jnp.zeros((), jnp.int32)
+
+        return cls(first_step=none(), first_terms=zero(), run_start=none(), run_terms=zero(), run_length=zero(),
+                   skipped=zero())
+
+    def after(self, step: jax.Array, bad_terms: jax.Array) -> "Health":
+        """The record after step ``step`` (1-based) whose non-finite values are the bits ``bad_terms``."""
+        bad = bad_terms != 0
+        new_run = bad & (self.run_length == 0)
+        return Health(
+            first_step=jnp.where(bad & (self.first_step < 0), step, self.first_step),
+            first_terms=jnp.where(bad & (self.first_step < 0), bad_terms, self.first_terms),
+            run_start=jnp.where(new_run, step, jnp.where(bad, self.run_start, -1)),
+            run_terms=jnp.where(bad, jnp.where(new_run, 0, self.run_terms) | bad_terms, 0),
+            run_length=jnp.where(bad, self.run_length + 1, 0),
+            skipped=self.skipped + bad.astype(jnp.int32))
+
+
+def describe_terms(bits: int) -> str:
+    return ", ".join(name for i, name in enumerate(CHECKED) if bits >> i & 1)
+
+
+def check_health(health: Health, skip_nonfinite: int, last_checkpoint: int | None) -> None:
+    """Raise NonFiniteError when the run must stop (one host sync of six scalars).
+
+    ``skip_nonfinite`` 0: at the first non-finite step; N > 0: after N of them in a row.
+    """
+    h = {k: int(v) for k, v in jax.device_get(dataclasses.asdict(health)).items()}
+    if skip_nonfinite == 0 and h["first_step"] >= 0:
+        where, terms, what = h["first_step"], h["first_terms"], "step"
+    elif skip_nonfinite > 0 and h["run_length"] >= skip_nonfinite:
+        where, terms, what = h["run_start"], h["run_terms"], f"{h['run_length']} steps in a row from step"
+    else:
+        return
+    kept = f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint was saved"
+    hint = ("lower train.lr or set train.grad_clip, or skip such steps with train.skip_nonfinite=N" if not skip_nonfinite
+            else "lower train.lr or set train.grad_clip")
+    raise NonFiniteError(f"non-finite {describe_terms(terms)} at {what} {where}; nothing non-finite was saved "
+                         f"({kept}): {hint}")
 
 
 @struct.dataclass
@@ -46,6 +118,7 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     density: Any  # log-SNR density for importance sampling, or None
+    health: Health
 
 
 def model_initializer(config, info: data_lib.DatasetInfo):
@@ -83,13 +156,15 @@ def make_optimizer(config, decay_mask) -> optax.GradientTransformation:
     lr = optax.join_schedules([optax.linear_schedule(opt.lr / warmup, opt.lr, warmup - 1),
                                optax.constant_schedule(opt.lr)], [warmup - 1])
     adamw = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw) if opt.grad_clip > 0 else adamw
+    # The same chain (and optimizer state) with or without clipping: a run may resume with either.
+    clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
 
 
 def initial_state(config, params, tx, objective: model_lib.Objective) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(config.seed), params=params,
                       opt_state=tx.init(params), ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                      density=objective.initial_density())
+                      density=objective.initial_density(), health=Health.initial())
 
 
 # --------------------------------------------------------------------------------------
@@ -111,11 +186,19 @@ def make_train_step(graphdef, tx, config):
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         sums = model_lib.bpd_sums(terms, math.prod(batch["image"].shape[1:]))
         count = sums.pop("count")
+        grad_norm = optax.tree.norm(grads)
+        checked = (sums["bpd_prior"], sums["bpd_reconstruction"], sums["bpd_diffusion"], loss, terms.gamma_0,
+                   terms.gamma_1, grad_norm)
+        bad_terms = sum(jnp.where(jnp.isfinite(v), 0, 1 << i) for i, v in enumerate(checked)).astype(jnp.int32)
+        health = state.health.after(state.step + 1, bad_terms)
         logged = {k: v / count for k, v in sums.items()} | {
-            "loss": loss, "gamma_0": terms.gamma_0, "gamma_1": terms.gamma_1, "grad_norm": optax.tree.norm(grads)}
+            "loss": loss, "gamma_0": terms.gamma_0, "gamma_1": terms.gamma_1, "grad_norm": grad_norm,
+            "skipped_steps": health.skipped}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                             density=objective.update_density(state.density, terms))
-        return new, logged
+        # A non-finite step is never applied: everything but the step count and the record stays.
+        kept = jax.tree_util.tree_map(lambda old, upd: jnp.where(bad_terms != 0, old, upd), state, new)
+        return kept.replace(step=state.step + 1, health=health), logged
 
     def train_step(state, batch):
         state, logged = jax.lax.scan(one_step, state, batch)
@@ -157,7 +240,7 @@ _COMPILED: dict[str, Compiled] = {}
 # Config fields that change no compiled function: runs that differ only in these share them.
 _NOT_COMPILED = {"seed": (), "data": (), "train": ("num_steps", "log_every", "eval_every", "checkpoint_every",
                                                    "keep_checkpoints", "coordinator_timeout_s",
-                                                   "compilation_cache_dir")}
+                                                   "compilation_cache_dir", "skip_nonfinite")}
 
 
 def _compile_key(config, info, mesh) -> str:
@@ -229,13 +312,76 @@ def prepare(config) -> tuple[Any, data_lib.Dataset]:
     return mesh, dataset
 
 
-class Trainer:
-    """Holds the compiled functions, the mesh and the data for one workdir."""
+def _acquire_everywhere(lock: lock_lib.WorkdirLock) -> None:
+    """Process 0 takes the workdir lock; every process learns whether it got it."""
+    try:
+        lock.acquire(is_main=jax.process_index() == 0)
+        busy = None
+    except lock_lib.WorkdirBusy as e:
+        busy = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    def __init__(self, config, workdir: str):
+        if int(multihost_utils.broadcast_one_to_all(np.int32(busy is not None))) and busy is None:
+            busy = lock_lib.WorkdirBusy(f"{lock.workdir} is in use by another training run (see process 0)")
+    if busy is not None:
+        raise busy
+
+
+def _data_identity(info: data_lib.DatasetInfo) -> dict:
+    return {"name": info.name, "shape": list(info.shape), "vocab_size": info.vocab_size,
+            "num_classes": info.num_classes}
+
+
+# Model fields that change no parameter: a checkpoint may be resumed with other values.
+_COMPATIBLE_MODEL_FIELDS = {"dtype", "remat"}
+
+
+def _flatten(tree, prefix: str) -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}").items()}
+    return {prefix: tree}
+
+
+def _model_differences(meta: dict, config: dict, data_identity: dict) -> list[str]:
+    """``field: checkpoint A, config B`` for each model field and data property that differs."""
+    saved = {k: v for k, v in _flatten(meta["config"].get("model", {}), "model").items()
+             if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}
+    now = {k: v for k, v in _flatten(config.get("model", {}), "model").items()
+           if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}
+    saved |= _flatten(meta.get("data", {}), "data")
+    now |= _flatten(data_identity, "data")
+    missing = object()
+    return [f"{k}: checkpoint {saved.get(k, 'unset')!r}, config {now.get(k, 'unset')!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k, missing) != now.get(k, missing)]
+
+
+class Trainer:
+    """Holds the compiled functions, the mesh and the data for one workdir.
+
+    ``exclusive``: hold the workdir's lock (a training run); ``must_exist``: the workdir must
+    already have checkpoints (eval and sample: a mistyped workdir is an error, not a new one).
+    Everything that can be wrong with the input (config, data, the lock, a checkpoint from
+    another model) is found before anything is compiled.
+    """
+
+    def __init__(self, config, workdir: str, *, exclusive: bool = False, must_exist: bool = False):
         self.config, self.workdir = config, workdir
         self.mesh, self.dataset = prepare(config)
         info = self.dataset.info
+        checkpoints = paths.join(workdir, "checkpoints")
+        if must_exist and not paths.path(checkpoints).is_dir():
+            raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpoints}: train first (is --workdir right?)")
+        self.lock = lock_lib.WorkdirLock(workdir)
+        if exclusive:
+            _acquire_everywhere(self.lock)
+        try:
+            self.checkpointer = ckpt_lib.Checkpointer(checkpoints, max_to_keep=config.train.keep_checkpoints)
+            self.check_compatible()
+        except BaseException:
+            self.lock.release()
+            raise
+        self.restore_notes: list[str] = []
         self.compilation_cache = use_compilation_cache(config.train.compilation_cache_dir)
         compiled = compile_run(config, info, self.mesh)
         self.graphdef, self.tx = compiled.graphdef, compiled.tx
@@ -243,8 +389,20 @@ class Trainer:
         self.objective = model_lib.Objective.from_config(config)
         params = compiled.init(config.seed)
         self.state = parallel.replicate(initial_state(config, params, self.tx, self.objective), self.mesh)
-        self.checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
-                                                  max_to_keep=config.train.keep_checkpoints)
+
+    def close(self, quiet: bool = False) -> None:
+        """Wait for pending saves, release Orbax and the workdir lock.
+
+        ``quiet``: an error is already on its way out; a failing save (say, a full disk) is not
+        reported a second time over it.
+        """
+        try:
+            self.checkpointer.close()
+        except ckpt_lib.CheckpointError:
+            if not quiet:
+                raise
+        finally:
+            self.lock.release()
 
     def startup_lines(self) -> list[str]:
         """What this run sees: software, processes, devices, mesh, batch, precision, size, workdir."""
@@ -291,37 +449,86 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------
 
+    def meta(self) -> dict:
+        """What a checkpoint records of the run besides the state: config, data, devices."""
+        info = self.dataset.info
+        return {"config": json.loads(self.config.to_json_best_effort()), "data": _data_identity(info),
+                "devices": jax.device_count(), "processes": jax.process_count()}
+
+    def check_compatible(self) -> None:
+        """CheckpointError naming the fields that differ, if the newest checkpoint is of another model or data."""
+        for step in reversed(self.checkpointer.all_steps()):
+            meta = self.checkpointer.step_metadata(step)
+            if "config" not in meta:
+                continue  # unreadable: restoring it will say so (and fall back)
+            differences = _model_differences(meta, json.loads(self.config.to_json_best_effort()),
+                                             _data_identity(self.dataset.info))
+            if differences:
+                shown = "; ".join(differences[:4]) + (f" (+{len(differences) - 4} more)" if len(differences) > 4 else "")
+                raise ckpt_lib.CheckpointError(
+                    f"checkpoint step {step} in {self.checkpointer.directory} is of another model or data: {shown}; "
+                    "use another --workdir, or the checkpoint's config")
+            return
+
     def restore_latest(self) -> int:
-        step = self.checkpointer.latest_step()
+        """Restore the newest intact checkpoint (damaged newer ones are moved aside, with a note in
+        ``restore_notes``); returns the step (0 if there is none)."""
+        step, state, notes = self.checkpointer.restore_newest_good(ckpt_lib.abstract_like(self.state))
         if step is not None:
-            self.state = self.checkpointer.restore(step, target=ckpt_lib.abstract_like(self.state))
+            self.state = state
+            devices = self.checkpointer.step_metadata(step).get("devices")
+            if devices is not None and devices != jax.device_count():
+                notes.append(f"checkpoint step {step} was written on {devices} device(s); continuing on "
+                             f"{jax.device_count()} (the batches are a function of seed and step: the same data)")
+        self.restore_notes = notes
         return int(self.state.step)
 
+    def check_health(self) -> None:
+        """Raise NonFiniteError if training went non-finite (see ``check_health``)."""
+        check_health(self.state.health, self.config.train.skip_nonfinite, self.checkpointer.latest_step())
+
     def save(self) -> None:
+        """Checkpoint the state, after checking that nothing in it came from a non-finite step."""
+        self.check_health()
         step = int(self.state.step)
         if self.checkpointer.latest_step() != step:
-            self.checkpointer.save(step, self.state)
+            self.checkpointer.save(step, self.state, meta=self.meta())
 
     # -- evaluation and sampling ----------------------------------------------------------
 
-    def evaluate(self, params=None) -> dict:
+    def evaluate(self, params=None, stop=None, show_progress: bool = False) -> dict | None:
         """Bits/dim of the VLB over one complete pass of the test split (EMA parameters).
 
         For a class-conditional model this is the conditional bound on -log p(x | y).
+        ``stop``: checked between batches; when it returns true, the pass ends and None is returned.
+        ``show_progress``: a progress bar over the batches (``--mode eval``).
         """
         params = self.state.ema_params if params is None else params
         bs = self.config.eval.batch_size
         bs = -(-bs // self.mesh.size) * self.mesh.size  # round up to a multiple of the device count
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0x5EED)
         totals: dict[str, float] = {}
+        num_examples = min(self.config.eval.num_examples or len(self.dataset.test), len(self.dataset.test))
+        num_batches = -(-num_examples // bs)
+        progress = None
+        if show_progress:
+            progress = metrics_lib.Progress(num_batches, log_every=max(1, num_batches // 10), unit="batch")
+            progress.log(f"evaluating {num_examples} test images in {num_batches} batches of {bs}")
         batches = data_lib.eval_batches(self.dataset.test, bs, num_examples=self.config.eval.num_examples,
                                         **self._hosts())
         for i, host in enumerate(batches):
+            if stop is not None and stop():
+                return None
+            if progress is not None:
+                progress.update(i)
             batch = parallel.host_batch_to_global(self.mesh, host)
             mask = batch.pop("mask")
             sums = self.eval_step(params, batch, mask, jax.random.fold_in(rng, i))
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+        if progress is not None:
+            progress.update(num_batches)
+            progress.close()
         count = totals.pop("count")
         return {k: v / count for k, v in totals.items()} | {"count": count}
 
@@ -389,23 +596,39 @@ def save_png(path: str, picture: np.ndarray) -> None:
     paths.write_bytes(path, buffer.getvalue())
 
 
-class _StopRequested:
-    """Set by SIGTERM so the loop can save a checkpoint before exiting."""
+class Interrupted(Exception):
+    """SIGINT or SIGTERM where there is nothing to save (evaluation, sampling), or a second SIGINT."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = 128 + signal.Signals[signal_name].value
+
+
+class Signals:
+    """SIGINT and SIGTERM. While ``deferring`` (the training steps), the first one only sets
+    ``requested``: the loop finishes the current step, saves and stops. Otherwise, and at a
+    second signal, ``Interrupted`` is raised at once."""
 
     def __init__(self):
-        self.flag = False
+        self.requested: str | None = None
+        self.deferring = False
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM,):
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
+            except ValueError:  # not the main thread: signals stay as they were
                 pass
         return self
 
     def _handler(self, signum, frame):
-        self.flag = True
+        name = signal.Signals(signum).name
+        if self.deferring and self.requested is None:
+            self.requested = name
+            return
+        raise Interrupted(name)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -419,52 +642,58 @@ def write_config(config, workdir: str) -> None:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train (resuming from the latest checkpoint in workdir), evaluate, sample. Returns final metrics."""
-    trainer = Trainer(config, workdir)  # validates config, loads data: fails before any compile
-    write_config(config, workdir)
-    start = trainer.restore_latest()
-    writer = metrics_lib.MetricWriter(workdir)
-    progress = metrics_lib.Progress(config.train.num_steps, initial_step=start, log_every=config.train.log_every)
+    """Train (resuming from the newest intact checkpoint in workdir), evaluate, sample. Returns final metrics."""
+    trainer = Trainer(config, workdir, exclusive=True)  # config, data, lock, checkpoint's model: before compiling
     try:
-        for line in trainer.startup_lines():
-            progress.log(line)
-        if start:
-            progress.log(f"resumed from step {start} in {workdir}")
-        return _train_loop(trainer, writer, progress, start)
+        start = trainer.restore_latest()
+        write_config(config, workdir)  # only once the run is accepted
+        writer = metrics_lib.MetricWriter(workdir)
+        progress = metrics_lib.Progress(config.train.num_steps, initial_step=start, log_every=config.train.log_every)
+        try:
+            for line in trainer.startup_lines() + trainer.restore_notes:
+                progress.log(line)
+            if start:
+                progress.log(f"resumed from step {start} in {workdir}")
+            with Signals() as signals:
+                return _train_loop(trainer, writer, progress, start, signals)
+        finally:
+            progress.close()
+            writer.close()
     finally:
-        progress.close()
-        writer.close()
-        trainer.checkpointer.close()
+        trainer.close(quiet=sys.exc_info()[0] is not None)
 
 
-def _train_loop(trainer: Trainer, writer, progress, start: int) -> dict:
+def _train_loop(trainer: Trainer, writer, progress, start: int, signals: Signals) -> dict:
     opt = trainer.config.train
     last_time, last_step = time.perf_counter(), start
     batches = trainer.train_batches(start)
-    with _StopRequested() as stop:
-        step = start
-        while step < opt.num_steps:
-            trainer.state, logged = trainer.train_step(trainer.state, next(batches))
-            step += opt.steps_per_call
-            if step % opt.log_every == 0 or step >= opt.num_steps:
-                logged = {k: float(v) for k, v in jax.device_get(logged).items()}
-                now = time.perf_counter()
-                rate = (step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                logged.update(steps_per_sec=rate, images_per_sec=rate * opt.batch_size)
-                writer.write(step, logged)
-                progress.update(step, loss=logged["loss"], bpd=logged["bpd"])
-            if step % opt.eval_every == 0 and step < opt.num_steps:
-                result = trainer.evaluate()
+    signals.deferring = True  # SIGINT / SIGTERM: finish the step, save, stop
+    step = start
+    while step < opt.num_steps:
+        trainer.state, logged = trainer.train_step(trainer.state, next(batches))
+        step += opt.steps_per_call
+        if step % opt.log_every == 0 or step >= opt.num_steps:
+            trainer.check_health()
+            logged = {k: float(v) for k, v in jax.device_get(logged).items()}
+            now = time.perf_counter()
+            rate = (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            logged.update(steps_per_sec=rate, images_per_sec=rate * opt.batch_size)
+            writer.write(step, logged)
+            progress.update(step, loss=logged["loss"], bpd=logged["bpd"])
+        if step % opt.eval_every == 0 and step < opt.num_steps:
+            result = trainer.evaluate(stop=lambda: signals.requested)
+            if result is not None:  # None: a signal came during the evaluation
                 writer.write(step, {f"eval_{k}": v for k, v in result.items()})
                 progress.log(f"step {step}: test bpd {result['bpd']:.4f}")
-            if step % opt.checkpoint_every == 0 or step >= opt.num_steps or stop.flag:
-                trainer.save()
-            if stop.flag:
-                progress.log(f"stop requested: saved step {step}, exiting")
-                break
+        if step % opt.checkpoint_every == 0 or step >= opt.num_steps or signals.requested:
+            trainer.save()
+        if signals.requested:
+            progress.log(f"{signals.requested}: saved step {step}, exiting")
+            break
     trainer.checkpointer.wait()
-    if stop.flag:
+    signals.deferring = False  # from here on a signal stops at once: the final state is saved
+    if signals.requested:
         return {"step": step, "stopped": True}
     result = trainer.evaluate()
     step = int(trainer.state.step)
@@ -473,26 +702,34 @@ def _train_loop(trainer: Trainer, writer, progress, start: int) -> dict:
 
 
 def _restored_trainer(config, workdir: str) -> Trainer:
-    trainer = Trainer(config, workdir)
-    if trainer.checkpointer.latest_step() is None:
-        raise ckpt_lib.CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}: train first")
-    trainer.restore_latest()
+    trainer = Trainer(config, workdir, must_exist=True)
+    try:
+        if trainer.restore_latest() == 0 and trainer.checkpointer.latest_step() is None:
+            raise ckpt_lib.CheckpointError(f"no checkpoint in {trainer.checkpointer.directory}: train first")
+    except BaseException:
+        trainer.close()
+        raise
+    for note in trainer.restore_notes:
+        print(f"note: {note}", file=sys.stderr)
     return trainer
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
     """--mode eval: test bits/dim of the latest checkpoint (EMA parameters)."""
     trainer = _restored_trainer(config, workdir)
-    result = trainer.evaluate() | {"step": int(trainer.state.step)}
-    trainer.checkpointer.close()
-    return result
+    try:
+        with Signals():
+            return trainer.evaluate(show_progress=True) | {"step": int(trainer.state.step)}
+    finally:
+        trainer.close()
 
 
 def sample_checkpoint(config, workdir: str) -> dict:
     """--mode sample: samples (.npz, .png, TensorBoard) from the latest checkpoint."""
     trainer = _restored_trainer(config, workdir)
     step = int(trainer.state.step)
-    with metrics_lib.MetricWriter(workdir) as writer:
-        path = trainer.sample(step, writer)
-    trainer.checkpointer.close()
-    return {"samples": path, "step": step}
+    try:
+        with Signals(), metrics_lib.MetricWriter(workdir) as writer:
+            return {"samples": trainer.sample(step, writer), "step": step}
+    finally:
+        trainer.close()

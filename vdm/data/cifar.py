@@ -10,8 +10,10 @@ batch needs, so a hostile file cannot run code.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import io
+import lzma
 import os
 import pickle
 import re
@@ -148,18 +150,40 @@ def _cifar_files(path: str, split: str) -> dict[str, tuple[str, bytes]]:
             for name in sorted(os.listdir(path))
             if _wanted(split, name) and os.path.isfile(os.path.join(path, name))
         }
+    raw = _decompressed(path, read_bytes(path))
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            members = list(tar)
+            # tarfile ends quietly at a damaged header after the first: all that follows must be padding.
+            if any(raw[tar.offset:]):
+                raise fail(path, f"damaged tar header at byte {tar.offset} after {len(members)} member(s): "
+                                 "the archive is corrupt")
             return {
                 os.path.basename(member.name): (
                     f"{path}:{member.name}",
                     tar.extractfile(member).read(),
                 )
-                for member in tar
+                for member in members
                 if member.isfile() and _wanted(split, os.path.basename(member.name))
             }
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except (tarfile.TarError, OSError, EOFError) as e:
         raise fail(path, f"unreadable tar archive ({e})") from e
+
+
+# gzip is undone by read_bytes; tarfile would end quietly inside these two when they are cut short.
+_COMPRESSIONS = ((b"BZh", bz2.decompress, "bzip2"), (b"\xfd7zXZ\x00", lzma.decompress, "xz"))
+
+
+def _decompressed(path: str, raw: bytes) -> bytes:
+    """The tar bytes of a bzip2 or xz archive (gzip is already undone); a truncated stream is an error."""
+    for magic, decompress, name in _COMPRESSIONS:
+        if raw.startswith(magic):
+            try:
+                return decompress(raw)
+            except (EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
+                raise fail(path, f"damaged {name} stream ({type(e).__name__}: {e}): the archive is truncated "
+                                 "or corrupt") from e
+    return raw
 
 
 def _cifar_root(path: str) -> str:
@@ -193,6 +217,11 @@ def load_cifar10_files(split: str, *, path: PathLike) -> ArraySource:
             (order, name) for name in files if (order := _batch_order(pattern, name)) is not None
         )
         if batches:
+            orders = [order for order, _ in batches]
+            if split == "train" and orders != list(range(1, len(orders) + 1)):
+                missing = sorted(set(range(1, max(orders) + 1)) - set(orders))
+                raise fail(root, f"has data_batch_{', '.join(map(str, orders))} but not "
+                                 f"data_batch_{', '.join(map(str, missing))}: the data are incomplete")
             decoded = [fmt.decode(files[name][1], files[name][0]) for _, name in batches]
             images = np.concatenate([images for images, _ in decoded])
             labels = np.concatenate([labels for _, labels in decoded])

@@ -8,6 +8,7 @@ optionally integer ``labels`` (or ``y``).
 from __future__ import annotations
 
 import os
+import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,8 +29,8 @@ def read_npz(path: PathLike, *, vocab_size: int = 256) -> ArraySource:
         arrays = np.load(path, allow_pickle=False)
     except FileNotFoundError as e:
         raise fail(path, "no such file", DataNotFoundError) from e
-    except (OSError, ValueError, EOFError, zlib.error) as e:
-        raise fail(path, f"not a readable .npz file ({e})") from e
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise fail(path, f"not a readable .npz file ({type(e).__name__}: {e})") from e
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise fail(path, "holds a single array (.npy), expected an .npz archive")
     with arrays:
@@ -40,7 +41,7 @@ def read_npz(path: PathLike, *, vocab_size: int = 256) -> ArraySource:
         try:
             images = arrays[image_key]
             labels = None if label_key is None else arrays[label_key]
-        except (OSError, ValueError, EOFError, zlib.error) as e:
+        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
             raise fail(path, f"cannot read array {image_key!r} or its labels ({e})") from e
     return make_split(images, labels, vocab_size=vocab_size, origin=path)
 

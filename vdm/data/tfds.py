@@ -228,6 +228,10 @@ def load_tfds(
         examples = _tfds_load_numpy(tfds, dataset, tfds_split, data_dir, download)
         images, labels = _stack_examples(examples, len(examples), image_key, label_key, origin)
         return make_split(images, labels, vocab_size=vocab_size, origin=origin)
+    except Exception as e:  # noqa: BLE001 - tfds raises many kinds for data that are absent or half prepared
+        said = (str(e).strip().splitlines() or [""])[0]
+        raise fail(origin, f"cannot open it ({type(e).__name__}: {said}); prepare it with "
+                           f"tfds.builder({dataset!r}).download_and_prepare(file_format='array_record')") from e
     return TfdsSource(
         source,
         origin=origin,

