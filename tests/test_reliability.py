@@ -216,7 +216,8 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the
     finally:
         trainer.close()
     (note,) = trainer.restore_notes
-    assert note.startswith(f"checkpoint step 4 in {checkpoints}") and "\n" not in note
+    assert note.startswith(f"checkpoint step 4 in {checkpoints} is damaged: ") and "\n" not in note
+    assert "TensorStore" not in note and len(note) < 400
     assert note.endswith(f"moved it to {checkpoints}/4.damaged and resumed from step 2")
     assert sorted(os.listdir(os.path.join(checkpoints, "4.damaged"))) == before  # moved, not deleted
     result = train.train_and_evaluate(_tiny(num_steps=6), workdir)
@@ -317,6 +318,23 @@ def _wait_for_line(proc, needle, timeout=240):
         if needle in line:
             return "".join(seen)
     raise AssertionError(f"{needle!r} never came: {''.join(seen)[-2000:]}")
+
+
+def test_signals_defer_once_while_training_and_stop_at_once_otherwise():
+    with train.Signals() as signals:
+        with pytest.raises(train.Interrupted) as info:  # evaluation, sampling: stop now
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert info.value.exit_code == 143 and signals.requested is None
+        signals.deferring = True  # training: the first signal asks the loop to save and stop
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert signals.requested == "SIGINT"
+        with pytest.raises(train.Interrupted) as info:  # Ctrl-C twice: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert info.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 @pytest.mark.slow

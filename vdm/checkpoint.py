@@ -95,7 +95,7 @@ def fingerprint(tree: Any) -> dict[str, Any]:
 
 def _one_line(err: BaseException) -> str:
     """``Type: first line of the message``, without TensorStore specs, at most ~300 chars."""
-    text = str(err).split(" [tensorstore_spec=")[0].strip()
+    text = str(err).split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0].strip()
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     line = f"{type(err).__name__}: {line}" if line else type(err).__name__
     return line if len(line) <= 300 else line[:297] + "..."
