@@ -52,8 +52,9 @@ def class_accuracy(config, workdir: str, guidance=(0.0, 1.0, 3.0), num_images: i
         for w in guidance:
             fn = jax.jit(lambda p, r, w=w: model_lib.generate(nnx.merge(trainer.graphdef, p), r, num_images,
                                                               num_steps=config.sample.num_steps, labels=labels,
-                                                              guidance=w))
-            images = np.asarray(fn(trainer.state.ema_params, jax.random.PRNGKey(seed)))
+                                                              guidance=w, sampler=config.sample.sampler,
+                                                              sampler_kwargs=config.sample.sampler_kwargs.to_dict()))
+            images = np.asarray(fn(trainer.state.ema_params, jax.random.PRNGKey(seed)).images)
             predicted = classifier.predict(images.reshape(num_images, -1) / (trainer.dataset.info.vocab_size - 1))
             result[f"accuracy_guidance_{w:g}"] = round(float(np.mean(predicted == np.asarray(labels))), 4)
     finally:

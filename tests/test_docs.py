@@ -129,7 +129,7 @@ def test_documented_command(where, argv, files, tmp_path, request, capsys):
     assert graphdef is not None
     if mode == "sample":
         trainer = train.Trainer(config, workdir)
-        path = trainer.sample(0)
+        path = trainer.sample(0)["samples"]
         images = np.load(path[:-4] + ".npz")["images"]
         assert images.shape == (4, *dataset.info.shape) and images.dtype == np.uint8
         trainer.close()
@@ -218,3 +218,20 @@ def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     assert result["classifier_test_accuracy"] > 0.85
     assert [k for k in result if k.startswith("accuracy_")] == [f"accuracy_guidance_{w:g}" for w in guidance]
     assert all(result[f"accuracy_guidance_{w:g}"] * 10 % 1 == 0 for w in guidance)  # a fraction of 10 samples
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.sample.sampler_kwargs.eta=0.5"],
+     "config.sample.sampler_kwargs.eta=0.5: sampler 'ancestral' takes no keyword arguments"),
+    (["--config.sample.sampler=ddim", "--config.sample.sampler_kwargs.eta=2.0"],
+     "config.sample.sampler_kwargs.eta=2.0: must be in [0, 1]"),
+    (["--config.sample.sampler=ode", "--config.sample.sampler_kwargs.solver=euler"],
+     "config.sample.sampler_kwargs.solver='euler': valid values: tsit5, dopri5"),
+    (["--config.sample.sampler=dpm_solver_2m", "--config.sample.sampler_kwargs.spacing=cubic"],
+     "config.sample.sampler_kwargs.spacing='cubic': valid values: time, logsnr"),
+])
+def test_sampler_options_are_checked_before_compiling(args, message):
+    config, *_ = _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x", *args])
+    with pytest.raises(configlib.ConfigError) as info:
+        configlib.validate(config)
+    assert str(info.value).startswith(message)

@@ -185,7 +185,7 @@ def test_class_conditional_samples_are_of_the_requested_class_and_guidance_sharp
     for guidance in (0.0, 3.0):
         fn = jax.jit(lambda p, r: model_lib.generate(nnx.merge(trainer.graphdef, p), r, n, num_steps=64,
                                                      labels=labels, guidance=guidance))
-        images = np.asarray(fn(trainer.state.ema_params, jax.random.PRNGKey(1)))
+        images = np.asarray(fn(trainer.state.ema_params, jax.random.PRNGKey(1)).images)
         accuracy[guidance] = float(np.mean(classifier.predict(images.reshape(n, -1) / 16.0) == labels))
     print(f"\n[conditional digits, 400 steps] classifier accuracy on samples: w=0 {accuracy[0.0]:.2f}, "
           f"w=3 {accuracy[3.0]:.2f} (chance 0.10)")

@@ -35,7 +35,7 @@ def test_files_of_a_run_land_under_a_gs_workdir(memory_gcs, monkeypatch, tmp_pat
     with metrics.MetricWriter(workdir) as writer:
         writer.write(1, {"loss": 2.0})
         writer.write(2, {"loss": 1.0})
-        png = trainer.sample(2, writer)
+        png = trainer.sample(2, writer)["samples"]
     stored = sorted(memory_gcs.store)
     assert png == "gs://bucket/runs/a/samples_2.png"
     for name in ("config.json", "metrics.jsonl", "samples_2.npz", "samples_2.png"):

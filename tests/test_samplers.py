@@ -1,4 +1,10 @@
-"""Every sampler in SAMPLERS against the known answer for Gaussian data."""
+"""Every sampler in SAMPLERS against the known answers for Gaussian data.
+
+For x ~ N(0, s^2 I) and the Bayes-optimal denoiser the marginal of z_gamma is N(0, v(gamma) I)
+with v = alpha^2 s^2 + sigma^2, and the probability-flow ODE is linear: it maps z_1 to
+z_0 = z_1 sqrt(v(gamma_0) / v(gamma_1)) exactly. The deterministic samplers are checked
+against that map (and their order of convergence), the stochastic ones against the marginal.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,26 +12,98 @@ import pytest
 
 from vdm import analytic, diffusion, samplers, schedules
 
+DATA = analytic.GaussianData(dim=2, scale=0.5)
+G0, G1 = -8.0, 8.0
 
-@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))
+
+def v(g):
+    """Variance of the marginal of z_gamma for DATA (float64)."""
+    return 1 / (1 + np.exp(g)) * DATA.scale**2 + 1 / (1 + np.exp(-g))
+
+
+def _flow_map_error(name, num_steps, z1, schedule="fixed_linear", **kwargs):
+    sched = schedules.build(schedule, gamma_min=G0, gamma_max=G1)
+    run = jax.jit(lambda z: samplers.build(name)(jax.random.PRNGKey(1), DATA.eps_fn, sched, z, num_steps=num_steps,
+                                                 **kwargs))
+    z0, nfe = run(z1)
+    exact = np.asarray(z1, np.float64) * np.sqrt(v(G0) / v(G1))
+    return float(np.abs(np.asarray(z0, np.float64) - exact).max()), int(nfe)
+
+
+SAMPLER_CASES = [("ancestral", {}), ("ddim", {"eta": 1.0}), ("ddim", {"eta": 0.0}), ("ddim", {"spacing": "logsnr"}),
+                 ("dpm_solver_2m", {}), ("ode", {"rtol": 1e-5, "atol": 1e-5})]
+
+
+def test_every_sampler_is_tested():
+    assert {name for name, _ in SAMPLER_CASES} == set(samplers.SAMPLERS)
+
+
+@pytest.mark.parametrize("name,kwargs", SAMPLER_CASES, ids=[f"{n}{k}" for n, k in SAMPLER_CASES])
 @pytest.mark.parametrize("schedule", ["fixed_linear", "cosine"])
-def test_sampler_with_bayes_denoiser_recovers_the_data_distribution(sampler, schedule):
-    # With the exact denoiser, p(z_s | z_t) is the true reverse process, so z_0 ~ N(0, (alpha_0^2 s^2 + sigma_0^2) I).
-    data = analytic.GaussianData(dim=2, scale=0.5)
-    g0, g1 = -8.0, 8.0
-    sched = schedules.build(schedule, gamma_min=g0, gamma_max=g1)
+def test_sampler_with_bayes_denoiser_recovers_the_data_distribution(name, kwargs, schedule):
+    # With the exact denoiser, p(z_s | z_t) is the true reverse process, so z_0 ~ N(0, v(gamma_0) I).
+    sched = schedules.build(schedule, gamma_min=G0, gamma_max=G1)
     n = 20000
     # z_1 from the true marginal q(z_1) (not N(0, I)), so that only the sampler is tested.
-    a2, s2 = 1 / (1 + np.exp(g1)), 1 / (1 + np.exp(-g1))
-    z1 = jnp.sqrt(a2 * 0.25 + s2) * jax.random.normal(jax.random.PRNGKey(0), (n, 2))
-    run = samplers.build(sampler)
-    z0 = jax.jit(lambda r, z: run(r, data.eps_fn, sched, z, num_steps=200))(jax.random.PRNGKey(1), z1)
+    z1 = jnp.sqrt(v(G1)) * jax.random.normal(jax.random.PRNGKey(0), (n, 2))
+    run = samplers.build(name)
+    z0, nfe = jax.jit(lambda r, z: run(r, DATA.eps_fn, sched, z, num_steps=200, **kwargs))(jax.random.PRNGKey(1), z1)
     var = np.asarray(z0, np.float64).var(0)
-    a2_0, s2_0 = 1 / (1 + np.exp(g0)), 1 / (1 + np.exp(-g0))
-    expected = a2_0 * 0.25 + s2_0
     # Sample variance of n normals has relative standard error sqrt(2 / n) = 1%.
-    np.testing.assert_allclose(var, expected, rtol=0.05)
-    assert abs(float(np.mean(z0))) < 4 * np.sqrt(expected / (2 * n))
+    np.testing.assert_allclose(var, v(G0), rtol=0.05)
+    assert abs(float(np.mean(z0))) < 4 * np.sqrt(v(G0) / (2 * n))
+    assert int(nfe) == 200 or name == "ode"
+
+
+def test_ddim_with_eta_1_is_the_ancestral_sampler():
+    """Same grid, same noise: the two updates are one formula written two ways."""
+    sched = schedules.build("cosine", gamma_min=G0, gamma_max=G1)
+    z1 = jax.random.normal(jax.random.PRNGKey(0), (64, 2))
+    z_a, _ = samplers.ancestral(jax.random.PRNGKey(3), DATA.eps_fn, sched, z1, num_steps=50)
+    z_d, _ = samplers.ddim(jax.random.PRNGKey(3), DATA.eps_fn, sched, z1, num_steps=50, eta=1.0)
+    np.testing.assert_allclose(np.asarray(z_d), np.asarray(z_a), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,order,steps", [("ddim", 1.0, (40, 80)), ("dpm_solver_2m", 2.0, (40, 80))])
+def test_deterministic_samplers_follow_the_flow_with_their_order_of_convergence(name, order, steps):
+    z1 = jnp.sqrt(v(G1)) * jax.random.normal(jax.random.PRNGKey(0), (256, 2))
+    (coarse, _), (fine, _) = (_flow_map_error(name, n, z1, schedule="cosine") for n in steps)
+    measured = np.log2(coarse / fine)
+    assert abs(measured - order) < 0.35, (coarse, fine, measured)
+    assert fine < 0.03
+
+
+def test_the_adaptive_ode_sampler_meets_its_tolerance_and_counts_its_network_calls():
+    calls = []
+
+    def counted(z, g, cond=None):
+        jax.debug.callback(lambda: calls.append(1))
+        return DATA.eps_fn(z, g)
+
+    sched = schedules.build("cosine", gamma_min=G0, gamma_max=G1)
+    z1 = jnp.sqrt(v(G1)) * jax.random.normal(jax.random.PRNGKey(0), (64, 2))
+    errors, nfes = [], []
+    for tol in (1e-3, 1e-5):
+        calls.clear()
+        z0, nfe = jax.jit(lambda z: samplers.ode(None, counted, sched, z, rtol=tol, atol=tol))(z1)
+        jax.effects_barrier()
+        assert int(nfe) == len(calls)  # the reported count is the real one
+        errors.append(float(np.abs(np.asarray(z0) - np.asarray(z1) * np.sqrt(v(G0) / v(G1))).max()))
+        nfes.append(int(nfe))
+    assert errors[1] < 1e-3 and errors[1] < errors[0] and nfes[1] > nfes[0]
+
+
+def test_ddim_with_eta_0_is_invertible():
+    x = DATA.sample(jax.random.PRNGKey(5), 64)
+    sched = schedules.build("cosine", gamma_min=G0, gamma_max=G1)
+    errors = []
+    for n in (100, 400):
+        z1 = samplers.ddim_invert(DATA.eps_fn, sched, x, num_steps=n)
+        back, _ = samplers.ddim(None, DATA.eps_fn, sched, z1, num_steps=n)
+        errors.append(float(np.abs(np.asarray(back) - np.asarray(x)).max()))
+    assert errors[1] < 0.02 and errors[1] < errors[0] / 3  # first order both ways: ~4x smaller at 4x the steps
+    z1 = samplers.ddim_invert(DATA.eps_fn, sched, x, num_steps=400)  # and it lands on the prior's scale
+    np.testing.assert_allclose(np.asarray(z1).std(), np.sqrt(v(G1)), rtol=0.2)
 
 
 def test_decode_samples_picks_the_nearest_bin_at_low_noise():
@@ -38,25 +116,26 @@ def test_decode_samples_picks_the_nearest_bin_at_low_noise():
 
 def test_generate_shapes_and_range_and_unknown_sampler():
     sched = schedules.build("fixed_linear", gamma_min=-13.3, gamma_max=5.0)
-    x = samplers.generate(jax.random.PRNGKey(0), lambda z, g, c: jnp.zeros_like(z), sched, (3, 5, 5, 1),
-                          num_steps=4, vocab_size=17)
-    assert x.shape == (3, 5, 5, 1) and x.dtype == jnp.int32
+    x, nfe = samplers.generate(jax.random.PRNGKey(0), lambda z, g, c: jnp.zeros_like(z), sched, (3, 5, 5, 1),
+                               num_steps=4, vocab_size=17)
+    assert x.shape == (3, 5, 5, 1) and x.dtype == jnp.int32 and int(nfe) == 4
     assert int(x.min()) >= 0 and int(x.max()) <= 16
-    with pytest.raises(ValueError, match="valid names: ancestral"):
-        samplers.build("ddim")
+    with pytest.raises(ValueError, match="valid names: ancestral, ddim, dpm_solver_2m, ode"):
+        samplers.build("euler")
+    with pytest.raises(ValueError, match="spacing='cubic': valid values: time, logsnr"):
+        samplers.ddim(None, DATA.eps_fn, sched, jnp.zeros((2, 2)), num_steps=2, spacing="cubic")
 
 
-@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))
-def test_sampler_passes_cond_to_the_denoiser(sampler):
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_sampler_passes_cond_to_the_denoiser(name):
     """cond reaches eps_fn untouched: here it switches the Bayes denoiser on or off."""
-    data = analytic.GaussianData(dim=2, scale=0.5)
-    sched = schedules.build("fixed_linear", gamma_min=-8.0, gamma_max=8.0)
+    sched = schedules.build("fixed_linear", gamma_min=G0, gamma_max=G1)
 
     def eps_fn(z, gamma, cond):
-        return cond["on"][:, None] * data.eps_fn(z, gamma)
+        return cond["on"][:, None] * DATA.eps_fn(z, gamma)
 
     z1 = jax.random.normal(jax.random.PRNGKey(0), (4000, 2))
-    run = jax.jit(lambda cond: samplers.build(sampler)(jax.random.PRNGKey(1), eps_fn, sched, z1, cond, num_steps=50))
+    run = jax.jit(lambda cond: samplers.build(name)(jax.random.PRNGKey(1), eps_fn, sched, z1, cond, num_steps=50)[0])
     on = np.asarray(run({"on": jnp.ones(4000)}))
     off = np.asarray(run({"on": jnp.zeros(4000)}))
     # With the denoiser the samples shrink towards the data (variance ~0.25); without it they stay wider.

@@ -74,6 +74,9 @@ PIECES = (
     Piece("weighting", "loss.weighting", "loss.weighting_kwargs",
           lambda name: registry.lookup(weightings.WEIGHTINGS, name, "weighting").fn, ("logsnr",)),
     Piece("data source", "data.source", "data.kwargs", _source, ("split",)),
+    Piece("sampler", "sample.sampler", "sample.sampler_kwargs",
+          lambda name: registry.lookup(samplers.SAMPLERS, name, "sampler"),
+          ("rng", "eps_fn", "gamma_fn", "z_1", "cond", "num_steps")),
 )
 
 
@@ -176,7 +179,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Sampling.
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ancestral"
+    c.sample.sampler = "ancestral"  # vdm.samplers.SAMPLERS: ancestral | ddim | dpm_solver_2m | ode
+    c.sample.sampler_kwargs = ml_collections.ConfigDict()  # e.g. eta, spacing (ddim); rtol, atol, solver (ode)
     c.sample.num_steps = 256
     c.sample.num_images = 64
     c.sample.guidance = 0.0  # classifier-free guidance weight w; 0 = the plain conditional model
@@ -256,6 +260,16 @@ def validate(config) -> None:
     _choice("loss.weighting", loss.weighting, weightings.WEIGHTINGS)
     _choice("loss.time_sampler", loss.time_sampler, time_sampling.TIME_SAMPLERS)
     _choice("sample.sampler", config.sample.sampler, samplers.SAMPLERS)
+    sk = config.sample.sampler_kwargs
+    if "spacing" in sk and sk.spacing not in samplers.SPACINGS:
+        _fail("sample.sampler_kwargs.spacing", sk.spacing, f"valid values: {', '.join(samplers.SPACINGS)}")
+    if "solver" in sk and sk.solver not in samplers.SOLVERS:
+        _fail("sample.sampler_kwargs.solver", sk.solver, f"valid values: {', '.join(samplers.SOLVERS)}")
+    if "eta" in sk and not 0.0 <= sk.eta <= 1.0:
+        _fail("sample.sampler_kwargs.eta", sk.eta, "must be in [0, 1] (0: deterministic, 1: ancestral)")
+    for key in ("rtol", "atol"):
+        if key in sk and not sk[key] > 0:
+            _fail(f"sample.sampler_kwargs.{key}", sk[key], "must be positive")
     if loss.importance_sampling:
         _choice("loss.importance_sampling", loss.importance_sampling, time_sampling.DENSITIES)
     from vdm import data  # the data package pulls in grain; import it only when asked

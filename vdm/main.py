@@ -138,7 +138,7 @@ def main(argv):
               f"{result['bpd_reconstruction']:.4f}, diffusion {result['bpd_diffusion']:.4f}; "
               f"{int(result['count'])} images, step {result['step']})")
     if "samples" in result:
-        print(f"samples: {result['samples']}")
+        print(f"samples: {result['samples']} ({result['nfe']} network evaluations, {config.sample.sampler} sampler)")
     print(json.dumps(metrics.strict(result), allow_nan=False))
     return 0
 

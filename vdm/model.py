@@ -10,7 +10,7 @@ Everything the trainer needs from it is here, as functions of the parameters:
     loss, grads, terms = loss_and_grads(graphdef, params, batch, rng, objective)
     terms = evaluation_terms(model, batch, rng)          # the true VLB, per example
     bpd_sums(terms, model.num_dims)                      # -> {"bpd": ..., "count": ...}
-    images = generate(model, rng, 16, num_steps=256, labels=jnp.arange(16) % 10, guidance=1.0)
+    images, nfe = generate(model, rng, 16, num_steps=256, labels=jnp.arange(16) % 10, guidance=1.0)
 
 A batch is a dict ``{"image": uint8 [B, H, W, C], "label": int32 [B]}`` (``label`` only
 when the data have labels). ``loss_and_grads`` draws all randomness of a step from one key,
@@ -303,14 +303,20 @@ def spread_labels(num_images: int, num_classes: int, labels=()) -> jax.Array:
     return jnp.resize(pattern, (num_images,))
 
 
-def generate(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sampler: str = "ancestral",
-             labels: jax.Array | None = None, guidance: float = 0.0) -> jax.Array:
-    """``num_images`` samples as integers [N, *image_shape]; of the classes ``labels`` if given.
+class Samples(NamedTuple):
+    images: jax.Array  # int32 [N, *image_shape] in {0..V-1}
+    nfe: jax.Array  # int32 scalar: network evaluations the sampler took (a guided call counts once)
 
-    ``guidance`` is the classifier-free guidance weight w (0: the plain conditional model).
+
+def generate(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sampler: str = "ancestral",
+             labels: jax.Array | None = None, guidance: float = 0.0, sampler_kwargs=None) -> Samples:
+    """``num_images`` samples of the model, of the classes ``labels`` if given, and their cost.
+
+    ``guidance`` is the classifier-free guidance weight w (0: the plain conditional model);
+    ``sampler`` names one of ``vdm.samplers.SAMPLERS`` and ``sampler_kwargs`` its options.
     """
-    # The sampler loops with lax.fori_loop; NNX modules must not cross into that trace,
-    # so the loop body rebuilds the model from its (closed-over) state.
+    # The samplers loop with lax.fori_loop or diffrax; NNX modules must not cross into those
+    # traces, so the loop body rebuilds the model from its (closed-over) state.
     graphdef, state = nnx.split(model)
 
     def eps_fn(z, gamma, cond):
@@ -320,5 +326,7 @@ def generate(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sam
         return nnx.merge(graphdef, state).schedule(t)
 
     cond = None if labels is None else {"label": jnp.asarray(labels, jnp.int32)}
-    return samplers.generate(rng, eps_fn, gamma_fn, (num_images,) + model.image_shape, num_steps=num_steps,
-                             vocab_size=model.vocab_size, sampler=sampler, cond=cond)
+    images, nfe = samplers.generate(rng, eps_fn, gamma_fn, (num_images,) + model.image_shape, num_steps=num_steps,
+                                    vocab_size=model.vocab_size, sampler=sampler, cond=cond,
+                                    **dict(sampler_kwargs or {}))
+    return Samples(images, nfe)

@@ -273,7 +273,8 @@ def compile_run(config, info, mesh) -> Compiled:
 
     def sample(params, rng, labels):
         return model_lib.generate(nnx.merge(graphdef, params), rng, c.num_images, num_steps=c.num_steps,
-                                  sampler=c.sampler, labels=labels, guidance=c.guidance)
+                                  sampler=c.sampler, labels=labels, guidance=c.guidance,
+                                  sampler_kwargs=c.sampler_kwargs.to_dict())
 
     _COMPILED[key] = Compiled(graphdef, init, tx, train_step, eval_step, jax.jit(sample))
     return _COMPILED[key]
@@ -537,23 +538,23 @@ class Trainer:
         c, num_classes = self.config.sample, self.config.model.num_classes
         return model_lib.spread_labels(c.num_images, num_classes, c.labels) if num_classes else None
 
-    def sample(self, step: int, writer: metrics_lib.MetricWriter | None = None, params=None) -> str:
+    def sample(self, step: int, writer: metrics_lib.MetricWriter | None = None, params=None) -> dict:
         """Draw config.sample.num_images samples with the EMA parameters.
 
-        Writes ``samples_<step>.npz`` (``images`` uint8 [N, H, W, C] and, for a conditional
-        model, ``labels``) and ``samples_<step>.png``, and the grid to TensorBoard.
-        Returns the PNG's path.
+        Writes ``samples_<step>.npz`` (``images`` uint8 [N, H, W, C], ``nfe`` and, for a
+        conditional model, ``labels``) and ``samples_<step>.png``, and the grid to TensorBoard.
+        Returns {"samples": the PNG's path, "nfe": network evaluations of the sampler}.
         """
         c = self.config.sample
         params = self.state.ema_params if params is None else params
         labels = self.sample_labels()
-        images = np.asarray(self._sample(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11),
-                                         labels))
+        images, nfe = self._sample(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11), labels)
+        images, nfe = np.asarray(images), int(nfe)
         info = self.dataset.info
         images = images.astype(np.uint8)
         path = paths.join(self.workdir, f"samples_{step}")
         if jax.process_index() == 0:
-            arrays = {"images": images} | ({} if labels is None else {"labels": np.asarray(labels)})
+            arrays = {"images": images, "nfe": np.int64(nfe)} | ({} if labels is None else {"labels": np.asarray(labels)})
             buffer = io.BytesIO()
             np.savez(buffer, **arrays)
             paths.write_bytes(path + ".npz", buffer.getvalue())
@@ -562,7 +563,7 @@ class Trainer:
             save_png(path + ".png", grid)
             if writer is not None:
                 writer.write_image(step, "samples", grid)
-        return path + ".png"
+        return {"samples": path + ".png", "nfe": nfe}
 
 
 def draw_samples(images: np.ndarray, vocab_size: int, kind: str, columns: int | None = None) -> np.ndarray:
@@ -698,7 +699,7 @@ def _train_loop(trainer: Trainer, writer, progress, start: int, signals: Signals
     result = trainer.evaluate()
     step = int(trainer.state.step)
     writer.write(step, {f"eval_{k}": v for k, v in result.items()})
-    return result | {"samples": trainer.sample(step, writer), "step": step}
+    return result | trainer.sample(step, writer) | {"step": step}
 
 
 def _restored_trainer(config, workdir: str) -> Trainer:
@@ -730,6 +731,6 @@ def sample_checkpoint(config, workdir: str) -> dict:
     step = int(trainer.state.step)
     try:
         with Signals(), metrics_lib.MetricWriter(workdir) as writer:
-            return {"samples": trainer.sample(step, writer), "step": step}
+            return trainer.sample(step, writer) | {"step": step}
     finally:
         trainer.close()
