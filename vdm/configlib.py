@@ -24,7 +24,7 @@ from typing import Callable
 import ml_collections
 from flax import nnx
 
-from vdm import diffusion, nets, registry, samplers, schedules, time_sampling, weightings
+from vdm import diffusion, likelihood, nets, registry, samplers, schedules, time_sampling, weightings
 
 
 class ConfigError(ValueError):
@@ -176,6 +176,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.num_examples = 0  # 0: the whole test split
     c.eval.num_steps = 0  # T of the evaluated bound; 0 = continuous time
+    c.eval.method = "vlb"  # vlb | ode (the probability-flow ODE's likelihood, vdm.likelihood) | both
+    c.eval.ode = ml_collections.ConfigDict()  # the ODE likelihood's settings (vdm.model.ode_nll)
+    c.eval.ode.rtol = 1e-5
+    c.eval.ode.atol = 1e-5
+    c.eval.ode.solver = "tsit5"  # tsit5 | dopri5
+    c.eval.ode.divergence = "hutchinson"  # hutchinson (one Rademacher probe per solve) | exact (d jvps)
+    c.eval.ode.num_probes = 1
+    c.eval.ode.dequantization = "uniform"  # uniform | truncated_normal
+    c.eval.ode.num_samples = 1  # dequantisations per image; > 1: the importance-weighted bound
 
     # Sampling.
     c.sample = ml_collections.ConfigDict()
@@ -327,6 +336,17 @@ def validate(config) -> None:
         _fail("train.ema_decay", opt.ema_decay, "must be in [0, 1)")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", config.eval.batch_size, "must be >= 1")
+    _choice("eval.method", config.eval.method, {"vlb": 0, "ode": 0, "both": 0})
+    ode = config.eval.ode
+    _choice("eval.ode.solver", ode.solver, {k: 0 for k in samplers.SOLVERS})
+    _choice("eval.ode.divergence", ode.divergence, {k: 0 for k in likelihood.DIVERGENCES})
+    _choice("eval.ode.dequantization", ode.dequantization, {k: 0 for k in likelihood.DEQUANTIZATIONS})
+    for key in ("rtol", "atol"):
+        if not ode[key] > 0:
+            _fail(f"eval.ode.{key}", ode[key], "must be positive")
+    for key in ("num_probes", "num_samples"):
+        if ode[key] < 1:
+            _fail(f"eval.ode.{key}", ode[key], "must be >= 1")
     if config.eval.num_examples < 0:
         _fail("eval.num_examples", config.eval.num_examples, "must be >= 0 (0 = the whole test split)")
     if config.sample.num_steps < 1 or config.sample.num_images < 1:

@@ -134,9 +134,14 @@ def main(argv):
         print(f"stopped by {e.signal_name}", file=sys.stderr)
         return e.exit_code
     if "bpd" in result:
-        print(f"test bits/dim: {result['bpd']:.4f} (prior {result['bpd_prior']:.4f}, reconstruction "
-              f"{result['bpd_reconstruction']:.4f}, diffusion {result['bpd_diffusion']:.4f}; "
+        print(f"test bits/dim: {result['bpd']:.4f} +- {result['bpd_se']:.4f} (VLB: prior {result['bpd_prior']:.4f}, "
+              f"reconstruction {result['bpd_reconstruction']:.4f}, diffusion {result['bpd_diffusion']:.4f}; "
               f"{int(result['count'])} images, step {result['step']})")
+    if "bpd_ode" in result:
+        ode = config.eval.ode
+        print(f"test bits/dim by the probability-flow ODE: {result['bpd_ode']:.4f} +- {result['bpd_ode_se']:.4f} "
+              f"({ode.dequantization} dequantisation x {ode.num_samples}, {ode.divergence} divergence, "
+              f"{result['ode_nfe']:.0f} network evaluations per batch; {int(result['count'])} images)")
     if "samples" in result:
         print(f"samples: {result['samples']} ({result['nfe']} network evaluations, {config.sample.sampler} sampler)")
     print(json.dumps(metrics.strict(result), allow_nan=False))

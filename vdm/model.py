@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, nets, samplers, schedules, time_sampling, weightings
+from vdm import diffusion, likelihood, nets, samplers, schedules, time_sampling, weightings
 
 
 class VDM(nnx.Module):
@@ -286,6 +286,30 @@ def evaluation_terms(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int 
     """
     objective = dataclasses.replace(EVALUATION, num_steps=num_steps)
     return per_example_terms(model, batch, draw(rng, batch["image"].shape[0], objective), objective, train=False)
+
+
+def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol: float = 1e-5,
+            divergence: str = "hutchinson", num_probes: int = 1, dequantization: str = "uniform",
+            num_samples: int = 1, solver: str = "tsit5") -> tuple[jax.Array, jax.Array]:
+    """(-log P(x) in nats per example [B], network evaluations): the probability-flow ODE's
+    density dequantised to the discrete data (``vdm.likelihood``), conditional on the label
+    for a conditional model (no guidance)."""
+    cond = model.condition(batch)
+    graphdef, state = nnx.split(model)  # rebuilt inside the solver's traces (see ``generate``)
+
+    def eps_fn(z, gamma, c):
+        return nnx.merge(graphdef, state).eps(z, gamma, c)
+
+    def gamma_fn(t):
+        return nnx.merge(graphdef, state).schedule(t)
+
+    def log_density(key, f):
+        result = likelihood.ode_log_likelihood(key, f, gamma_fn, eps_fn, cond=cond, rtol=rtol, atol=atol,
+                                               divergence=divergence, num_probes=num_probes, solver=solver)
+        return result.log_prob, result.nfe
+
+    return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density, dequantization=dequantization,
+                                   num_samples=num_samples, gamma_0=gamma_fn(jnp.zeros((1,)))[0])
 
 
 # --------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from flax import nnx, struct
 
 from vdm import checkpoint as ckpt_lib
 from vdm import configlib, data as data_lib, lock as lock_lib, metrics as metrics_lib, parallel, paths
+from vdm import diffusion as diffusion_lib
 from vdm import model as model_lib
 from vdm.nets.layers import Kernel
 
@@ -208,13 +209,27 @@ def make_train_step(graphdef, tx, config):
 
 
 def make_eval_step(graphdef, config):
-    """Masked sums over one padded batch of the per-example VLB terms (bits/dim)."""
+    """Masked sums over one padded batch of the per-example bits/dim, by ``config.eval.method``.
+
+    ``vlb``: every VLB term; ``ode``: the probability-flow ODE's dequantised bound
+    (``bpd_ode``) and the solver's network evaluations (``ode_nfe``); ``both``: both, on the
+    same images. ``values`` holds the bounds per example (with ``mask``), for standard errors.
+    """
+    method, settings = config.eval.method, config.eval.ode.to_dict()
+
     def eval_step(params, batch, mask, rng):
         model = nnx.merge(graphdef, params)
-        terms = model_lib.evaluation_terms(model, batch, rng, num_steps=config.eval.num_steps)
-        sums = model_lib.bpd_sums(terms, model.num_dims, mask)
-        sums.pop("loss")
-        return sums
+        sums, values = {"count": jnp.sum(mask.astype(jnp.float32))}, {"mask": mask}
+        if method in ("vlb", "both"):
+            terms = model_lib.evaluation_terms(model, batch, jax.random.fold_in(rng, 0), num_steps=config.eval.num_steps)
+            sums |= model_lib.bpd_sums(terms, model.num_dims, mask)
+            sums.pop("loss")
+            values["bpd"] = diffusion_lib.bits_per_dim(terms.vlb, model.num_dims)
+        if method in ("ode", "both"):
+            nll, nfe = model_lib.ode_nll(model, batch, jax.random.fold_in(rng, 1), **settings)
+            values["bpd_ode"] = diffusion_lib.bits_per_dim(nll, model.num_dims)
+            sums |= {"bpd_ode": jnp.sum(jnp.where(mask, values["bpd_ode"], 0.0)), "ode_nfe": nfe.astype(jnp.float32)}
+        return sums, values
     return eval_step
 
 
@@ -498,9 +513,11 @@ class Trainer:
     # -- evaluation and sampling ----------------------------------------------------------
 
     def evaluate(self, params=None, stop=None, show_progress: bool = False) -> dict | None:
-        """Bits/dim of the VLB over one complete pass of the test split (EMA parameters).
+        """Bits/dim over one complete pass of the test split (EMA parameters), by ``config.eval.method``:
+        the VLB (``bpd`` and its terms), the probability-flow ODE's bound (``bpd_ode``) or both,
+        each with its standard error over the images (``*_se``).
 
-        For a class-conditional model this is the conditional bound on -log p(x | y).
+        For a class-conditional model these are bounds on -log p(x | y).
         ``stop``: checked between batches; when it returns true, the pass ends and None is returned.
         ``show_progress``: a progress bar over the batches (``--mode eval``).
         """
@@ -517,6 +534,7 @@ class Trainer:
             progress.log(f"evaluating {num_examples} test images in {num_batches} batches of {bs}")
         batches = data_lib.eval_batches(self.dataset.test, bs, num_examples=self.config.eval.num_examples,
                                         **self._hosts())
+        per_example: dict[str, list] = {}
         for i, host in enumerate(batches):
             if stop is not None and stop():
                 return None
@@ -524,14 +542,24 @@ class Trainer:
                 progress.update(i)
             batch = parallel.host_batch_to_global(self.mesh, host)
             mask = batch.pop("mask")
-            sums = self.eval_step(params, batch, mask, jax.random.fold_in(rng, i))
-            for k, v in jax.device_get(sums).items():
+            sums, values = jax.device_get(self.eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
+            for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+            keep = np.asarray(values.pop("mask"), bool)
+            for k, v in values.items():
+                per_example.setdefault(k, []).append(np.asarray(v, np.float64)[keep])
         if progress is not None:
             progress.update(num_batches)
             progress.close()
         count = totals.pop("count")
-        return {k: v / count for k, v in totals.items()} | {"count": count}
+        nfe = totals.pop("ode_nfe", None)
+        result = {k: v / count for k, v in totals.items()} | {"count": count}
+        for name, chunks in per_example.items():  # standard error of the mean over the test images
+            v = np.concatenate(chunks)
+            result[f"{name}_se"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        if nfe is not None:
+            result["ode_nfe"] = nfe / num_batches  # per batch: the solver's steps are shared by a batch
+        return result
 
     def sample_labels(self) -> jax.Array | None:
         """The classes to sample: None for an unconditional model, else config.sample.labels (or an even spread)."""
@@ -686,7 +714,7 @@ def _train_loop(trainer: Trainer, writer, progress, start: int, signals: Signals
             result = trainer.evaluate(stop=lambda: signals.requested)
             if result is not None:  # None: a signal came during the evaluation
                 writer.write(step, {f"eval_{k}": v for k, v in result.items()})
-                progress.log(f"step {step}: test bpd {result['bpd']:.4f}")
+                progress.log(f"step {step}: test bpd {result.get('bpd', result.get('bpd_ode')):.4f}")
         if step % opt.checkpoint_every == 0 or step >= opt.num_steps or signals.requested:
             trainer.save()
         if signals.requested:
