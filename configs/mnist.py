@@ -53,4 +53,5 @@ def get_config():
     c.eval.batch_size = 250
     c.sample.num_steps = 256
     c.sample.num_images = 64
+    c.sample.fd_mnist = True  # FD-MNIST of the samples, printed with them (vdm.quality)
     return c

@@ -129,9 +129,13 @@ def test_documented_command(where, argv, files, tmp_path, request, capsys):
     assert graphdef is not None
     if mode == "sample":
         trainer = train.Trainer(config, workdir)
-        path = trainer.sample(0)["samples"]
-        images = np.load(path[:-4] + ".npz")["images"]
+        result = trainer.sample(0)
+        images = np.load(result["samples"][:-4] + ".npz")["images"]
         assert images.shape == (4, *dataset.info.shape) and images.dtype == np.uint8
+        assert result["nfe"] >= 1
+        if config.sample.fd_mnist:  # the mnist configs report sample quality with their samples
+            assert result["fd_mnist"] > 0 and result["fd_mnist_images"] == 4
+            assert ("sample_accuracy" in result) == bool(config.model.num_classes)
         trainer.close()
 
 

@@ -193,6 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_steps = 256
     c.sample.num_images = 64
     c.sample.guidance = 0.0  # classifier-free guidance weight w; 0 = the plain conditional model
+    c.sample.fd_mnist = False  # 28x28 digits: FD-MNIST of the samples against the test split (vdm.quality)
     c.sample.labels = ()  # classes to sample (repeated to num_images); () = an even spread over all classes
     return lock(c)
 
@@ -357,6 +358,11 @@ def validate_against_data(config, info) -> None:
     """Check the config against the data set it will train on (``vdm.data.DatasetInfo``)."""
     if config.train.batch_size > info.num_train:
         _fail("train.batch_size", config.train.batch_size, f"larger than the {info.num_train} training examples")
+    if config.sample.fd_mnist and (tuple(info.shape) != (28, 28, 1) or info.vocab_size != 256):
+        _fail("sample.fd_mnist", True, f"needs 28x28 digits with 256 levels, not {info.name} {tuple(info.shape)} x "
+              f"{info.vocab_size} levels")
+    if config.sample.fd_mnist and config.sample.num_images < 2:
+        _fail("sample.num_images", config.sample.num_images, "FD-MNIST needs at least 2 samples")
     num_classes = config.model.num_classes
     if num_classes and not info.num_classes:
         _fail("model.num_classes", num_classes, f"needs labels, and data source {config.data.source!r} has none")

@@ -144,6 +144,11 @@ def main(argv):
               f"{result['ode_nfe']:.0f} network evaluations per batch; {int(result['count'])} images)")
     if "samples" in result:
         print(f"samples: {result['samples']} ({result['nfe']} network evaluations, {config.sample.sampler} sampler)")
+    if "fd_mnist" in result:
+        print(f"FD-MNIST {result['fd_mnist']:.2f} over {result['fd_mnist_images']} samples against the test digits "
+              f"(feature classifier: {result['fd_mnist_classifier_accuracy']:.1%} on the test digits)"
+              + (f"; the requested digit in {result['sample_accuracy']:.1%} of the samples"
+                 if "sample_accuracy" in result else ""))
     print(json.dumps(metrics.strict(result), allow_nan=False))
     return 0
 

@@ -591,7 +591,26 @@ class Trainer:
             save_png(path + ".png", grid)
             if writer is not None:
                 writer.write_image(step, "samples", grid)
-        return {"samples": path + ".png", "nfe": nfe}
+        result = {"samples": path + ".png", "nfe": nfe}
+        if c.fd_mnist:
+            result |= self.sample_quality(images, labels)
+            if writer is not None:
+                writer.write(step, {k: v for k, v in result.items() if k.startswith("fd_mnist")
+                                    or k == "sample_accuracy"})
+        return result
+
+    def sample_quality(self, images: np.ndarray, labels) -> dict:
+        """FD-MNIST of the samples against the test split, and how often the classifier sees the
+        requested digit (conditional models). The feature network is cached in the workdir."""
+        from vdm import quality
+
+        net = quality.MnistFeatures.load_or_train(paths.join(self.workdir, "fd_mnist_classifier.npz"))
+        reference = data_lib.read_rows(self.dataset.test, np.arange(len(self.dataset.test)))["image"]
+        out = {"fd_mnist": net.fd(images, reference), "fd_mnist_images": len(images),
+               "fd_mnist_classifier_accuracy": net.test_accuracy}
+        if labels is not None:
+            out["sample_accuracy"] = float(np.mean(net.predict(images) == np.asarray(labels)))
+        return out
 
 
 def draw_samples(images: np.ndarray, vocab_size: int, kind: str, columns: int | None = None) -> np.ndarray:
