@@ -1,0 +1,126 @@
+"""Samplers and likelihoods on a trained MNIST model: FD-MNIST and wall time against network
+evaluations for each sampler, and the VLB against the probability-flow ODE's bits/dim.
+
+    python -m vdm.main --config configs/mnist.py --workdir workdirs/mnist        # train (make demo)
+    python experiments/samplers/run.py --config configs/mnist.py --workdir workdirs/mnist
+
+Writes ``results.json`` and the tables of ``README.md`` beside this file (between the
+``<!-- results -->`` markers). Every sampler draws ``--num_images`` samples from the same
+seed with the EMA parameters; FD-MNIST is against the 500 test digits (``vdm.quality``).
+The fixed-step samplers run at each ``--nfe``; the adaptive ODE sampler at each tolerance
+in ``--ode_tolerances``, with the evaluations it took. The likelihoods are over
+``--num_eval`` test digits, with standard errors over the images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sample_rows(trainer, args):
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from vdm import model as model_lib
+    from vdm import quality
+
+    reference = trainer.dataset.test.images
+    net = quality.MnistFeatures.load_or_train(os.path.join(args.workdir, "fd_mnist_classifier.npz"))
+    cases = [("ancestral", {}, n) for n in args.nfe]
+    cases += [("ddim", {"eta": 0.0}, n) for n in args.nfe if n <= 256]
+    cases += [("dpm_solver_2m", {}, n) for n in args.nfe if n <= 256]
+    cases += [("ode", {"rtol": tol, "atol": tol}, 0) for tol in args.ode_tolerances]
+    rows = []
+    for name, kwargs, steps in cases:
+        fn = jax.jit(lambda p, r, name=name, kwargs=kwargs, steps=steps: model_lib.generate(
+            nnx.merge(trainer.graphdef, p), r, args.num_images, num_steps=steps, sampler=name,
+            sampler_kwargs=kwargs))
+        key = jax.random.PRNGKey(args.seed)
+        jax.block_until_ready(fn(trainer.state.ema_params, key))  # compile
+        start = time.perf_counter()
+        images, nfe = jax.block_until_ready(fn(trainer.state.ema_params, key))
+        seconds = time.perf_counter() - start
+        images = np.asarray(images).astype(np.uint8)
+        row = {"sampler": name, "options": kwargs, "nfe": int(nfe), "seconds": round(seconds, 2),
+               "fd_mnist": round(net.fd(images, reference), 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, net.test_accuracy
+
+
+def _likelihood_rows(config, args):
+    from vdm import train
+
+    rows = []
+    for label, method, dequantization in [("VLB", "vlb", "uniform"), ("ODE, uniform", "ode", "uniform"),
+                                          ("ODE, truncated normal", "ode", "truncated_normal")]:
+        config.eval.method = method
+        config.eval.ode.dequantization = dequantization
+        config.eval.num_examples = args.num_eval
+        trainer = train.Trainer(config, args.workdir)
+        trainer.restore_latest()
+        start = time.perf_counter()
+        result = trainer.evaluate()
+        key = "bpd" if method == "vlb" else "bpd_ode"
+        row = {"bound": label, "bpd": round(result[key], 4), "se": round(result[f"{key}_se"], 4),
+               "nfe_per_batch": result.get("ode_nfe"), "seconds": round(time.perf_counter() - start, 1),
+               "images": int(result["count"])}
+        trainer.close()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _tables(samples, likelihoods, classifier_accuracy, args) -> str:
+    lines = [f"FD-MNIST of {args.num_images} samples against the 500 test digits (feature classifier "
+             f"{classifier_accuracy:.1%} on them); wall time of one sampling call.", "",
+             "| sampler | options | network evaluations | FD-MNIST | seconds |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['sampler']} | {json.dumps(r['options']) if r['options'] else ''} | {r['nfe']} | {r['fd_mnist']} | "
+              f"{r['seconds']} |" for r in samples]
+    lines += ["", f"Bits/dim on {likelihoods[0]['images']} test digits, with standard errors over the images.", "",
+              "| bound | bits/dim | standard error | network evaluations per batch | seconds |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['bound']} | {r['bpd']} | {r['se']} | {r['nfe_per_batch'] or ''} | {r['seconds']} |"
+              for r in likelihoods]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/mnist.py")
+    parser.add_argument("--workdir", default="workdirs/mnist")
+    parser.add_argument("--num_images", type=int, default=500)
+    parser.add_argument("--num_eval", type=int, default=100)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100, 256, 1000])
+    parser.add_argument("--ode_tolerances", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+
+    from vdm import configlib, train
+
+    config = configlib.load_file(args.config)
+    trainer = train.Trainer(config, args.workdir, must_exist=True)
+    step = trainer.restore_latest()
+    if step == 0:
+        sys.exit(f"error: no checkpoint in {args.workdir}: train {args.config} first")
+    samples, accuracy = _sample_rows(trainer, args)
+    trainer.close()
+    likelihoods = _likelihood_rows(config, args)
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump({"step": step, "config": args.config, "samples": samples, "likelihoods": likelihoods}, f, indent=1)
+    readme = os.path.join(HERE, "README.md")
+    text = open(readme).read()
+    head, _, rest = text.partition("<!-- results -->")
+    _, _, tail = rest.partition("<!-- /results -->")
+    with open(readme, "w") as f:
+        f.write(f"{head}<!-- results -->\n{_tables(samples, likelihoods, accuracy, args)}\n<!-- /results -->{tail}")
+
+
+if __name__ == "__main__":
+    main()
