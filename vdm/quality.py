@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.linalg
 
 from vdm import paths
 
@@ -36,17 +34,24 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+def _psd_sqrt(c: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(0.5 * (c + c.T))
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """The Fréchet (2-Wasserstein) distance squared between N(mu1, cov1) and N(mu2, cov2)."""
+    """The Fréchet (2-Wasserstein) distance squared between N(mu1, cov1) and N(mu2, cov2).
+
+    tr (C_1 C_2)^{1/2} is computed as the sum of the square roots of the eigenvalues of the
+    symmetric C_1^{1/2} C_2 C_1^{1/2} (the same spectrum): exact for rank-deficient covariances
+    (fewer samples than features), where a general matrix square root of C_1 C_2 can land on
+    a non-principal branch.
+    """
     mu1, mu2, cov1, cov2 = (np.asarray(a, np.float64) for a in (mu1, mu2, cov1, cov2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a singular product (few samples, dead features): regularised below
-        root = scipy.linalg.sqrtm(cov1 @ cov2)
-        if not np.all(np.isfinite(root)) or np.abs(root @ root - cov1 @ cov2).max() > 1e-3 * (1 + np.abs(cov1 @ cov2).max()):
-            offset = 1e-6 * np.eye(len(cov1))  # as the reference FID implementation does
-            root = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
-    root = np.real(root)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(root))
+    root1 = _psd_sqrt(cov1)
+    middle = root1 @ cov2 @ root1
+    trace_root = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (middle + middle.T)), 0.0, None))))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_root)
 
 
 def _init(rng: jax.Array) -> dict:
