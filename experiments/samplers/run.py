@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100, 256, 1000])
     parser.add_argument("--ode_tolerances", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--skip_samplers", action="store_true",
+                        help="reuse the sampler rows of results.json and measure only the likelihoods")
     args = parser.parse_args()
 
     from vdm import configlib, train
@@ -109,11 +111,23 @@ def main() -> None:
     step = trainer.restore_latest()
     if step == 0:
         sys.exit(f"error: no checkpoint in {args.workdir}: train {args.config} first")
-    samples, accuracy = _sample_rows(trainer, args)
+    results = os.path.join(HERE, "results.json")
+    if args.skip_samplers:
+        with open(results) as f:
+            saved = json.load(f)
+        samples, accuracy = saved["samples"], saved["classifier_accuracy"]
+        args.num_images = saved["num_images"]
+    else:
+        samples, accuracy = _sample_rows(trainer, args)
     trainer.close()
-    likelihoods = _likelihood_rows(config, args)
-    with open(os.path.join(HERE, "results.json"), "w") as f:
-        json.dump({"step": step, "config": args.config, "samples": samples, "likelihoods": likelihoods}, f, indent=1)
+    record = {"step": step, "config": args.config, "num_images": args.num_images, "classifier_accuracy": accuracy,
+              "samples": samples}
+    with open(results, "w") as f:  # the sampler rows are kept even if the likelihoods fail
+        json.dump(record, f, indent=1)
+    record["likelihoods"] = _likelihood_rows(config, args)
+    with open(results, "w") as f:
+        json.dump(record, f, indent=1)
+    likelihoods = record["likelihoods"]
     readme = os.path.join(HERE, "README.md")
     text = open(readme).read()
     head, _, rest = text.partition("<!-- results -->")

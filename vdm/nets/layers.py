@@ -19,6 +19,7 @@ Conventions used throughout ``vdm.nets``:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -197,6 +198,24 @@ def _same_conv_bwd(precision, residuals, g):
 _same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
+_PLAIN_CONVOLUTIONS = [0]  # > 0 while tracing inside ``plain_convolutions()``
+
+
+@contextlib.contextmanager
+def plain_convolutions():
+    """Trace the networks' convolutions as plain ``lax.conv_general_dilated`` inside this block.
+
+    A custom VJP cannot be differentiated in forward mode (``jax.jvp``), which the probability-
+    flow ODE likelihood needs for its divergence; there the CPU-gradient fast path of
+    ``conv_general_dilated`` is not wanted anyway (the likelihood takes no gradients).
+    """
+    _PLAIN_CONVOLUTIONS[0] += 1
+    try:
+        yield
+    finally:
+        _PLAIN_CONVOLUTIONS[0] -= 1
+
+
 def conv_general_dilated(
     lhs: Array,
     rhs: Array,
@@ -243,7 +262,7 @@ def conv_general_dilated(
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     )
-    if simple:
+    if simple and not _PLAIN_CONVOLUTIONS[0]:
         return _same_conv(lhs, rhs, precision)
     return lax.conv_general_dilated(
         lhs,
