@@ -72,7 +72,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | 
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
-    from vdm import checkpoint, configlib, data
     from vdm import main as cli
 
     if len(argv) > 1:
@@ -84,7 +83,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
         guidance = [float(w) for w in flag_values["guidance"].value]
         print(json.dumps(class_accuracy(config, workdir, guidance, flag_values["num_images"].value,
                                         flag_values["seed"].value)))
-    except (ValueError, cli.CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
+    except (ValueError, *cli.input_errors()) as e:  # ValueError: a --guidance that is not a number
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

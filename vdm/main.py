@@ -111,11 +111,19 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
     return config, flag_values["workdir"].value, mode, notes
 
 
+def input_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input: reported as one ``error:`` line with exit code 2."""
+    from vdm import checkpoint, configlib, data, lock, parallel
+
+    return (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
+            parallel.DistributedError, lock.WorkdirError)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from vdm import checkpoint, configlib, data, lock, metrics, parallel, train  # after flag parsing: keep --help fast
+    from vdm import metrics, train  # after flag parsing: keep --help fast
 
     modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint}
     try:
@@ -123,8 +131,7 @@ def main(argv):
         for note in notes:
             print(note, file=sys.stderr)
         result = modes[mode](config, workdir)
-    except (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
-            parallel.DistributedError, lock.WorkdirError) as e:
+    except input_errors() as e:
         print(f"error: {e}", file=sys.stderr)  # bad input: one line, no traceback
         return 2
     except train.NonFiniteError as e:

@@ -292,6 +292,21 @@ def evaluation_terms(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int 
     return per_example_terms(model, batch, draw(rng, batch["image"].shape[0], objective), objective, train=False)
 
 
+def pure_functions(model: VDM, guidance: float = 0.0):
+    """(eps_fn(z, gamma, cond), gamma_fn(t)) of the model for loops and solvers (lax.fori_loop,
+    lax.map, diffrax): NNX modules must not cross into those traces, so each call rebuilds the
+    model from its closed-over state."""
+    graphdef, state = nnx.split(model)
+
+    def eps_fn(z, gamma, cond):
+        return nnx.merge(graphdef, state).eps(z, gamma, cond, guidance)
+
+    def gamma_fn(t):
+        return nnx.merge(graphdef, state).schedule(t)
+
+    return eps_fn, gamma_fn
+
+
 def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol: float = 1e-5,
             divergence: str = "hutchinson", num_probes: int = 1, dequantization: str = "uniform",
             num_samples: int = 1, solver: str = "tsit5") -> tuple[jax.Array, jax.Array]:
@@ -299,13 +314,7 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
     density dequantised to the discrete data (``vdm.likelihood``), conditional on the label
     for a conditional model (no guidance)."""
     cond = model.condition(batch)
-    graphdef, state = nnx.split(model)  # rebuilt inside the solver's traces (see ``generate``)
-
-    def eps_fn(z, gamma, c):
-        return nnx.merge(graphdef, state).eps(z, gamma, c)
-
-    def gamma_fn(t):
-        return nnx.merge(graphdef, state).schedule(t)
+    eps_fn, gamma_fn = pure_functions(model)
 
     def log_density(key, f):
         result = likelihood.ode_log_likelihood(key, f, gamma_fn, eps_fn, cond=cond, rtol=rtol, atol=atol,
@@ -345,16 +354,7 @@ def generate(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sam
     ``guidance`` is the classifier-free guidance weight w (0: the plain conditional model);
     ``sampler`` names one of ``vdm.samplers.SAMPLERS`` and ``sampler_kwargs`` its options.
     """
-    # The samplers loop with lax.fori_loop or diffrax; NNX modules must not cross into those
-    # traces, so the loop body rebuilds the model from its (closed-over) state.
-    graphdef, state = nnx.split(model)
-
-    def eps_fn(z, gamma, cond):
-        return nnx.merge(graphdef, state).eps(z, gamma, cond, guidance)
-
-    def gamma_fn(t):
-        return nnx.merge(graphdef, state).schedule(t)
-
+    eps_fn, gamma_fn = pure_functions(model, guidance)
     cond = None if labels is None else {"label": jnp.asarray(labels, jnp.int32)}
     images, nfe = samplers.generate(rng, eps_fn, gamma_fn, (num_images,) + model.image_shape, num_steps=num_steps,
                                     vocab_size=model.vocab_size, sampler=sampler, cond=cond,
