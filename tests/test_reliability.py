@@ -373,6 +373,28 @@ def test_sigterm_during_evaluation_exits_at_once(tmp_path, trained):
     assert out.strip().splitlines()[-1] == "stopped by SIGTERM" and waited < 30
 
 
+@pytest.mark.slow
+def test_sigterm_during_sampling_exits_at_once(tmp_path, trained):
+    """The sampler's loop runs in chunks of about half a second: a signal is seen between them."""
+    workdir = _copy(trained, tmp_path)
+    before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir) if f.startswith("samples_")}
+    proc = _start(workdir, "--mode", "sample", "--config.sample.num_steps=1000000", "--config.sample.num_images=2",
+                  "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}")
+    try:
+        _wait_for_line(proc, "sampling 2 images: ancestral, 1000000 steps")
+        time.sleep(3)  # into the loop: one chunk compiled and run (a whole sampling would take many minutes)
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        waited = time.time() - start
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert out.strip().splitlines()[-1] == "stopped by SIGTERM" and waited < 15, (out[-3000:], waited)
+    after = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir) if f.startswith("samples_")}
+    assert after == before  # the training run's samples, untouched
+
+
 MLP = ["--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}",
        "--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2",
        "--config.train.eval_every=1000"]

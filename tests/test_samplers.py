@@ -140,3 +140,34 @@ def test_sampler_passes_cond_to_the_denoiser(name):
     off = np.asarray(run({"on": jnp.zeros(4000)}))
     # With the denoiser the samples shrink towards the data (variance ~0.25); without it they stay wider.
     assert on.var() < 0.5 < off.var()
+
+
+@pytest.mark.parametrize("name,kwargs", SAMPLER_CASES + [("ode", {"segments": 3})],
+                         ids=[f"{n}{k}" for n, k in SAMPLER_CASES + [("ode", {"segments": 3})]])
+def test_a_plan_run_in_chunks_gives_what_one_call_gives(name, kwargs):
+    """The trainer runs a sampler's loop in chunks of steps (to show progress and stop on a
+    signal); the chunks, of uneven lengths, must give the one-call z_0 and nfe."""
+    sched = schedules.build("cosine", gamma_min=G0, gamma_max=G1)
+    z1 = jax.random.normal(jax.random.PRNGKey(0), (64, 2))
+    sampler = samplers.build(name)
+    one_call, nfe = jax.jit(lambda z: sampler(jax.random.PRNGKey(1), DATA.eps_fn, sched, z, num_steps=13, **kwargs))(z1)
+    plan = sampler.plan(jax.random.PRNGKey(1), DATA.eps_fn, sched, 64, None, num_steps=13, **kwargs)
+    assert plan.num_steps == (kwargs.get("segments", 1) if name == "ode" else 13)
+    advance = jax.jit(lambda carry, lo, hi: samplers.advance(plan, carry, lo, hi))
+    carry, done = plan.init(z1), 0
+    for length in (1, 5, 2, 100):
+        carry, done = advance(carry, done, min(done + length, plan.num_steps)), min(done + length, plan.num_steps)
+    chunked, chunked_nfe = plan.result(carry)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(one_call), rtol=1e-6, atol=1e-6)
+    assert int(chunked_nfe) == int(nfe)
+
+
+def test_ode_in_segments_still_solves_the_flow():
+    """Segments restart the step size at each boundary: same map within tolerance, a few more calls."""
+    z1 = jax.random.normal(jax.random.PRNGKey(0), (16, 2)) * np.sqrt(v(G1))
+    err_one, nfe_one = _flow_map_error("ode", 0, z1, rtol=1e-5, atol=1e-5)
+    err_four, nfe_four = _flow_map_error("ode", 0, z1, rtol=1e-5, atol=1e-5, segments=4)
+    assert err_one < 1e-3 and err_four < 1e-3
+    assert nfe_one < nfe_four < 2 * nfe_one + 40
+    with pytest.raises(ValueError, match="segments=0: must be at least 1"):
+        samplers.ode(None, DATA.eps_fn, schedules.build("cosine", gamma_min=G0, gamma_max=G1), z1, segments=0)

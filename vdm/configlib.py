@@ -76,7 +76,7 @@ PIECES = (
     Piece("data source", "data.source", "data.kwargs", _source, ("split",)),
     Piece("sampler", "sample.sampler", "sample.sampler_kwargs",
           lambda name: registry.lookup(samplers.SAMPLERS, name, "sampler"),
-          ("rng", "eps_fn", "gamma_fn", "z_1", "cond", "num_steps")),
+          ("rng", "eps_fn", "gamma_fn", "batch", "cond", "num_steps")),
 )
 
 
@@ -189,7 +189,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Sampling.
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ancestral"  # vdm.samplers.SAMPLERS: ancestral | ddim | dpm_solver_2m | ode
-    c.sample.sampler_kwargs = ml_collections.ConfigDict()  # e.g. eta, spacing (ddim); rtol, atol, solver (ode)
+    c.sample.sampler_kwargs = ml_collections.ConfigDict()  # e.g. eta, spacing (ddim); rtol, atol, solver, segments (ode)
     c.sample.num_steps = 256
     c.sample.num_images = 64
     c.sample.guidance = 0.0  # classifier-free guidance weight w; 0 = the plain conditional model
@@ -280,6 +280,8 @@ def validate(config) -> None:
     for key in ("rtol", "atol"):
         if key in sk and not sk[key] > 0:
             _fail(f"sample.sampler_kwargs.{key}", sk[key], "must be positive")
+    if "segments" in sk and not (isinstance(sk.segments, int) and sk.segments >= 1):
+        _fail("sample.sampler_kwargs.segments", sk.segments, "must be a positive integer")
     if loss.importance_sampling:
         _choice("loss.importance_sampling", loss.importance_sampling, time_sampling.DENSITIES)
     from vdm import data  # the data package pulls in grain; import it only when asked

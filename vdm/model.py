@@ -347,6 +347,16 @@ class Samples(NamedTuple):
     nfe: jax.Array  # int32 scalar: network evaluations the sampler took (a guided call counts once)
 
 
+def generation(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sampler: str = "ancestral",
+               labels: jax.Array | None = None, guidance: float = 0.0, sampler_kwargs=None) -> samplers.Generation:
+    """Sampling from ``model`` as a ``vdm.samplers.Generation`` (noise, the sampler's loop, the
+    decoder), for running the loop in chunks; :func:`generate` runs it in one call."""
+    eps_fn, gamma_fn = pure_functions(model, guidance)
+    cond = None if labels is None else {"label": jnp.asarray(labels, jnp.int32)}
+    return samplers.generation(rng, eps_fn, gamma_fn, (num_images,) + model.image_shape, num_steps=num_steps,
+                               vocab_size=model.vocab_size, sampler=sampler, cond=cond, **dict(sampler_kwargs or {}))
+
+
 def generate(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sampler: str = "ancestral",
              labels: jax.Array | None = None, guidance: float = 0.0, sampler_kwargs=None) -> Samples:
     """``num_images`` samples of the model, of the classes ``labels`` if given, and their cost.
@@ -354,9 +364,5 @@ def generate(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sam
     ``guidance`` is the classifier-free guidance weight w (0: the plain conditional model);
     ``sampler`` names one of ``vdm.samplers.SAMPLERS`` and ``sampler_kwargs`` its options.
     """
-    eps_fn, gamma_fn = pure_functions(model, guidance)
-    cond = None if labels is None else {"label": jnp.asarray(labels, jnp.int32)}
-    images, nfe = samplers.generate(rng, eps_fn, gamma_fn, (num_images,) + model.image_shape, num_steps=num_steps,
-                                    vocab_size=model.vocab_size, sampler=sampler, cond=cond,
-                                    **dict(sampler_kwargs or {}))
-    return Samples(images, nfe)
+    return Samples(*generation(model, rng, num_images, num_steps=num_steps, sampler=sampler, labels=labels,
+                               guidance=guidance, sampler_kwargs=sampler_kwargs).run())

@@ -5,8 +5,14 @@ where ``eps_fn(z_t, gamma_t [B], cond)`` returns eps_hat, ``gamma_fn`` follows
 ``vdm.diffusion`` and ``nfe`` is the number of network evaluations it took (an int32
 scalar; the adaptive ODE solver decides it at run time). ``cond`` is passed to ``eps_fn``
 untouched: classifier-free guidance is part of the ``eps_fn`` the model hands in, so every
-sampler supports it. ``kwargs`` come from ``config.sample.sampler_kwargs``. A new sampler
-is one function here plus its entry in ``SAMPLERS``.
+sampler supports it. ``kwargs`` come from ``config.sample.sampler_kwargs``.
+
+Each sampler is written as a loop, a :class:`Plan` (``init``, ``step(i, carry)`` for
+``i < num_steps``, ``result``), by a function decorated with :func:`stepped`, which makes the
+one-call sampler above of it and keeps the plan as ``sampler.plan``. The trainer runs a plan
+in chunks of steps, one compiled call each (:func:`advance`), so a long sampling shows
+progress and stops promptly on a signal; chunks give the same z_0 as one call. A new sampler
+is one such function here plus its entry in ``SAMPLERS``.
 
 Conventions (those of ``vdm.diffusion``): alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 =
 sigmoid(gamma_t), SNR = exp(-gamma), x_hat = (z_t - sigma_t eps_hat) / alpha_t. The
@@ -27,7 +33,8 @@ spacing: the default) or ``"logsnr"`` (uniform in gamma between the endpoints).
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +42,43 @@ import jax.numpy as jnp
 from vdm import diffusion, registry
 
 SPACINGS = ("time", "logsnr")
+
+
+class Plan(NamedTuple):
+    """A sampler as a loop: ``carry = init(z_1)``; ``carry = step(i, carry)`` for i = 0..num_steps-1;
+    ``(z_0, nfe) = result(carry)``. ``step`` depends on ``i`` only through its argument, so
+    running the steps in several calls gives what one call gives."""
+
+    num_steps: int
+    init: Callable[[jax.Array], Any]
+    step: Callable[[jax.Array, Any], Any]
+    result: Callable[[Any], tuple[jax.Array, jax.Array]]
+
+
+def advance(plan: Plan, carry, start, stop):
+    """Steps ``start``..``stop - 1`` of ``plan`` (traced bounds: one compiled loop serves every chunk)."""
+    return jax.lax.fori_loop(start, stop, plan.step, carry)
+
+
+def run(plan: Plan, z_1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The whole loop in one call: z_1 -> (z_0, nfe)."""
+    return plan.result(jax.lax.fori_loop(0, plan.num_steps, plan.step, plan.init(z_1)))
+
+
+def _fixed_steps(num_steps: int, step: Callable) -> Plan:
+    """The plan of a sampler whose carry is z_t and which calls the network once a step."""
+    return Plan(num_steps, lambda z_1: z_1, step, lambda z_0: (z_0, jnp.int32(num_steps)))
+
+
+def stepped(plan_fn: Callable[..., Plan]) -> Callable:
+    """The sampler ``(rng, eps_fn, gamma_fn, z_1, cond=None, **kwargs) -> (z_0, nfe)`` that runs
+    ``plan_fn(rng, eps_fn, gamma_fn, batch, cond, **kwargs)`` in one call; ``sampler.plan`` is ``plan_fn``."""
+    @functools.wraps(plan_fn)
+    def sampler(rng, eps_fn, gamma_fn, z_1, cond=None, **kwargs):
+        return run(plan_fn(rng, eps_fn, gamma_fn, z_1.shape[0], cond, **kwargs), z_1)
+
+    sampler.plan = plan_fn
+    return sampler
 
 
 def gamma_grid(gamma_fn: Callable, batch: int, num_steps: int, spacing: str = "time") -> jax.Array:
@@ -53,8 +97,9 @@ def _x_hat(z, g, eps_hat):
     return (z - sigma * eps_hat) / alpha
 
 
-def ancestral(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Array, cond=None, *,
-              num_steps: int) -> tuple[jax.Array, jax.Array]:
+@stepped
+def ancestral(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *,
+              num_steps: int) -> Plan:
     """The ancestral sampler of VDM (Kingma et al. 2021, App. A.4), T = ``num_steps``.
 
     For t = i / T and s = (i - 1) / T, i = T..1, sample z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x_hat):
@@ -62,8 +107,6 @@ def ancestral(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Arr
         c   = 1 - SNR(t) / SNR(s) = -expm1(gamma_s - gamma_t)
         z_s = (alpha_s / alpha_t) (z_t - sigma_t c eps_hat) + sqrt(sigma_s^2 c) eps.
     """
-    batch = z_1.shape[0]
-
     def step(i, z_t):
         t = jnp.full((batch,), (num_steps - i) / num_steps)
         s = t - 1.0 / num_steps
@@ -77,11 +120,12 @@ def ancestral(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Arr
         eps = jax.random.normal(jax.random.fold_in(rng, i), z_t.shape, z_t.dtype)
         return ratio * (z_t - sigma_t * c * eps_hat) + noise_std * eps
 
-    return jax.lax.fori_loop(0, num_steps, step, z_1), jnp.int32(num_steps)
+    return _fixed_steps(num_steps, step)
 
 
-def ddim(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Array, cond=None, *, num_steps: int,
-         eta: float = 0.0, spacing: str = "time") -> tuple[jax.Array, jax.Array]:
+@stepped
+def ddim(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *, num_steps: int,
+         eta: float = 0.0, spacing: str = "time") -> Plan:
     """DDIM (Song, Meng & Ermon 2021, Eq. 12) on a grid of ``num_steps`` steps.
 
     From z_t to z_s with x_hat, eps_hat from one network call and c = -expm1(gamma_s - gamma_t):
@@ -93,7 +137,7 @@ def ddim(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Array, c
     the first-order exponential integrator of the PF-ODE (DPM-Solver++(1)), invertible by
     ``ddim_invert``.
     """
-    grid = gamma_grid(gamma_fn, z_1.shape[0], num_steps, spacing)
+    grid = gamma_grid(gamma_fn, batch, num_steps, spacing)
 
     def step(i, z_t):
         g_t, g_s = grid[i], grid[i + 1]
@@ -108,7 +152,7 @@ def ddim(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Array, c
             z_s = z_s + sigma_s * eta * jnp.sqrt(c) * jax.random.normal(jax.random.fold_in(rng, i), z_t.shape)
         return z_s
 
-    return jax.lax.fori_loop(0, num_steps, step, z_1), jnp.int32(num_steps)
+    return _fixed_steps(num_steps, step)
 
 
 def ddim_invert(eps_fn: Callable, gamma_fn: Callable, z_0: jax.Array, cond=None, *, num_steps: int,
@@ -130,8 +174,9 @@ def ddim_invert(eps_fn: Callable, gamma_fn: Callable, z_0: jax.Array, cond=None,
     return jax.lax.fori_loop(0, num_steps, step, z_0)
 
 
-def dpm_solver_2m(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Array, cond=None, *,
-                  num_steps: int, spacing: str = "logsnr") -> tuple[jax.Array, jax.Array]:
+@stepped
+def dpm_solver_2m(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *,
+                  num_steps: int, spacing: str = "logsnr") -> Plan:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): a second-order multistep solver of the PF-ODE.
 
     With lambda = log(alpha / sigma) = -gamma / 2, h_i = lambda_i - lambda_{i-1}, r_i = h_{i-1} / h_i
@@ -144,7 +189,7 @@ def dpm_solver_2m(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax
     keeps the few-step samples stable. Deterministic: ``rng`` is unused.
     """
     del rng
-    grid = gamma_grid(gamma_fn, z_1.shape[0], num_steps, spacing)
+    grid = gamma_grid(gamma_fn, batch, num_steps, spacing)
     lam = -0.5 * grid
 
     def step(i, carry):
@@ -161,8 +206,7 @@ def dpm_solver_2m(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax
         _, sigma_t = diffusion.alpha_sigma(diffusion.expand_to(g_t, z))
         return (sigma_s / sigma_t) * z - alpha_s * jnp.expm1(-h) * d, x_hat
 
-    z_0, _ = jax.lax.fori_loop(0, num_steps, step, (z_1, jnp.zeros_like(z_1)))
-    return z_0, jnp.int32(num_steps)
+    return Plan(num_steps, lambda z_1: (z_1, jnp.zeros_like(z_1)), step, lambda carry: (carry[0], jnp.int32(num_steps)))
 
 
 def pf_ode_drift(eps_fn: Callable, cond=None) -> Callable:
@@ -197,20 +241,31 @@ def solve_ode(vector_field: Callable, y0, gamma_start: jax.Array, gamma_end: jax
     return y_end, (6 * sol.stats["num_steps"] + 1).astype(jnp.int32)
 
 
-def ode(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, z_1: jax.Array, cond=None, *, num_steps: int = 0,
-        rtol: float = 1e-4, atol: float = 1e-4, solver: str = "tsit5", max_steps: int = 4096
-        ) -> tuple[jax.Array, jax.Array]:
+@stepped
+def ode(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *, num_steps: int = 0,
+        rtol: float = 1e-4, atol: float = 1e-4, solver: str = "tsit5", max_steps: int = 4096,
+        segments: int = 1) -> Plan:
     """The PF-ODE from gamma(1) down to gamma(0), solved adaptively by diffrax (Kidger 2021).
 
     ``num_steps`` is not used: the PID controller picks the steps for ``rtol``/``atol``
     (score_sde's sampler uses RK45 at 1e-5). Deterministic: ``rng`` is unused. The schedule
-    enters only through its endpoints (gamma is the time variable).
+    enters only through its endpoints (gamma is the time variable). ``segments`` > 1 solves
+    the ODE over that many equal gamma intervals in turn (each with its own step-size start, a
+    few more evaluations): the trainer then shows progress and can stop between them.
     """
     del rng, num_steps
-    batch = z_1.shape[0]
+    if segments < 1:
+        raise ValueError(f"segments={segments}: must be at least 1")
     g1, g0 = gamma_fn(jnp.ones((batch,)))[0], gamma_fn(jnp.zeros((batch,)))[0]
-    return solve_ode(pf_ode_drift(eps_fn, cond), z_1, g1, g0, rtol=rtol, atol=atol, solver=solver,
-                     max_steps=max_steps)
+    edges = g1 + (g0 - g1) * jnp.linspace(0.0, 1.0, segments + 1)
+    drift = pf_ode_drift(eps_fn, cond)
+
+    def step(i, carry):
+        z, nfe = carry
+        z, n = solve_ode(drift, z, edges[i], edges[i + 1], rtol=rtol, atol=atol, solver=solver, max_steps=max_steps)
+        return z, nfe + n
+
+    return Plan(segments, lambda z_1: (z_1, jnp.int32(0)), step, lambda carry: carry)
 
 
 SAMPLERS = {
@@ -232,11 +287,30 @@ def decode_samples(rng: jax.Array, z_0: jax.Array, gamma_0: jax.Array, vocab_siz
     return jax.random.categorical(rng, log_probs, axis=-1).astype(jnp.int32)
 
 
-def generate(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, shape: tuple, *, num_steps: int,
-             vocab_size: int, sampler: str = "ancestral", cond=None, **sampler_kwargs) -> tuple[jax.Array, jax.Array]:
-    """Samples of the model: z_1 ~ N(0, I) of ``shape`` -> z_0 -> x. Returns (integers [B, ...], nfe)."""
+class Generation(NamedTuple):
+    """Sampling from the model as three parts: ``z_1`` (the noise), ``plan`` (z_1 -> z_0) and
+    ``decode`` (z_0 -> integers), so that the plan's steps can run in chunks."""
+
+    z_1: jax.Array
+    plan: Plan
+    decode: Callable[[jax.Array], jax.Array]
+
+    def run(self) -> tuple[jax.Array, jax.Array]:
+        """All of it in one call: (integers [B, ...], nfe)."""
+        z_0, nfe = run(self.plan, self.z_1)
+        return self.decode(z_0), nfe
+
+
+def generation(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, shape: tuple, *, num_steps: int,
+               vocab_size: int, sampler: str = "ancestral", cond=None, **sampler_kwargs) -> Generation:
+    """Samples of the model: z_1 ~ N(0, I) of ``shape`` -> z_0 -> x, as a :class:`Generation`."""
     rng_z, rng_steps, rng_x = jax.random.split(rng, 3)
-    z_0, nfe = build(sampler)(rng_steps, eps_fn, gamma_fn, jax.random.normal(rng_z, shape), cond,
-                              num_steps=num_steps, **sampler_kwargs)
+    plan = build(sampler).plan(rng_steps, eps_fn, gamma_fn, shape[0], cond, num_steps=num_steps, **sampler_kwargs)
     gamma_0 = gamma_fn(jnp.zeros((shape[0],)))
-    return decode_samples(rng_x, z_0, gamma_0, vocab_size), nfe
+    return Generation(jax.random.normal(rng_z, shape), plan,
+                      lambda z_0: decode_samples(rng_x, z_0, gamma_0, vocab_size))
+
+
+def generate(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, shape: tuple, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """Samples of the model in one call: (integers [B, ...], nfe); ``kwargs`` as for :func:`generation`."""
+    return generation(rng, eps_fn, gamma_fn, shape, **kwargs).run()

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from vdm import checkpoint as ckpt_lib
 from vdm import configlib, data as data_lib, lock as lock_lib, metrics as metrics_lib, parallel, paths
 from vdm import diffusion as diffusion_lib
 from vdm import model as model_lib
+from vdm import samplers as samplers_lib
 from vdm.nets.layers import Kernel
 
 # --------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ class Compiled:
     tx: optax.GradientTransformation
     train_step: Any
     eval_step: Any
-    sample: Any  # (params, rng, labels) -> images
+    sampling: Sampling
 
 
 _COMPILED: dict[str, Compiled] = {}
@@ -286,13 +287,68 @@ def compile_run(config, info, mesh) -> Compiled:
                         out_shardings=replicated)
     c = config.sample
 
-    def sample(params, rng, labels):
-        return model_lib.generate(nnx.merge(graphdef, params), rng, c.num_images, num_steps=c.num_steps,
-                                  sampler=c.sampler, labels=labels, guidance=c.guidance,
-                                  sampler_kwargs=c.sampler_kwargs.to_dict())
+    def generation(params, rng, labels):
+        return model_lib.generation(nnx.merge(graphdef, params), rng, c.num_images, num_steps=c.num_steps,
+                                    sampler=c.sampler, labels=labels, guidance=c.guidance,
+                                    sampler_kwargs=c.sampler_kwargs.to_dict())
 
-    _COMPILED[key] = Compiled(graphdef, init, tx, train_step, eval_step, jax.jit(sample))
+    _COMPILED[key] = Compiled(graphdef, init, tx, train_step, eval_step, Sampling(generation))
     return _COMPILED[key]
+
+
+class Sampling:
+    """config.sample's sampler compiled in three parts, so that its loop runs in chunks of steps
+    (one compiled call each, any chunk length): progress is shown between chunks and a signal
+    stops sampling at the end of the current chunk. The samples equal those of one call.
+
+    ``generation(params, rng, labels)`` builds the ``vdm.samplers.Generation``; it is rebuilt
+    inside each compiled part, which costs nothing at run time.
+    """
+
+    CHUNK_SECONDS = 0.5  # the aim for one chunk's wall time (single process)
+
+    def __init__(self, generation: Callable):
+        self._generation = generation
+
+        def start(params, rng, labels):
+            g = generation(params, rng, labels)
+            return g.plan.init(g.z_1)
+
+        def advance(params, rng, labels, carry, lo, hi):
+            return samplers_lib.advance(generation(params, rng, labels).plan, carry, lo, hi)
+
+        def finish(params, rng, labels, carry):
+            g = generation(params, rng, labels)
+            z_0, nfe = g.plan.result(carry)
+            return g.decode(z_0), nfe
+
+        self._start, self._advance, self._finish = jax.jit(start), jax.jit(advance), jax.jit(finish)
+
+    def num_steps(self, params, rng, labels) -> int:
+        """The length of the sampler's loop (a static number: found by tracing, nothing runs)."""
+        lengths = []
+        jax.eval_shape(lambda *args: lengths.append(self._generation(*args).plan.num_steps) or 0, params, rng, labels)
+        return lengths[0]
+
+    def __call__(self, params, rng, labels, progress: Callable[[int, int], None] | None = None):
+        """(images, nfe); ``progress(done, total)`` is called after each chunk."""
+        total = self.num_steps(params, rng, labels)
+        carry = self._start(params, rng, labels)
+        done, chunk = 0, 1
+        fixed = jax.process_count() > 1  # every process must run the same chunks
+        if fixed:
+            chunk = max(1, -(-total // 20))
+        while done < total:
+            stop = min(total, done + chunk)
+            began = time.perf_counter()
+            carry = jax.block_until_ready(self._advance(params, rng, labels, carry, done, stop))
+            took = time.perf_counter() - began
+            if not fixed:  # the first chunk includes the compilation, so it stays at one step; then ~0.5 s
+                chunk = int(min(4 * chunk, max(1, self.CHUNK_SECONDS * (stop - done) / max(took, 1e-6))))
+            done = stop
+            if progress is not None:
+                progress(done, total)
+        return self._finish(params, rng, labels, carry)
 
 
 def use_compilation_cache(directory: str) -> str | None:
@@ -401,7 +457,7 @@ class Trainer:
         self.compilation_cache = use_compilation_cache(config.train.compilation_cache_dir)
         compiled = compile_run(config, info, self.mesh)
         self.graphdef, self.tx = compiled.graphdef, compiled.tx
-        self.train_step, self.eval_step, self._sample = compiled.train_step, compiled.eval_step, compiled.sample
+        self.train_step, self.eval_step, self._sample = compiled.train_step, compiled.eval_step, compiled.sampling
         self.objective = model_lib.Objective.from_config(config)
         params = compiled.init(config.seed)
         self.state = parallel.replicate(initial_state(config, params, self.tx, self.objective), self.mesh)
@@ -566,17 +622,29 @@ class Trainer:
         c, num_classes = self.config.sample, self.config.model.num_classes
         return model_lib.spread_labels(c.num_images, num_classes, c.labels) if num_classes else None
 
-    def sample(self, step: int, writer: metrics_lib.MetricWriter | None = None, params=None) -> dict:
+    def sample(self, step: int, writer: metrics_lib.MetricWriter | None = None, params=None,
+               show_progress: bool = False) -> dict:
         """Draw config.sample.num_images samples with the EMA parameters.
 
         Writes ``samples_<step>.npz`` (``images`` uint8 [N, H, W, C], ``nfe`` and, for a
         conditional model, ``labels``) and ``samples_<step>.png``, and the grid to TensorBoard.
         Returns {"samples": the PNG's path, "nfe": network evaluations of the sampler}.
+        The sampler's loop runs in chunks (``Sampling``): a signal stops it within about a second.
         """
         c = self.config.sample
         params = self.state.ema_params if params is None else params
         labels = self.sample_labels()
-        images, nfe = self._sample(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11), labels)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0xA11)
+        progress = None
+        if show_progress:
+            total = self._sample.num_steps(params, rng, labels)
+            progress = metrics_lib.Progress(total, log_every=max(1, total // 10), unit="sampling step")
+            progress.log(f"sampling {c.num_images} images: {c.sampler}, {total} steps")
+        try:
+            images, nfe = self._sample(params, rng, labels, None if progress is None else lambda done, _: progress.update(done))
+        finally:
+            if progress is not None:
+                progress.close()
         images, nfe = np.asarray(images), int(nfe)
         info = self.dataset.info
         images = images.astype(np.uint8)
@@ -746,7 +814,8 @@ def _train_loop(trainer: Trainer, writer, progress, start: int, signals: Signals
     result = trainer.evaluate()
     step = int(trainer.state.step)
     writer.write(step, {f"eval_{k}": v for k, v in result.items()})
-    return result | trainer.sample(step, writer) | {"step": step}
+    progress.close()  # end the training bar's line before the sampler's
+    return result | trainer.sample(step, writer, show_progress=True) | {"step": step}
 
 
 def _restored_trainer(config, workdir: str) -> Trainer:
@@ -778,6 +847,6 @@ def sample_checkpoint(config, workdir: str) -> dict:
     step = int(trainer.state.step)
     try:
         with Signals(), metrics_lib.MetricWriter(workdir) as writer:
-            return trainer.sample(step, writer) | {"step": step}
+            return trainer.sample(step, writer, show_progress=True) | {"step": step}
     finally:
         trainer.close()
