@@ -22,11 +22,13 @@ from ml_collections import config_flags
 MODES = ("train", "eval", "sample")
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None, *, mode: bool = True):
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None, *, mode: bool = True,
+                 require_workdir: bool = True):
     """The command's flags on ``flag_values``: ``--config`` (with overrides), ``--workdir``, ``--mode``.
 
     ``argv`` is the command line the config overrides are read from (default ``sys.argv``).
-    Scripts that act on a run's workdir (``scripts/class_accuracy.py``) reuse it with ``mode=False``.
+    Scripts that act on a run's workdir (``scripts/class_accuracy.py``) reuse it with ``mode=False``;
+    ``vdm.bench`` with ``require_workdir=False``.
     """
     # The config file locks itself (configlib.lock): a misspelt field is an error, while the
     # pieces' keyword arguments (model.schedule_kwargs, ..., data.kwargs) take new keys.
@@ -37,7 +39,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | 
                         "samples; a rerun resumes.", flag_values=flag_values)
     if mode:
         flags.DEFINE_enum("mode", "train", list(MODES), "What to do.", flag_values=flag_values)
-    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"] if require_workdir else ["config"], flag_values=flag_values)
 
 
 class CommandLineError(ValueError):

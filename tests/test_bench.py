@@ -1,0 +1,65 @@
+"""vdm.bench: every figure is produced, and the FLOP count is right (a closed form for an MLP)."""
+import json
+
+import pytest
+from conftest import load_config
+
+from vdm import bench, configlib, parallel
+from vdm import data as data_lib
+
+
+def test_peak_table_finds_known_accelerators_and_not_the_cpu():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "float32") == 378.0  # before the SXM entry
+    assert bench.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+    assert bench.peak_tflops("cpu", "float32") is None
+
+
+def _mlp_flops(depth: int, hidden: int = 256, batch: int = 4096) -> float:
+    c = load_config("toy2d")
+    c.model.network_kwargs.hidden, c.model.network_kwargs.depth = hidden, depth
+    c.train.batch_size, c.train.steps_per_call = batch, 3
+    info = data_lib.load_dataset(c.data.source, **dict(c.data.kwargs)).info
+    return bench.flops_per_image(c, info, parallel.make_data_mesh())
+
+
+def test_flops_per_image_of_an_mlp_block_match_the_closed_form():
+    """A residual MLP block has three H x H matmuls (dense1, the conditioning projection, dense2):
+    6 H^2 FLOPs forward per image, twice that backward, so each extra block adds 18 H^2 per
+    trained image (elementwise work and the optimizer, shared over 4,096 images, add under 1%).
+    The steps of a call run in a loop that XLA counts once: the count must not depend on them."""
+    hidden = 256
+    two, four = _mlp_flops(2, hidden), _mlp_flops(4, hidden)
+    assert (four - two) / 2 == pytest.approx(18 * hidden**2, rel=0.02)
+
+
+def test_every_figure_is_produced(tmp_path):
+    c = load_config("test")
+    c.model.network, c.model.network_kwargs = "mlp", {"hidden": 32, "depth": 1}  # compiles in seconds
+    c.eval.num_examples = 32
+    with pytest.raises(configlib.ConfigError, match="--samplers: unknown sampler 'euler'"):
+        bench.run(c, samplers=["euler"])
+    r = bench.run(c, str(tmp_path / "bench"), calls=3, samplers=["ancestral"], peak=1.0)
+    assert r["backend"] == "cpu" and r["devices"] >= 1 and r["parameters"] > 1000 and r["calls_timed"] == 3
+    assert r["compile_s"] > 0 and 0 < r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+    assert r["images_per_s"] > 0 and r["flops_per_image"] > 1e5
+    assert r["achieved_tflops_per_device"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / r["devices"] / 1e12)
+    assert r["mfu"] == pytest.approx(r["achieved_tflops_per_device"] / 1.0)
+    assert r["peak_memory_bytes"] > 2**20 and "RSS" in r["peak_memory_kind"]
+    [s] = r["samplers"]
+    assert s["sampler"] == "ancestral" and s["nfe"] == c.sample.num_steps and s["images_per_s"] > 0
+    assert r["eval_images_per_s"] > 0 and r["input_images_per_s"] > 0
+    assert r["input_over_train"] == pytest.approx(r["input_images_per_s"] / r["images_per_s"])
+    text = bench.table(r)
+    for label in ("compile (train step)", "train images/s", "model GFLOP per image", "MFU", "peak memory",
+                  "sampling: ancestral", "evaluation images/s", "input pipeline images/s"):
+        assert label in text
+    json.dumps(r, allow_nan=False)
+
+
+def test_the_command_line_reports_bad_input_in_one_line():
+    from conftest import run_python
+
+    out = run_python(["-m", "vdm.bench", "--config", "configs/test.py", "--samplers", "ancestral,euler"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --samplers: unknown sampler 'euler'")
