@@ -207,7 +207,8 @@ def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     fv = flags.FlagValues()
     script.define_flags(fv, argv)
     main.parse(argv, fv)
-    argv += _tiny(fv["config"].value) + ["--config.train.num_steps=2", "--config.eval.num_examples=4"]
+    argv += _tiny(fv["config"].value) + ["--config.train.num_steps=2", "--config.eval.num_examples=4",
+                                         "--config.sample.fd_mnist=False"]  # FD-MNIST: tested with the sample commands
     fv = flags.FlagValues()
     script.define_flags(fv, argv)
     main.parse(argv, fv)

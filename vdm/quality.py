@@ -15,6 +15,7 @@ The same classifier also says how often samples show the digit they were asked f
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -110,13 +111,19 @@ class MnistFeatures:
         return cls(params, accuracy)
 
     @classmethod
+    @functools.cache
+    def _trained_once(cls) -> MnistFeatures:
+        """``train()``, once per process: it is deterministic, and each new workdir asks for it."""
+        return cls.train()
+
+    @classmethod
     def load_or_train(cls, path: str) -> MnistFeatures:
         """The network cached at ``path`` (an .npz, local or URL), trained and saved there if absent."""
         where = paths.path(path)
         if where.exists():
             with np.load(io.BytesIO(where.read_bytes())) as saved:
                 return cls({k: saved[k] for k in saved.files if k != "test_accuracy"}, float(saved["test_accuracy"]))
-        net = cls.train()
+        net = cls._trained_once()
         buffer = io.BytesIO()
         np.savez(buffer, test_accuracy=net.test_accuracy, **{k: np.asarray(v) for k, v in net.params.items()})
         if jax.process_index() == 0:

