@@ -90,8 +90,8 @@ def flops_per_image(config, info, mesh) -> float:
 
     c = _flop_config(config)
     compiled = train.compile_run(c, info, mesh)
-    state = jax.eval_shape(lambda: train.initial_state(c, compiled.init(c.seed), compiled.tx,
-                                                       model_lib.Objective.from_config(c)))
+    params = compiled.init(c.seed)
+    state = jax.eval_shape(lambda: train.initial_state(c, params, compiled.tx, model_lib.Objective.from_config(c)))
     batch = {"image": jax.ShapeDtypeStruct((1, c.train.batch_size) + tuple(info.shape), jax.numpy.int32)}
     if c.model.num_classes:
         batch["label"] = jax.ShapeDtypeStruct((1, c.train.batch_size), jax.numpy.int32)
