@@ -20,14 +20,16 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 def load_config(name: str = "test"):
-    """``configs/<name>.py``'s ``get_config()``."""
-    from vdm import configlib
+    """The shipped config ``vdm/configs/<name>.py``'s ``get_config()``."""
+    from vdm import configs
 
-    return configlib.load_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    return configs.get(name)
 
 
 def config_names() -> list[str]:
-    return sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+    from vdm import configs
+
+    return list(configs.CONFIGS)
 
 
 def run_python(args, env=None, timeout=300) -> subprocess.CompletedProcess:

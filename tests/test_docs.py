@@ -20,12 +20,11 @@ from absl import flags
 from conftest import ROOT
 from test_data import tar_gz, write_cifar_python
 
-from vdm import checkpoint, configlib, main, train
+from vdm import checkpoint, configlib, configs, main, train
 
 DOCUMENTED = [("README.md", open(f"{ROOT}/README.md").read()),
               ("scripts/class_accuracy.py", open(f"{ROOT}/scripts/class_accuracy.py").read().split('"""')[1])] + [
-    (f"configs/{name}.py", open(f"{ROOT}/configs/{name}.py").read().split('"""')[1])
-    for name in sorted(n[:-3] for n in os.listdir(f"{ROOT}/configs") if n.endswith(".py"))]
+    (f"vdm/configs/{name}.py", open(path).read().split('"""')[1]) for name, path in configs.CONFIGS.items()]
 PROGRAMS = {"-m vdm.main": "vdm.main", "scripts/class_accuracy.py": "class_accuracy"}
 
 
@@ -240,3 +239,39 @@ def test_sampler_options_are_checked_before_compiling(args, message):
     with pytest.raises(configlib.ConfigError) as info:
         configlib.validate(config)
     assert str(info.value).startswith(message)
+
+
+def test_a_shipped_config_by_name_is_the_file_in_configs():
+    by_name, *_ = _parse(["--config", "mnist_cond", "--workdir", "/tmp/x", "--config.train.num_steps=3"])
+    by_path, *_ = _parse(["--config", "configs/mnist_cond.py", "--workdir", "/tmp/x", "--config.train.num_steps=3"])
+    assert by_name.to_dict() == by_path.to_dict() and by_name.train.num_steps == 3 and by_name.model.num_classes == 10
+    assert os.path.samefile(configs.CONFIGS["mnist_cond"], "configs/mnist_cond.py")  # the clone's link
+
+
+def test_an_unknown_config_name_is_one_line_naming_the_shipped_configs():
+    with pytest.raises(main.CommandLineError) as info:
+        _parse(["--config", "mnst", "--workdir", "/tmp/x"])
+    assert str(info.value) == f"flag --config=mnst: unknown config 'mnst'; valid names: {', '.join(configs.CONFIGS)}"
+    with pytest.raises(ValueError, match="unknown config 'mnst'; valid names: cifar10, digits"):
+        configs.get("mnst")
+
+
+def test_config_string_reaches_get_config_for_files_and_names(tmp_path, monkeypatch):
+    path = tmp_path / "sized.py"
+    path.write_text("from vdm import configlib\n\n\ndef get_config(size='8'):\n    c = configlib.base_config()\n"
+                    "    c.model.network_kwargs.channels = int(size)\n    return c\n")
+    monkeypatch.setitem(configs.CONFIGS, "sized", str(path))
+    for spec in (f"{path}:16", "sized:16"):
+        config, *_ = _parse(["--config", spec, "--workdir", "/tmp/x"])
+        assert config.model.network_kwargs.channels == 16
+        assert configs.get(spec).model.network_kwargs.channels == 16
+    assert configs.get("sized").model.network_kwargs.channels == 8
+
+
+def test_an_error_in_a_shipped_config_names_its_file_and_line():
+    shipped = os.path.join(os.path.dirname(configs.__file__), "broken.py")  # a frame in vdm/configs, never written
+    namespace = {}
+    exec(compile("def get_config():\n    return {}['x']\n", shipped, "exec"), namespace)
+    with pytest.raises(KeyError) as info:
+        namespace["get_config"]()
+    assert main._config_file_error(info.value) == f"--config={shipped}, line 2: KeyError: 'x'"

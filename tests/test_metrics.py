@@ -9,13 +9,15 @@ import math
 import os
 import re
 import struct
+import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from vdm.metrics import MetricWriter, Progress, format_eta, read_jsonl
+from vdm.metrics import MetricWriter, Progress, format_eta, in_notebook, read_jsonl
 
 
 # --- an independent TFRecord reader (length-prefixed records with masked CRC32C)
@@ -225,3 +227,41 @@ def test_progress_silent_off_main(capsys):
         progress.update(step, loss=1.0)
     progress.close()
     assert capsys.readouterr().err == ""
+
+
+def test_in_notebook_is_a_jupyter_kernel(monkeypatch):
+    class Shell:
+        def __init__(self, config):
+            self.config = config
+
+    class IPython(types.ModuleType):
+        shell = None
+
+        def get_ipython(self):
+            return self.shell
+
+    fake = IPython("IPython")
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert not in_notebook()  # IPython imported, no shell
+    fake.shell = Shell({"TerminalInteractiveShell": {}})
+    assert not in_notebook()  # the IPython terminal: its stderr is a TTY, the in-place bar serves
+    fake.shell = Shell({"IPKernelApp": {"connection_file": "kernel.json"}})  # Jupyter, Colab
+    assert in_notebook() and Progress(10, stream=io.StringIO(), is_main=True).notebook
+    monkeypatch.delitem(sys.modules, "IPython")
+    assert not in_notebook() and not Progress(10, stream=io.StringIO(), is_main=True).notebook
+
+
+def test_progress_in_a_notebook_draws_tqdm_below_the_start_up_lines():
+    stream = io.StringIO()
+    progress = Progress(100, initial_step=20, notebook=True, stream=stream, is_main=True)
+    progress.log("vdm: start-up line")
+    for step in range(30, 101, 10):
+        progress.update(step, loss=jnp.asarray(1.23456), bpd=2.5)
+    progress.log("step 100: test bpd 2.5")
+    progress.close()
+    out = stream.getvalue()
+    assert out.startswith("vdm: start-up line\n")  # the bar starts at the first update, below it
+    assert " 20/100 " in out  # resumed at step 20
+    last = out.rstrip("\n").split("\r")[-1]
+    assert last.startswith("100%|") and " 100/100 " in last and "step/s, loss=1.235, bpd=2.5]" in last
+    assert "\rstep 100: test bpd 2.5\n" in out  # tqdm.write: the bar cleared, the line printed, the bar redrawn

@@ -326,3 +326,39 @@ def test_dtype_and_remat_reach_the_network():
     config.model.dtype = "float16"
     with pytest.raises(configlib.ConfigError, match="config.model.dtype='float16': valid names: float32, bfloat16"):
         configlib.validate(config)
+
+
+def test_python_entry_point_takes_a_shipped_config_by_name_with_overrides(tmp_path, capsys):
+    overrides = {"model.network": "mlp", "model.network_kwargs.hidden": 32, "model.network_kwargs.depth": 1,
+                 "train.num_steps": 2, "eval.num_examples": 16, "sample.num_images": 2, "sample.num_steps": 2}
+    result = train.train_and_evaluate("test", str(tmp_path), overrides=overrides)
+    assert result["step"] == 2 and np.isfinite(result["bpd"]) and result["count"] == 16
+    assert os.path.isfile(result["samples"]) and (tmp_path / "checkpoints" / "2").is_dir()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: network 'mlp' does not take '{k}'; dropped config.model.network_kwargs.{k}"
+                     for k in ("channels", "num_blocks")]
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model"]["network_kwargs"] == {"hidden": 32, "depth": 1, "dropout": 0.1}
+
+
+def test_overrides_set_a_copy_and_drop_the_replaced_pieces_arguments():
+    config = _config()
+    new, notes = configlib.override(config, {"model.schedule": "cosine", "train.num_steps": 7})
+    assert new.train.num_steps == 7 and dict(new.model.schedule_kwargs) == {}
+    assert notes == ["note: schedule 'cosine' does not take 'hidden'; dropped config.model.schedule_kwargs.hidden"]
+    assert config.train.num_steps == 4 and config.model.schedule == "monotone_net"  # the caller's config is untouched
+    assert config.model.schedule_kwargs.hidden == 16
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.num_step": 2}, "override train.num_step=2: config has no field 'train.num_step' "
+                            "(did you mean 'train.num_steps'?)"),
+    ({"trian.lr": 1e-3}, "override trian.lr=0.001: config has no field 'trian.lr' (did you mean 'train.lr'?)"),
+    ({"train.num_steps": "two"}, "override train.num_steps='two': Could not override field 'num_steps'"),
+    ({"model.schedule": "quadratic"}, "config.model.schedule='quadratic': valid names:"),
+])
+def test_bad_overrides_from_python_are_one_line_before_compiling(tmp_path, overrides, message):
+    with pytest.raises(configlib.ConfigError) as info:
+        train.train_and_evaluate("test", str(tmp_path), overrides=overrides)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,6 +1,6 @@
 """The configuration schema: every field the trainer reads, with its default and meaning.
 
-Each file in ``configs/`` starts from ``base_config()`` and sets what its setup needs, so
+Each file in ``vdm/configs/`` starts from ``base_config()`` and sets what its setup needs, so
 the fields, their types and their documentation live in one place while each config
 file stays a complete description of one experiment. ``validate`` checks a config before
 anything is compiled and raises ``ConfigError`` with one line naming the bad field.
@@ -10,16 +10,20 @@ the pieces chosen by name (``PIECES``): ``model.schedule_kwargs``, ``model.netwo
 ``loss.weighting_kwargs`` and ``data.kwargs`` take any key, so
 ``--config.loss.weighting_kwargs.bias=1.0`` works from the command line; ``validate``
 checks every key against the piece's signature. ``drop_stale_kwargs`` removes the keys a
-piece chosen on the command line does not take (they belonged to the config file's piece).
+piece chosen on the command line does not take (they belonged to the config file's piece);
+``override`` sets dotted fields from Python (``{"train.num_steps": 500}``) as the command line does.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import importlib.util
 import inspect
 import math
 import os
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import ml_collections
 from flax import nnx
@@ -117,6 +121,35 @@ def drop_stale_kwargs(config, overridden) -> list[str]:
     return notes
 
 
+def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """(a copy of ``config`` with ``overrides`` set, the notes of ``drop_stale_kwargs``).
+
+    ``overrides`` (``{"train.num_steps": 500, "loss.weighting": "elbo"}``) act as
+    ``--config.train.num_steps=500 --config.loss.weighting=elbo`` do on the command line: a field the
+    config does not have, or a value of the wrong type, is a ConfigError naming it, and a piece chosen
+    here drops the config's keyword arguments that it does not take.
+    """
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        try:
+            config.update_from_flattened_dict({key: value})
+        except KeyError:
+            hint = difflib.get_close_matches(key, flatten(config.to_dict()), n=1)
+            raise ConfigError(f"override {key}={value!r}: config has no field {key!r}"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else "")) from None
+        except TypeError as e:
+            raise ConfigError(f"override {key}={value!r}: {' '.join(str(e).split())}") from None
+    return config, drop_stale_kwargs(config, set(overrides))
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """``{"a.b.c": leaf}`` of nested dicts, each key prefixed with ``prefix.``."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items()
+                for k, v in flatten(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+    return {prefix: tree}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -198,16 +231,18 @@ def base_config() -> ml_collections.ConfigDict:
     return lock(c)
 
 
-def load_file(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of the config file at ``path``.
+def load_file(path: str, *config_string: str) -> ml_collections.ConfigDict:
+    """``get_config(*config_string)`` of the config file at ``path`` (as ml_collections calls it
+    for ``--config PATH[:config_string]``).
 
     Config files derive from each other with it, so a variant names its base once:
     ``c = configlib.load_file(os.path.join(os.path.dirname(__file__), "digits.py"))``.
+    A shipped config by name: ``vdm.configs.get("mnist")``.
     """
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*config_string)
 
 
 def _fail(field: str, value, problem: str):

@@ -1,4 +1,7 @@
-"""Command line: ``python -m vdm.main --config configs/<name>.py --workdir DIR [--mode train|eval|sample]``.
+"""Command line: ``python -m vdm.main --config <name> | <file.py> --workdir DIR [--mode train|eval|sample]``.
+
+``--config`` is a config file or the name of a config shipped in ``vdm.configs`` (``mnist``;
+``configs/mnist.py`` in a clone is the same file), either optionally ``:config_string``.
 
 The command line (scripts/class_accuracy.py reuses its flags). Any config field is overridden
 with ``--config.train.num_steps=500`` and the like, the pieces' keyword arguments too
@@ -32,14 +35,31 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | 
     """
     # The config file locks itself (configlib.lock): a misspelt field is an error, while the
     # pieces' keyword arguments (model.schedule_kwargs, ..., data.kwargs) take new keys.
-    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
-                                    flag_values=flag_values, lock_config=False,
-                                    accept_new_attributes=True, sys_argv=argv)
+    config_flags.DEFINE_config_file("config", None, "A config file, or the name of a shipped config "
+                                    "(vdm.configs: mnist, digits, ...).", flag_values=flag_values,
+                                    lock_config=False, accept_new_attributes=True, sys_argv=argv)
+    flag_values["config"].parser = _ShippedConfigs(flag_values["config"].parser)
     flags.DEFINE_string("workdir", None, "Directory or URL (gs://...) for checkpoints, metrics and "
                         "samples; a rerun resumes.", flag_values=flag_values)
     if mode:
         flags.DEFINE_enum("mode", "train", list(MODES), "What to do.", flag_values=flag_values)
     flags.mark_flags_as_required(["config", "workdir"] if require_workdir else ["config"], flag_values=flag_values)
+
+
+class _ShippedConfigs(flags.ArgumentParser):
+    """ml_collections' config file parser, taking the name of a shipped config too (``--config mnist``);
+    an unknown name is a flag error naming the shipped configs."""
+
+    def __init__(self, file_parser: flags.ArgumentParser):
+        self.file_parser = file_parser
+
+    def parse(self, spec):
+        from vdm import configs
+
+        return self.file_parser.parse(configs.locate(spec))
+
+    def flag_type(self):
+        return self.file_parser.flag_type()
 
 
 class CommandLineError(ValueError):
@@ -77,8 +97,9 @@ def _config_file_error(e: BaseException) -> str:
     if isinstance(e, SyntaxError):
         return f"--config={e.filename}, line {e.lineno}: SyntaxError: {e.msg}"
     here = os.path.dirname(os.path.abspath(__file__))
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith(("<", here)) and "site-packages" not in f.filename]
+    shipped = os.path.join(here, "configs", "")  # the shipped config files are the config's code, not vdm's
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(shipped)
+              or not (f.filename.startswith(("<", here)) or "site-packages" in f.filename)]
     where = f"--config={frames[-1].filename}, line {frames[-1].lineno}: " if frames else "--config: "
     return where + f"{type(e).__name__}: " + " ".join(str(e).split())
 

@@ -4,8 +4,9 @@
   ``workdir/metrics.jsonl`` and writes TensorBoard scalar/image events under
   ``workdir/tensorboard/`` with ``tensorboardX`` (no TensorFlow needed). The workdir may
   be a cloud URL (``gs://...``): both go through ``vdm.paths`` / ``etils.epath``.
-* :class:`Progress` shows a one-line, in-place progress bar on an interactive
-  terminal and plain periodic log lines otherwise (files, CI, notebooks).
+* :class:`Progress` shows tqdm's bar in a Jupyter / Colab notebook (``tqdm.auto``: a
+  widget), a one-line, in-place progress bar on an interactive terminal, and plain periodic
+  log lines otherwise (files, CI).
 * :func:`read_jsonl` loads a metrics file back as a list of dicts.
 
 In multi-process runs only the main process (``jax.process_index() == 0``)
@@ -27,7 +28,7 @@ import numpy as np
 
 from vdm import paths
 
-__all__ = ["MetricWriter", "Progress", "format_eta", "read_jsonl", "strict"]
+__all__ = ["MetricWriter", "Progress", "format_eta", "in_notebook", "read_jsonl", "strict"]
 
 
 def strict(values: Mapping[str, Any]) -> dict:
@@ -173,6 +174,13 @@ def format_eta(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (a notebook, Colab), where ``tqdm.auto`` draws a widget."""
+    ipython = sys.modules.get("IPython")  # never imported here: a notebook has already imported it
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def _format_value(value: Any) -> str:
     try:
         v = float(np.asarray(value))
@@ -182,7 +190,7 @@ def _format_value(value: Any) -> str:
 
 
 class Progress:
-    """Training progress: in-place bar on a terminal, periodic log lines otherwise.
+    """Training progress: tqdm in a notebook, an in-place bar on a terminal, periodic log lines otherwise.
 
     Call :meth:`update` after every step with the number of completed steps and
     any scalars to show (e.g. ``loss=..., bpd=...``).  Scalars may be JAX
@@ -199,6 +207,8 @@ class Progress:
       stream: output stream (default ``sys.stderr``).
       interactive: force in-place (``True``) or plain (``False``) mode; default
         ``stream.isatty()``.
+      notebook: draw with ``tqdm.auto`` instead (a widget in Jupyter and Colab,
+        scalars as its postfix); default :func:`in_notebook`.
       is_main: whether this process prints; default ``jax.process_index() == 0``.
       min_interval: in-place mode redraws at most this often (seconds).
       rate_window: steps/s and ETA are measured over roughly the last this
@@ -217,6 +227,7 @@ class Progress:
         log_every: int = 100,
         stream: TextIO | None = None,
         interactive: bool | None = None,
+        notebook: bool | None = None,
         is_main: bool | None = None,
         min_interval: float = 0.1,
         rate_window: float = 30.0,
@@ -235,6 +246,9 @@ class Progress:
             isatty = getattr(self.stream, "isatty", None)
             interactive = bool(isatty and isatty())
         self.interactive = interactive
+        self.notebook = in_notebook() if notebook is None else bool(notebook)
+        self._bar: Any = None  # notebook mode: the tqdm bar, made at the first update (below the start-up lines)
+        self.initial_step = int(initial_step)
         self.is_main = _default_is_main() if is_main is None else bool(is_main)
         self._min_interval = min_interval
         self._rate_window = rate_window
@@ -279,7 +293,15 @@ class Progress:
         now = self._clock()
         self._record(now, step)
         last = step >= self.total_steps
-        if self.interactive:
+        if self.notebook:
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=self.total_steps, initial=self.initial_step, unit=self.unit, file=self.stream)
+            if scalars:
+                self._bar.set_postfix({name: _format_value(v) for name, v in scalars.items()}, refresh=False)
+            self._bar.update(step - self._bar.n)
+        elif self.interactive:
             if last or now - self._last_draw >= self._min_interval:
                 self._last_draw = now
                 frac = min(max(step / self.total_steps, 0.0), 1.0)
@@ -297,6 +319,9 @@ class Progress:
         """Print a message on its own line without garbling the in-place bar."""
         if not self.is_main:
             return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+            return
         if self.interactive and self._drawn:
             self.stream.write("\r\x1b[K")
             self._drawn = False
@@ -305,7 +330,10 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        """End the in-place line (no-op in plain mode)."""
+        """End the in-place line or the tqdm bar (no-op in plain mode)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self.is_main and self.interactive and self._drawn:
             self.stream.write("\n")
             self.stream.flush()

@@ -1,10 +1,11 @@
 """Training, evaluation and sampling: one flat trainer that reads top to bottom.
 
 ``train_and_evaluate(config, workdir)`` is the whole program behind
-``python -m vdm.main --mode train``; ``evaluate_checkpoint`` and ``sample_checkpoint``
-are the ``eval`` and ``sample`` modes. Everything random is a function of
-(config.seed, step), and the data order is a function of (seed, step), so a run resumed
-from a checkpoint continues exactly as the uninterrupted run would have.
+``python -m vdm.main --mode train`` and the entry point from Python (a notebook: config in,
+metrics out); ``evaluate_checkpoint`` and ``sample_checkpoint`` are the ``eval`` and
+``sample`` modes. Everything random is a function of (config.seed, step), and the data order
+is a function of (seed, step), so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have.
 
 The objective belongs to the model (``vdm.model.loss_and_grads``): this file only
 applies the gradients, keeps the EMA and the state, and moves batches and metrics.
@@ -19,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -412,20 +414,14 @@ def _data_identity(info: data_lib.DatasetInfo) -> dict:
 _COMPATIBLE_MODEL_FIELDS = {"dtype", "remat"}
 
 
-def _flatten(tree, prefix: str) -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}").items()}
-    return {prefix: tree}
-
-
 def _model_differences(meta: dict, config: dict, data_identity: dict) -> list[str]:
     """``field: checkpoint A, config B`` for each model field and data property that differs."""
-    saved = {k: v for k, v in _flatten(meta["config"].get("model", {}), "model").items()
+    saved = {k: v for k, v in configlib.flatten(meta["config"].get("model", {}), "model").items()
              if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}
-    now = {k: v for k, v in _flatten(config.get("model", {}), "model").items()
+    now = {k: v for k, v in configlib.flatten(config.get("model", {}), "model").items()
            if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}
-    saved |= _flatten(meta.get("data", {}), "data")
-    now |= _flatten(data_identity, "data")
+    saved |= configlib.flatten(meta.get("data", {}), "data")
+    now |= configlib.flatten(data_identity, "data")
     missing = object()
     return [f"{k}: checkpoint {saved.get(k, 'unset')!r}, config {now.get(k, 'unset')!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k, missing) != now.get(k, missing)]
@@ -760,8 +756,30 @@ def write_config(config, workdir: str) -> None:
         paths.write_bytes(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True).encode())
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train (resuming from the newest intact checkpoint in workdir), evaluate, sample. Returns final metrics."""
+def resolve_config(config, overrides: Mapping[str, Any] | None = None):
+    """The ConfigDict of ``config``: a ConfigDict, or a shipped config's name (``"mnist"``) or a config
+    file (``vdm.configs.get``), with ``overrides`` (``{"train.num_steps": 500}``) set on a copy as
+    ``--config.train.num_steps=500`` would set them (``configlib.override``; its notes are printed)."""
+    if isinstance(config, str):
+        from vdm import configs
+
+        config = configs.get(config)
+    config, notes = configlib.override(config, overrides or {})
+    for note in notes:
+        print(note, file=sys.stderr)
+    return config
+
+
+def train_and_evaluate(config, workdir: str, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Train (resuming from the newest intact checkpoint in workdir), evaluate, sample; the final metrics.
+
+    ``config``: a ConfigDict or the name of a shipped config or file, ``overrides`` set on a copy
+    (``resolve_config``). Returns the test bits/dim (``bpd``, ``bpd_se`` and the VLB's terms, or
+    ``bpd_ode``, by ``config.eval.method``), ``count`` (test images), ``samples`` (the PNG of the
+    samples; the ``.npz`` beside it holds them), ``nfe``, ``step``, and ``fd_mnist`` where the config
+    asks for it; ``{"step", "stopped": True}`` when SIGINT / SIGTERM stopped the run (saved).
+    """
+    config = resolve_config(config, overrides)
     trainer = Trainer(config, workdir, exclusive=True)  # config, data, lock, checkpoint's model: before compiling
     try:
         start = trainer.restore_latest()
@@ -834,9 +852,9 @@ def _restored_trainer(config, workdir: str) -> Trainer:
     return trainer
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
-    """--mode eval: test bits/dim of the latest checkpoint (EMA parameters)."""
-    trainer = _restored_trainer(config, workdir)
+def evaluate_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None = None) -> dict:
+    """--mode eval: test bits/dim of the latest checkpoint (EMA parameters); config as in ``train_and_evaluate``."""
+    trainer = _restored_trainer(resolve_config(config, overrides), workdir)
     try:
         with Signals():
             return trainer.evaluate(show_progress=True) | {"step": int(trainer.state.step)}
@@ -844,9 +862,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         trainer.close()
 
 
-def sample_checkpoint(config, workdir: str) -> dict:
-    """--mode sample: samples (.npz, .png, TensorBoard) from the latest checkpoint."""
-    trainer = _restored_trainer(config, workdir)
+def sample_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None = None) -> dict:
+    """--mode sample: samples (.npz, .png, TensorBoard) from the latest checkpoint; config as in ``train_and_evaluate``."""
+    trainer = _restored_trainer(resolve_config(config, overrides), workdir)
     step = int(trainer.state.step)
     try:
         with Signals(), metrics_lib.MetricWriter(workdir) as writer:
