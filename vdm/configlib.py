@@ -218,6 +218,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ode.num_probes = 1
     c.eval.ode.dequantization = "uniform"  # uniform | truncated_normal
     c.eval.ode.num_samples = 1  # dequantisations per image; > 1: the importance-weighted bound
+    # FID of the samples against the test split (vdm.inception): pytorch-fid's InceptionV3 weights, an .npz of its
+    # state dict (scripts/convert_inception_weights.py) or the .pth where torch is installed; "" = off.
+    c.eval.inception_weights = ""
 
     # Sampling.
     c.sample = ml_collections.ConfigDict()
@@ -385,6 +388,12 @@ def validate(config) -> None:
     for key in ("num_probes", "num_samples"):
         if ode[key] < 1:
             _fail(f"eval.ode.{key}", ode[key], "must be >= 1")
+    if config.eval.inception_weights:
+        from vdm import inception
+
+        problem = inception.weights_problem(config.eval.inception_weights)
+        if problem is not None:
+            _fail("eval.inception_weights", config.eval.inception_weights, problem)
     if config.eval.num_examples < 0:
         _fail("eval.num_examples", config.eval.num_examples, "must be >= 0 (0 = the whole test split)")
     if config.sample.num_steps < 1 or config.sample.num_images < 1:
@@ -398,8 +407,13 @@ def validate_against_data(config, info) -> None:
     if config.sample.fd_mnist and (tuple(info.shape) != (28, 28, 1) or info.vocab_size != 256):
         _fail("sample.fd_mnist", True, f"needs 28x28 digits with 256 levels, not {info.name} {tuple(info.shape)} x "
               f"{info.vocab_size} levels")
-    if config.sample.fd_mnist and config.sample.num_images < 2:
-        _fail("sample.num_images", config.sample.num_images, "FD-MNIST needs at least 2 samples")
+    if config.eval.inception_weights and (info.kind != "image" or info.shape[-1] not in (1, 3)):
+        _fail("eval.inception_weights", config.eval.inception_weights, f"FID needs RGB or grayscale images, not "
+              f"{info.name} ({info.kind} of shape {tuple(info.shape)})")
+    distances = [name for name, on in (("FD-MNIST", config.sample.fd_mnist), ("FID", config.eval.inception_weights))
+                 if on]
+    if distances and config.sample.num_images < 2:
+        _fail("sample.num_images", config.sample.num_images, f"{' and '.join(distances)} need{'s' * (len(distances) == 1)} at least 2 samples")
     num_classes = config.model.num_classes
     if num_classes and not info.num_classes:
         _fail("model.num_classes", num_classes, f"needs labels, and data source {config.data.source!r} has none")

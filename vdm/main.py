@@ -136,10 +136,10 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
 
 def input_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input: reported as one ``error:`` line with exit code 2."""
-    from vdm import checkpoint, configlib, data, lock, parallel
+    from vdm import checkpoint, configlib, data, inception, lock, parallel
 
     return (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
-            parallel.DistributedError, lock.WorkdirError)
+            parallel.DistributedError, lock.WorkdirError, inception.WeightsError)
 
 
 def main(argv):
@@ -179,6 +179,9 @@ def main(argv):
               f"(feature classifier: {result['fd_mnist_classifier_accuracy']:.1%} on the test digits)"
               + (f"; the requested digit in {result['sample_accuracy']:.1%} of the samples"
                  if "sample_accuracy" in result else ""))
+    if "fid" in result:
+        print(f"FID {result['fid']:.2f} over {result['fid_images']} samples against the {result['fid_reference_images']} "
+              f"test images (InceptionV3 pool3, {config.eval.inception_weights})")
     print(json.dumps(metrics.strict(result), allow_nan=False))
     return 0
 

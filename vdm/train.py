@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -30,7 +31,7 @@ import optax
 from flax import nnx, struct
 
 from vdm import checkpoint as ckpt_lib
-from vdm import configlib, data as data_lib, lock as lock_lib, metrics as metrics_lib, parallel, paths
+from vdm import configlib, data as data_lib, inception, lock as lock_lib, metrics as metrics_lib, parallel, paths
 from vdm import diffusion as diffusion_lib
 from vdm import model as model_lib
 from vdm import samplers as samplers_lib
@@ -261,7 +262,8 @@ _COMPILED: dict[str, Compiled] = {}
 # Config fields that change no compiled function: runs that differ only in these share them.
 _NOT_COMPILED = {"seed": (), "data": (), "train": ("num_steps", "log_every", "eval_every", "checkpoint_every",
                                                    "keep_checkpoints", "coordinator_timeout_s",
-                                                   "compilation_cache_dir", "skip_nonfinite")}
+                                                   "compilation_cache_dir", "skip_nonfinite"),
+                 "eval": ("inception_weights",)}
 
 
 def _compile_key(config, info, mesh) -> str:
@@ -440,6 +442,9 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.mesh, self.dataset = prepare(config)
         info = self.dataset.info
+        # FID's network: read and checked now, so that a bad file is found before anything is compiled.
+        self.inception_weights = inception.load_weights(config.eval.inception_weights) if config.eval.inception_weights \
+            else None
         checkpoints = paths.join(workdir, "checkpoints")
         if must_exist and not paths.path(checkpoints).is_dir():
             raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpoints}: train first (is --workdir right?)")
@@ -658,15 +663,22 @@ class Trainer:
             save_png(path + ".png", grid)
             if writer is not None:
                 writer.write_image(step, "samples", grid)
-        result = {"samples": path + ".png", "nfe": nfe}
-        if c.fd_mnist:
-            result |= self.sample_quality(images, labels)
-            if writer is not None:
-                writer.write(step, {k: v for k, v in result.items() if k.startswith("fd_mnist")
-                                    or k == "sample_accuracy"})
-        return result
+        quality = self.sample_quality(images, labels)
+        if writer is not None and quality:
+            writer.write(step, quality)
+        return {"samples": path + ".png", "nfe": nfe} | quality
 
     def sample_quality(self, images: np.ndarray, labels) -> dict:
+        """The sample-quality figures the config asks for: FD-MNIST (``config.sample.fd_mnist``) and
+        FID (``config.eval.inception_weights``), each against the test split."""
+        out = {}
+        if self.config.sample.fd_mnist:
+            out |= self.fd_mnist(images, labels)
+        if self.inception_weights is not None:
+            out |= self.fid(images)
+        return out
+
+    def fd_mnist(self, images: np.ndarray, labels) -> dict:
         """FD-MNIST of the samples against the test split, and how often the classifier sees the
         requested digit (conditional models). The feature network is cached in the workdir."""
         from vdm import quality
@@ -678,6 +690,26 @@ class Trainer:
         if labels is not None:
             out["sample_accuracy"] = float(np.mean(net.predict(images) == np.asarray(labels)))
         return out
+
+    def fid(self, images: np.ndarray) -> dict:
+        """FID of the samples against the whole test split (``vdm.inception``), ``config.eval.batch_size``
+        images at a time. The test split's statistics are computed once and cached in the workdir,
+        named by the data set and the weights file's hash."""
+        from vdm import quality
+
+        net, info = self.inception_weights.network, self.dataset.info
+        kw = {"batch_size": self.config.eval.batch_size, "max_value": info.vocab_size - 1}
+        name = re.sub(r"\W+", "_", info.name)
+        cache = paths.join(self.workdir, f"fid_reference_{name}_{self.inception_weights.sha256[:16]}.npz")
+
+        def reference():
+            title = f"FID: features of the {info.num_test} test images (once: cached as {cache})"
+            mu, cov = quality.gaussian_statistics(inception.features(net, self.dataset.test, progress_title=title, **kw))
+            return {"mu": mu, "cov": cov, "count": info.num_test}
+
+        ref = quality.cached_arrays(cache, reference)
+        fid = quality.frechet_distance_to(inception.features(net, images, **kw), ref["mu"], ref["cov"])
+        return {"fid": fid, "fid_images": len(images), "fid_reference_images": int(ref["count"])}
 
 
 def draw_samples(images: np.ndarray, vocab_size: int, kind: str, columns: int | None = None) -> np.ndarray:
