@@ -20,6 +20,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
 
 def _sample_rows(trainer, args):
@@ -104,6 +105,7 @@ def main() -> None:
                         help="reuse the sampler rows of results.json and measure only the likelihoods")
     args = parser.parse_args()
 
+    from common import write_results
     from vdm import configlib, train
 
     config = configlib.load_file(args.config)
@@ -125,15 +127,7 @@ def main() -> None:
     with open(results, "w") as f:  # the sampler rows are kept even if the likelihoods fail
         json.dump(record, f, indent=1)
     record["likelihoods"] = _likelihood_rows(config, args)
-    with open(results, "w") as f:
-        json.dump(record, f, indent=1)
-    likelihoods = record["likelihoods"]
-    readme = os.path.join(HERE, "README.md")
-    text = open(readme).read()
-    head, _, rest = text.partition("<!-- results -->")
-    _, _, tail = rest.partition("<!-- /results -->")
-    with open(readme, "w") as f:
-        f.write(f"{head}<!-- results -->\n{_tables(samples, likelihoods, accuracy, args)}\n<!-- /results -->{tail}")
+    write_results(HERE, record, _tables(samples, record["likelihoods"], accuracy, args))
 
 
 if __name__ == "__main__":
