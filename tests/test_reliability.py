@@ -356,13 +356,13 @@ def test_a_signal_during_training_finishes_the_step_saves_and_exits(tmp_path, si
     assert saved is not None and saved >= 4 and f"saved step {saved}," in out
 
 
-@pytest.mark.slow
-def test_sigterm_during_evaluation_exits_at_once(tmp_path, trained):
-    workdir = _copy(trained, tmp_path)
-    proc = _start(workdir, "--mode", "eval", "--config.eval.batch_size=1", "--config.eval.num_examples=0",
-                  "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}")
+def _sigterm_once_underway(workdir, line, *args, settle=0.0, limit=30.0):
+    """Start ``vdm.main`` on ``workdir``, SIGTERM it once ``line`` is printed (and ``settle`` seconds on):
+    it must exit with 128 + SIGTERM, the last line saying so, within ``limit`` seconds."""
+    proc = _start(workdir, *args, "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}")
     try:
-        _wait_for_line(proc, "evaluating")
+        _wait_for_line(proc, line)
+        time.sleep(settle)
         start = time.time()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -370,27 +370,23 @@ def test_sigterm_during_evaluation_exits_at_once(tmp_path, trained):
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert out.strip().splitlines()[-1] == "stopped by SIGTERM" and waited < 30
+    assert out.strip().splitlines()[-1] == "stopped by SIGTERM" and waited < limit, (out[-3000:], waited)
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_exits_at_once(tmp_path, trained):
+    _sigterm_once_underway(_copy(trained, tmp_path), "evaluating", "--mode", "eval", "--config.eval.batch_size=1",
+                           "--config.eval.num_examples=0")
 
 
 @pytest.mark.slow
 def test_sigterm_during_sampling_exits_at_once(tmp_path, trained):
-    """The sampler's loop runs in chunks of about half a second: a signal is seen between them."""
+    """The sampler's loop runs in chunks of about half a second: a signal is seen between them.
+    (A whole sampling of a million steps would take many minutes.)"""
     workdir = _copy(trained, tmp_path)
     before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir) if f.startswith("samples_")}
-    proc = _start(workdir, "--mode", "sample", "--config.sample.num_steps=1000000", "--config.sample.num_images=2",
-                  "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}")
-    try:
-        _wait_for_line(proc, "sampling 2 images: ancestral, 1000000 steps")
-        time.sleep(3)  # into the loop: one chunk compiled and run (a whole sampling would take many minutes)
-        start = time.time()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        waited = time.time() - start
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert out.strip().splitlines()[-1] == "stopped by SIGTERM" and waited < 15, (out[-3000:], waited)
+    _sigterm_once_underway(workdir, "sampling 2 images: ancestral, 1000000 steps", "--mode", "sample",
+                           "--config.sample.num_steps=1000000", "--config.sample.num_images=2", settle=3.0, limit=15.0)
     after = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir) if f.startswith("samples_")}
     assert after == before  # the training run's samples, untouched
 

@@ -42,9 +42,9 @@ def main() -> None:
     rows = data_lib.train_batch(dataset.train, config.train.batch_size, seed=0, step=0, process_index=0,
                                 process_count=1)
     batch = {k: np.stack([v]) for k, v in rows.items()}
-    step = train.make_train_step(graphdef, tx, config)
     compiled = {}
     for plain in (False, True):
+        step = train.make_train_step(graphdef, tx, config)  # a new function: JAX caches traces per function
         began = time.perf_counter()
         if plain:
             with layers.plain_convolutions():
