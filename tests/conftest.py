@@ -15,8 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The persistent compilation cache ("auto" = $XDG_CACHE_HOME/vdm/jax) of the suite's runs, in-process
 # and in subprocesses, starts empty and is not the user's: a fresh clone's timing, nothing left behind.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vdm-tests-cache-")
-atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+# The first process (pytest, or pytest-xdist's controller) makes it; the workers it starts inherit the
+# variable and share the cache, so a program compiled by one worker is not compiled again by the other.
+if "VDM_TESTS_CACHE_HOME" not in os.environ:
+    os.environ["VDM_TESTS_CACHE_HOME"] = tempfile.mkdtemp(prefix="vdm-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["VDM_TESTS_CACHE_HOME"], ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = os.environ["VDM_TESTS_CACHE_HOME"]
 
 
 def load_config(name: str = "test"):
