@@ -42,3 +42,47 @@ def write_results(here: str, record: dict, tables: str) -> None:
     _, _, tail = rest.partition("<!-- /results -->")
     with open(readme, "w") as f:
         f.write(f"{head}<!-- results -->\n{tables}\n<!-- /results -->{tail}")
+
+
+def draws(fn, images, batch_size: int, num_draws: int, seed: int) -> dict:
+    """``num_draws`` passes of ``fn(images [B, ...], key) -> {name: [B]}`` over ``images``.
+
+    Each pass puts the images in a new random order and cuts it into batches of ``batch_size``
+    (so a batch-level time sampler such as low-discrepancy sees new company every pass); every
+    image gets one value per pass. Returns {name: [K, num_batches, B] float64} and "image", the
+    image index of each entry.
+    """
+    import jax
+    import numpy as np
+
+    n = images.shape[0]
+    if n % batch_size:
+        raise ValueError(f"{n} images do not split into batches of {batch_size}")
+    order = np.random.default_rng(seed)
+    out: dict[str, list] = {"image": []}
+    for k in range(num_draws):
+        perm = order.permutation(n).reshape(-1, batch_size)
+        out["image"].append(perm)
+        for b, rows in enumerate(perm):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), k), b)
+            for name, v in jax.device_get(fn(images[rows], key)).items():
+                out.setdefault(name, []).append(np.asarray(v, np.float64))
+    shape = (num_draws, n // batch_size, batch_size)
+    return {name: np.asarray(v).reshape(shape) for name, v in out.items()}
+
+
+def summary(values, image) -> dict:
+    """Of per-example estimates ``values`` [K, batches, B] of the images ``image`` (as ``draws`` returns
+    them): the mean and its standard error over the images (each image's mean of its K draws is one
+    independent unit), the std of one estimate over images and draws (``std_example``), its Monte Carlo
+    part for a fixed image (``mc_std``) and the std of a batch's mean (``std_batch``)."""
+    import numpy as np
+
+    k, n = values.shape[0], image.size // values.shape[0]
+    total = np.bincount(image.ravel(), weights=values.ravel(), minlength=n)
+    squares = np.bincount(image.ravel(), weights=values.ravel() ** 2, minlength=n)
+    means = total / k
+    within = (squares - k * means**2) / (k - 1)
+    return {"mean": float(values.mean()), "se": float(means.std(ddof=1) / np.sqrt(n)),
+            "std_example": float(values.std(ddof=1)), "mc_std": float(np.sqrt(max(within.mean(), 0.0))),
+            "std_batch": float(values.mean(axis=-1).std(ddof=1))}

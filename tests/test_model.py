@@ -86,6 +86,46 @@ def test_variance_gradient_uses_the_same_noise_and_changes_only_the_schedule_int
     assert not np.allclose(flat_v["['schedule']['w3']"], flat_p["['schedule']['w3']"])
 
 
+def test_a_swapped_schedule_keeps_the_expected_bound_and_changes_only_its_variance():
+    """``per_example_terms(schedule=...)`` (VDM Sec. 5.1): the network sees gamma_t, never t, so for given images
+    and noise eps the expectation over t of the diffusion term is the integral over gamma from gamma_0 to gamma_1
+    of 0.5 ||eps - eps_hat(z_gamma, gamma)||^2, under every schedule with those endpoints; here against that
+    integral by the trapezoid rule, with the prior and reconstruction terms unchanged."""
+    graphdef, params = _perturbed(_model(schedule_kwargs={"hidden": 16, "learn_endpoints": True}))
+    model, batch, objective = nnx.merge(graphdef, params), _batch(8), model_lib.EVALUATION
+    g0, g1 = (float(g) for g in model.schedule.endpoints())
+    d = model_lib.draw(jax.random.PRNGKey(4), 8, objective)
+    own = model_lib.per_example_terms(model, batch, d, objective, train=False)
+    explicit = model_lib.per_example_terms(model, batch, d, objective, train=False, schedule=model.schedule)
+    for a, b in zip(own, explicit):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    f = diffusion.encode(batch["image"], VOCAB)
+    eps = jax.random.normal(d.eps, f.shape)
+    grid = np.linspace(g0, g1, 4001)
+    integrand = jax.jit(jax.vmap(lambda g: 0.5 * jnp.sum(jnp.square(
+        eps - model.eps(diffusion.diffuse(f, jnp.full((8,), g), eps), jnp.full((8,), g))), axis=(1, 2, 3))))
+    exact = np.trapezoid(np.asarray(integrand(jnp.asarray(grid, jnp.float32)), np.float64), grid, axis=0)
+
+    u = jax.random.uniform(jax.random.PRNGKey(5), (4096, 8))
+    variances = {}
+    for name in ("learned", "fixed_linear", "cosine"):
+        def estimate(params, u, name=name):
+            m = nnx.merge(graphdef, params)
+            schedule = None if name == "learned" else schedules.build(name, gamma_min=g0, gamma_max=g1)
+            terms = model_lib.per_example_terms(m, batch, d._replace(u=u), objective, train=False, schedule=schedule)
+            return terms.diffusion, terms.prior, terms.reconstruction
+
+        diff, prior, reconstruction = jax.jit(jax.vmap(estimate, in_axes=(None, 0)))(params, u)
+        diff = np.asarray(diff, np.float64)
+        se = diff.std(axis=0, ddof=1) / np.sqrt(len(u))
+        assert np.all(np.abs(diff.mean(axis=0) - exact) < 4 * se), (name, diff.mean(axis=0), exact, se)
+        np.testing.assert_allclose(np.asarray(prior[0]), np.asarray(own.prior), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(reconstruction[0]), np.asarray(own.reconstruction), rtol=1e-6)
+        variances[name] = diff.var(axis=0).mean()
+    assert variances["cosine"] > 2 * variances["fixed_linear"]
+
+
 def test_label_dropout_one_is_the_unconditional_model():
     """With every label dropped to the null class (whose embedding is zero here), a conditional model
     computes exactly the unconditional model's loss and gradients, whatever the labels."""

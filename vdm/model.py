@@ -215,22 +215,26 @@ def draw(rng: jax.Array, batch_size: int, objective: Objective) -> Draw:
 
 
 def per_example_terms(model: VDM, batch: dict, d: Draw, objective: Objective, density=None, *,
-                      train: bool = True, interior: tuple | None = None) -> Terms:
+                      train: bool = True, interior: tuple | None = None, schedule=None) -> Terms:
     """The per-example terms for the randomness ``d``.
 
     ``train=False`` turns dropout and label dropout off. ``interior=(shape, slope)``
     replaces the schedule's interior by its values shape(t), shape'(t) at t = ``d.u``, so
     that gamma_t = gamma_0 + (gamma_1 - gamma_0) shape (for the variance-minimising
-    schedule gradient, which differentiates through them).
+    schedule gradient, which differentiates through them). ``schedule`` (any
+    ``t -> gamma`` callable, see ``diffusion.schedule_endpoints``) replaces the model's own;
+    the network sees only gamma_t, so with the same endpoints the expected bound is unchanged
+    (VDM Sec. 5.1) and only the estimator's variance moves.
     """
     x = batch["image"]
     f = diffusion.encode(x, model.vocab_size)
     cond = model.condition(batch, d.labels, objective.label_dropout if train else 0.0)
-    gamma_0, gamma_1 = diffusion.schedule_endpoints(model.schedule)
+    schedule = model.schedule if schedule is None else schedule
+    gamma_0, gamma_1 = diffusion.schedule_endpoints(schedule)
     prior = diffusion.prior_kl(f, gamma_1)
     reconstruction = diffusion.reconstruction_nll(d.reconstruction, x, gamma_0, model.vocab_size)
     if interior is None:
-        gamma_t, weight_dt, _ = diffusion.noise_levels(d.u, model.schedule, num_steps=objective.num_steps,
+        gamma_t, weight_dt, _ = diffusion.noise_levels(d.u, schedule, num_steps=objective.num_steps,
                                                        weighting=objective.weighting, logsnr_density=density)
     else:
         shape, slope = interior
