@@ -86,3 +86,41 @@ def summary(values, image) -> dict:
     return {"mean": float(values.mean()), "se": float(means.std(ddof=1) / np.sqrt(n)),
             "std_example": float(values.std(ddof=1)), "mc_std": float(np.sqrt(max(within.mean(), 0.0))),
             "std_batch": float(values.mean(axis=-1).std(ddof=1))}
+
+
+def trained(config_spec: str, workdir: str, overrides: dict) -> dict:
+    """Train ``config_spec`` with ``overrides`` in ``workdir`` (resuming), evaluate and sample; the result.
+
+    ``vdm.train.train_and_evaluate``'s metrics plus ``train_seconds``, the wall time of the call
+    (compiling, training, evaluating, sampling; of the last call if a run was resumed). Kept in ``workdir/study_run.json``: a second call with the
+    same overrides returns it without training or sampling again; other overrides are an error.
+    """
+    from vdm import train
+
+    record_path = os.path.join(workdir, "study_run.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record["overrides"] != json.loads(json.dumps(overrides)):
+            sys.exit(f"error: {workdir} holds a run with other overrides ({record['overrides']}); "
+                     "delete it or choose another --workroot")
+        if "result" in record:
+            return record["result"]
+    import time
+
+    start = time.perf_counter()
+    result = train.train_and_evaluate(config_spec, workdir, overrides)
+    if result.get("stopped"):
+        sys.exit(f"stopped at step {result['step']} (saved in {workdir}): run the same command again to resume")
+    result = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+    result["train_seconds"] = round(time.perf_counter() - start, 1)
+    with open(record_path, "w") as f:
+        json.dump({"overrides": overrides, "result": result}, f, indent=1)
+    return result
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (both lower-is-better), by the first."""
+    return sorted((i for i, (a, b) in enumerate(points)
+                   if not any(c <= a and d <= b and (c, d) != (a, b) for c, d in points)),
+                  key=lambda i: points[i])

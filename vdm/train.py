@@ -572,7 +572,7 @@ class Trainer:
 
     # -- evaluation and sampling ----------------------------------------------------------
 
-    def evaluate(self, params=None, stop=None, show_progress: bool = False) -> dict | None:
+    def evaluate(self, params=None, stop=None, show_progress: bool = False, per_example: bool = False) -> dict | None:
         """Bits/dim over one complete pass of the test split (EMA parameters), by ``config.eval.method``:
         the VLB (``bpd`` and its terms), the probability-flow ODE's bound (``bpd_ode``) or both,
         each with its standard error over the images (``*_se``).
@@ -580,6 +580,8 @@ class Trainer:
         For a class-conditional model these are bounds on -log p(x | y).
         ``stop``: checked between batches; when it returns true, the pass ends and None is returned.
         ``show_progress``: a progress bar over the batches (``--mode eval``).
+        ``per_example``: also return ``per_example`` = {"bpd": [N], ...}, each test image's bound (in test
+        split order), for paired comparisons of models evaluated with the same randomness.
         """
         params = self.state.ema_params if params is None else params
         bs = self.config.eval.batch_size
@@ -594,7 +596,7 @@ class Trainer:
             progress.log(f"evaluating {num_examples} test images in {num_batches} batches of {bs}")
         batches = data_lib.eval_batches(self.dataset.test, bs, num_examples=self.config.eval.num_examples,
                                         **self._hosts())
-        per_example: dict[str, list] = {}
+        values_of: dict[str, list] = {}
         for i, host in enumerate(batches):
             if stop is not None and stop():
                 return None
@@ -607,16 +609,18 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + float(v)
             keep = np.asarray(values.pop("mask"), bool)
             for k, v in values.items():
-                per_example.setdefault(k, []).append(np.asarray(v, np.float64)[keep])
+                values_of.setdefault(k, []).append(np.asarray(v, np.float64)[keep])
         if progress is not None:
             progress.update(num_batches)
             progress.close()
         count = totals.pop("count")
         nfe = totals.pop("ode_nfe", None)
         result = {k: v / count for k, v in totals.items()} | {"count": count}
-        for name, chunks in per_example.items():  # standard error of the mean over the test images
-            v = np.concatenate(chunks)
+        values = {name: np.concatenate(chunks) for name, chunks in values_of.items()}
+        for name, v in values.items():  # standard error of the mean over the test images
             result[f"{name}_se"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        if per_example:
+            result["per_example"] = values
         if nfe is not None:
             result["ode_nfe"] = nfe / num_batches  # per batch: the solver's steps are shared by a batch
         return result

@@ -1,0 +1,97 @@
+"""One optimizer step compiled in several variants, timed in alternating rounds.
+
+    python experiments/performance/ab.py --config configs/mnist.py                      # custom vs plain convolutions
+    python experiments/performance/ab.py --config configs/mnist.py --variant base= \\
+        --variant xnnpack=xla_cpu_use_xnnpack=true [--override model.network_kwargs.channels=64]
+
+A variant is ``NAME=SPEC``; SPEC is a comma-separated list of XLA compile options
+(``KEY=VALUE``, the fields of XLA's DebugOptions, passed to ``Compiled.compile(compiler_options=...)``
+for this compile alone) and the word ``plain_conv``, which compiles with plain
+``lax.conv_general_dilated`` instead of ``vdm.nets.layers``' custom-gradient 3x3 convolution
+(``plain_convolutions()``). An empty SPEC is the step as the trainer compiles it. Every
+variant is compiled, then timed in alternating rounds (``--rounds`` of ``--calls`` calls each,
+after one warm-up call per round), so that a shared machine's load falls on all alike. Prints
+the compile time and the median per step of each, and the median of the per-round ratios to
+the first variant (below 1: faster than it).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import statistics
+import time
+
+
+def _value(text: str):
+    return ast.literal_eval(text) if text[:1] in "0123456789-([{'\"" else {"true": True, "false": False}.get(text, text)
+
+
+def parse_variant(text: str) -> tuple[str, bool, dict]:
+    """``NAME=SPEC`` -> (name, plain convolutions?, compile options)."""
+    name, _, spec = text.partition("=")
+    plain, options = False, {}
+    for item in filter(None, spec.split(",")):
+        if item == "plain_conv":
+            plain = True
+        else:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"error: variant {name!r}: {item!r} is neither plain_conv nor KEY=VALUE")
+            options[key] = _value(value)
+    return name, plain, options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a config file or shipped config name")
+    parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (Python literal), repeatable")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="NAME=SPEC, repeatable (default: custom= and plain=plain_conv)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--calls", type=int, default=5)
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in (args.variant or ["custom=", "plain=plain_conv"])]
+
+    import jax
+    import numpy as np
+
+    from vdm import configlib, configs, data as data_lib, model as model_lib, train
+    from vdm.nets import layers
+
+    config, _ = configlib.override(configs.get(args.config),
+                                   {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)})
+    dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
+    graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
+    tx = train.make_optimizer(config, decay_mask)
+    state = train.initial_state(config, init(config.seed), tx, model_lib.Objective.from_config(config))
+    rows = data_lib.train_batch(dataset.train, config.train.batch_size, seed=0, step=0, process_index=0,
+                                process_count=1)
+    batch = {k: np.stack([v] * config.train.steps_per_call) for k, v in rows.items()}
+    compiled = {}
+    for name, plain, options in variants:
+        step = train.make_train_step(graphdef, tx, config)  # a new function: JAX caches traces per function
+        began = time.perf_counter()
+        with layers.plain_convolutions() if plain else contextlib.nullcontext():
+            compiled[name] = jax.jit(step).lower(state, batch).compile(compiler_options=options or None)
+        print(f"compile {name}: {time.perf_counter() - began:.1f} s", flush=True)
+    times = {name: [] for name in compiled}
+    per_call = config.train.steps_per_call
+    for _ in range(args.rounds):
+        for name, fn in compiled.items():
+            s, _ = fn(state, batch)
+            jax.block_until_ready(s)
+            began = time.perf_counter()
+            for _ in range(args.calls):
+                s, _ = fn(s, batch)
+            jax.block_until_ready(s)
+            times[name].append((time.perf_counter() - began) / args.calls / per_call)
+    first = variants[0][0]
+    for name in compiled:
+        ratio = statistics.median(a / b for a, b in zip(times[name], times[first]))
+        print(f"{name}: median {1e3 * statistics.median(times[name]):.1f} ms per step; / {first}: {ratio:.3f}")
+    print(f"({args.rounds} alternating rounds of {args.calls} calls; device {jax.devices()[0].device_kind})")
+
+
+if __name__ == "__main__":
+    main()
