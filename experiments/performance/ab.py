@@ -4,11 +4,13 @@
     python experiments/performance/ab.py --config configs/mnist.py --variant base= \\
         --variant xnnpack=xla_cpu_use_xnnpack=true [--override model.network_kwargs.channels=64]
 
-A variant is ``NAME=SPEC``; SPEC is a comma-separated list of XLA compile options
-(``KEY=VALUE``, the fields of XLA's DebugOptions, passed to ``Compiled.compile(compiler_options=...)``
-for this compile alone) and the word ``plain_conv``, which compiles with plain
-``lax.conv_general_dilated`` instead of ``vdm.nets.layers``' custom-gradient 3x3 convolution
-(``plain_convolutions()``). An empty SPEC is the step as the trainer compiles it. Every
+A variant is ``NAME=SPEC``; SPEC is a comma-separated list of
+- XLA compile options ``xla_...=VALUE`` (fields of XLA's DebugOptions, passed to
+  ``Compiled.compile(compiler_options=...)`` for this compile alone);
+- config fields ``a.b=VALUE`` set for this variant only (e.g. ``model.network_kwargs.scan_blocks=false``);
+- the word ``plain_conv``: plain ``lax.conv_general_dilated`` instead of ``vdm.nets.layers``'
+  custom-gradient 3x3 convolution (``plain_convolutions()``).
+An empty SPEC is the step as the trainer compiles it. Every
 variant is compiled, then timed in alternating rounds (``--rounds`` of ``--calls`` calls each,
 after one warm-up call per round), so that a shared machine's load falls on all alike. Prints
 the compile time and the median per step of each, and the median of the per-round ratios to
@@ -27,10 +29,10 @@ def _value(text: str):
     return ast.literal_eval(text) if text[:1] in "0123456789-([{'\"" else {"true": True, "false": False}.get(text, text)
 
 
-def parse_variant(text: str) -> tuple[str, bool, dict]:
-    """``NAME=SPEC`` -> (name, plain convolutions?, compile options)."""
+def parse_variant(text: str) -> tuple[str, bool, dict, dict]:
+    """``NAME=SPEC`` -> (name, plain convolutions?, compile options, config overrides)."""
     name, _, spec = text.partition("=")
-    plain, options = False, {}
+    plain, options, overrides = False, {}, {}
     for item in filter(None, spec.split(",")):
         if item == "plain_conv":
             plain = True
@@ -38,8 +40,8 @@ def parse_variant(text: str) -> tuple[str, bool, dict]:
             key, sep, value = item.partition("=")
             if not sep:
                 raise SystemExit(f"error: variant {name!r}: {item!r} is neither plain_conv nor KEY=VALUE")
-            options[key] = _value(value)
-    return name, plain, options
+            (options if key.startswith("xla_") else overrides)[key] = _value(value)
+    return name, plain, options, overrides
 
 
 def main() -> None:
@@ -59,27 +61,28 @@ def main() -> None:
     from vdm import configlib, configs, data as data_lib, model as model_lib, train
     from vdm.nets import layers
 
-    config, _ = configlib.override(configs.get(args.config),
-                                   {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)})
-    dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
-    graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
-    tx = train.make_optimizer(config, decay_mask)
-    state = train.initial_state(config, init(config.seed), tx, model_lib.Objective.from_config(config))
-    rows = data_lib.train_batch(dataset.train, config.train.batch_size, seed=0, step=0, process_index=0,
+    base, _ = configlib.override(configs.get(args.config),
+                                 {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)})
+    dataset = data_lib.load_dataset(base.data.source, **dict(base.data.kwargs))
+    rows = data_lib.train_batch(dataset.train, base.train.batch_size, seed=0, step=0, process_index=0,
                                 process_count=1)
-    batch = {k: np.stack([v] * config.train.steps_per_call) for k, v in rows.items()}
-    compiled = {}
-    for name, plain, options in variants:
+    batch = {k: np.stack([v] * base.train.steps_per_call) for k, v in rows.items()}
+    compiled, states = {}, {}
+    for name, plain, options, overrides in variants:
+        config, _ = configlib.override(base, overrides)
+        graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
+        tx = train.make_optimizer(config, decay_mask)
+        states[name] = train.initial_state(config, init(config.seed), tx, model_lib.Objective.from_config(config))
         step = train.make_train_step(graphdef, tx, config)  # a new function: JAX caches traces per function
         began = time.perf_counter()
         with layers.plain_convolutions() if plain else contextlib.nullcontext():
-            compiled[name] = jax.jit(step).lower(state, batch).compile(compiler_options=options or None)
+            compiled[name] = jax.jit(step).lower(states[name], batch).compile(compiler_options=options or None)
         print(f"compile {name}: {time.perf_counter() - began:.1f} s", flush=True)
     times = {name: [] for name in compiled}
-    per_call = config.train.steps_per_call
+    per_call = base.train.steps_per_call
     for _ in range(args.rounds):
         for name, fn in compiled.items():
-            s, _ = fn(state, batch)
+            s, _ = fn(states[name], batch)
             jax.block_until_ready(s)
             began = time.perf_counter()
             for _ in range(args.calls):

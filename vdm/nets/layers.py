@@ -189,10 +189,30 @@ def _same_conv_bwd(precision, residuals, g):
     pad = _same_padding(w.shape)
     # d/dx: correlate g with the spatially flipped kernel, in/out channels swapped.
     dx = _nhwc_conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3), pad, precision)
-    # d/dw: a "convolution" with the input channels as batch and the batch as features:
+    return dx, _weight_gradient(x, g, w.shape, precision).astype(w.dtype)
+
+
+def _weight_gradient(x: Array, g: Array, kernel_shape, precision) -> Array:
+    """d/dw of a 'SAME' convolution: [kh, kw, C_in, C_out] from the input x and the output's gradient g.
+
+    Two forms of the same sum over batch and pixels. By default a "convolution" with the input
+    channels as batch and the batch as features ([C_in, H, W, B] (*) [H, W, B, C_out]). On the CPU,
+    for wide layers on large images (both channel counts >= 128, at least 28 x 28 pixels: the
+    paper's CIFAR-10 net), one matrix product per kernel tap instead, x^T [C_in, B H W] times the
+    shifted g: 1.4-1.8x faster there and slower on smaller layers (experiments/performance).
+    """
+    kh, kw = kernel_shape[:2]
+    (b, h, w_, c), o = x.shape, g.shape[-1]
+    if jax.default_backend() == "cpu" and min(c, o) >= 128 and h * w_ >= 28 * 28:
+        ph, pw = kh // 2, kw // 2
+        gp = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+        xt = x.reshape(-1, c).T
+        taps = [lax.dot(xt, gp[:, 2 * ph - i:2 * ph - i + h, 2 * pw - j:2 * pw - j + w_, :].reshape(-1, o),
+                        precision=precision) for i in range(kh) for j in range(kw)]
+        return jnp.stack(taps).reshape(kh, kw, c, o)
     # [C_in, H, W, B] (*) [H, W, B, C_out] -> [C_in, kh, kw, C_out].
-    dw = _nhwc_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), pad, precision)
-    return dx, dw.transpose(1, 2, 0, 3).astype(w.dtype)
+    dw = _nhwc_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), _same_padding(kernel_shape), precision)
+    return dw.transpose(1, 2, 0, 3)
 
 
 _same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)

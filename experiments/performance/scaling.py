@@ -1,0 +1,93 @@
+"""Data-parallel scaling: train-step throughput on 1, 2, 4, 8 devices at a fixed global batch.
+
+    python experiments/performance/scaling.py --config mnist [--devices 1 2 4 8] [--override F=V ...]
+
+On a CPU the devices are XLA's fake host devices (``--xla_force_host_platform_device_count``),
+which share the same cores: there is no speed-up to gain, and what the table shows is the cost of
+sharding the step (per-device batches, the gradient all-reduce, the collectives' scheduling). On
+a machine with real accelerators, ``--devices`` counts above the number present are skipped, and
+fewer are taken with ``CUDA_VISIBLE_DEVICES`` / the TPU's own controls (set them yourself).
+
+Each count runs in a fresh process (``vdm.train.Trainer`` builds the mesh over every device it
+sees), which times the compiled step as ``vdm.bench`` does; rounds alternate the counts, so a
+shared machine's load falls on all alike. Prints images/s per count (median over rounds) and its
+ratio to one device, and the JSON of the whole run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys, tempfile
+import jax
+from vdm import bench, configlib, configs, train
+config, _ = configlib.override(configs.get(sys.argv[1]), json.loads(sys.argv[2]))
+config.train.compilation_cache_dir = ""
+with tempfile.TemporaryDirectory() as scratch:
+    trainer = train.Trainer(config, scratch, exclusive=True)
+    try:
+        result = bench._time_train(trainer, trainer.train_batch(0), int(sys.argv[3]))
+    finally:
+        trainer.close()
+print("RESULT " + json.dumps(result | {"devices": jax.device_count(), "backend": jax.default_backend(),
+                                     "device_kind": jax.devices()[0].device_kind}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a shipped config's name or a config file")
+    parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (JSON value, or a string)")
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=10)
+    args = parser.parse_args()
+
+    def value(text):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    overrides = {k: value(v) for k, v in (o.split("=", 1) for o in args.override)}
+    results = {n: [] for n in args.devices}
+    for r in range(args.rounds):
+        for n in args.devices:
+            flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+            env = dict(os.environ, XLA_FLAGS=flags.strip())
+            out = subprocess.run([sys.executable, "-c", CHILD, args.config, json.dumps(overrides), str(args.calls)],
+                                 env=env, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"error: {n} devices failed:\n{out.stderr[-2000:]}")
+            result = json.loads(line[0][7:])
+            if result["backend"] != "cpu" and result["devices"] != n:
+                print(f"skipping {n} devices: {result['devices']} {result['backend']} devices present", flush=True)
+                results.pop(n)
+                continue
+            results[n].append(result)
+            print(f"round {r + 1}, {n} devices: {result['images_per_s']:.1f} images/s, step "
+                  f"{result['step_ms_median']:.1f} ms, compile {result['compile_s']:.1f} s", flush=True)
+    counts = [n for n in args.devices if results.get(n)]
+    base = statistics.median(x["images_per_s"] for x in results[counts[0]])
+    summary = {}
+    for n in counts:
+        rate = statistics.median(x["images_per_s"] for x in results[n])
+        summary[n] = {"images_per_s": rate, "ratio": rate / base,
+                      "step_ms": statistics.median(x["step_ms_median"] for x in results[n]),
+                      "compile_s": statistics.median(x["compile_s"] for x in results[n])}
+        print(f"{n} devices: {rate:.1f} images/s ({rate / base:.2f} x {counts[0]}), compile "
+              f"{summary[n]['compile_s']:.1f} s")
+    first = results[counts[0]][0]
+    print(json.dumps({"config": args.config, "overrides": overrides, "backend": first["backend"],
+                      "device_kind": first["device_kind"], "rounds": args.rounds, "calls": args.calls,
+                      "summary": summary}))
+
+
+if __name__ == "__main__":
+    main()
