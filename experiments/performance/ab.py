@@ -9,7 +9,8 @@ A variant is ``NAME=SPEC``; SPEC is a comma-separated list of
   ``Compiled.compile(compiler_options=...)`` for this compile alone);
 - config fields ``a.b=VALUE`` set for this variant only (e.g. ``model.network_kwargs.scan_blocks=false``);
 - the word ``plain_conv``: plain ``lax.conv_general_dilated`` instead of ``vdm.nets.layers``'
-  custom-gradient 3x3 convolution (``plain_convolutions()``).
+  custom-gradient 3x3 convolution (``plain_convolutions()``);
+- ``wgrad=conv|matmul|auto``: the custom gradient's weight-gradient form (``weight_gradient_form``).
 An empty SPEC is the step as the trainer compiles it. Every
 variant is compiled, then timed in alternating rounds (``--rounds`` of ``--calls`` calls each,
 after one warm-up call per round), so that a shared machine's load falls on all alike. Prints
@@ -29,19 +30,22 @@ def _value(text: str):
     return ast.literal_eval(text) if text[:1] in "0123456789-([{'\"" else {"true": True, "false": False}.get(text, text)
 
 
-def parse_variant(text: str) -> tuple[str, bool, dict, dict]:
-    """``NAME=SPEC`` -> (name, plain convolutions?, compile options, config overrides)."""
+def parse_variant(text: str) -> tuple[str, bool, str, dict, dict]:
+    """``NAME=SPEC`` -> (name, plain convolutions?, weight-gradient form, compile options, config overrides)."""
     name, _, spec = text.partition("=")
-    plain, options, overrides = False, {}, {}
+    plain, wgrad, options, overrides = False, "auto", {}, {}
     for item in filter(None, spec.split(",")):
         if item == "plain_conv":
             plain = True
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: variant {name!r}: {item!r} is neither plain_conv nor KEY=VALUE")
+        if key == "wgrad":
+            wgrad = value
         else:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"error: variant {name!r}: {item!r} is neither plain_conv nor KEY=VALUE")
             (options if key.startswith("xla_") else overrides)[key] = _value(value)
-    return name, plain, options, overrides
+    return name, plain, wgrad, options, overrides
 
 
 def main() -> None:
@@ -68,14 +72,14 @@ def main() -> None:
                                 process_count=1)
     batch = {k: np.stack([v] * base.train.steps_per_call) for k, v in rows.items()}
     compiled, states = {}, {}
-    for name, plain, options, overrides in variants:
+    for name, plain, wgrad, options, overrides in variants:
         config, _ = configlib.override(base, overrides)
         graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
         tx = train.make_optimizer(config, decay_mask)
         states[name] = train.initial_state(config, init(config.seed), tx, model_lib.Objective.from_config(config))
         step = train.make_train_step(graphdef, tx, config)  # a new function: JAX caches traces per function
         began = time.perf_counter()
-        with layers.plain_convolutions() if plain else contextlib.nullcontext():
+        with layers.plain_convolutions() if plain else contextlib.nullcontext(), layers.weight_gradient_form(wgrad):
             compiled[name] = jax.jit(step).lower(states[name], batch).compile(compiler_options=options or None)
         print(f"compile {name}: {time.perf_counter() - began:.1f} s", flush=True)
     times = {name: [] for name in compiled}

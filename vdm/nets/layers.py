@@ -195,15 +195,20 @@ def _same_conv_bwd(precision, residuals, g):
 def _weight_gradient(x: Array, g: Array, kernel_shape, precision) -> Array:
     """d/dw of a 'SAME' convolution: [kh, kw, C_in, C_out] from the input x and the output's gradient g.
 
-    Two forms of the same sum over batch and pixels. By default a "convolution" with the input
-    channels as batch and the batch as features ([C_in, H, W, B] (*) [H, W, B, C_out]). On the CPU,
-    for wide layers on large images (both channel counts >= 128, at least 28 x 28 pixels: the
-    paper's CIFAR-10 net), one matrix product per kernel tap instead, x^T [C_in, B H W] times the
-    shifted g: 1.4-1.8x faster there and slower on smaller layers (experiments/performance).
+    Two forms of the same sum over batch and pixels: a "convolution" with the input channels as
+    batch and the batch as features ([C_in, H, W, B] (*) [H, W, B, C_out]), or one matrix product
+    per kernel tap, x^T [C_in, B H W] times the shifted g. ``auto`` takes the products on the CPU
+    for images of at least 28 x 28 pixels and 32 channels, where they measured faster in the train
+    step (0.76x the step time of the paper's CIFAR-10 net at 4 blocks, 0.96x at 32 channels on
+    MNIST) and the convolution elsewhere (the demo's 14 x 14 levels: 1.15x slower as products);
+    see experiments/performance/README.md.
     """
     kh, kw = kernel_shape[:2]
     (b, h, w_, c), o = x.shape, g.shape[-1]
-    if jax.default_backend() == "cpu" and min(c, o) >= 128 and h * w_ >= 28 * 28:
+    form = _WEIGHT_GRADIENT[0]
+    if form == "auto":
+        form = "matmul" if jax.default_backend() == "cpu" and min(c, o) >= 32 and h * w_ >= 28 * 28 else "conv"
+    if form == "matmul":
         ph, pw = kh // 2, kw // 2
         gp = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
         xt = x.reshape(-1, c).T
@@ -219,6 +224,20 @@ _same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
 _PLAIN_CONVOLUTIONS = [0]  # > 0 while tracing inside ``plain_convolutions()``
+_WEIGHT_GRADIENT = ["auto"]  # the form of _weight_gradient: auto | conv | matmul (see weight_gradient_form)
+
+
+@contextlib.contextmanager
+def weight_gradient_form(form: str):
+    """Trace the custom VJP's weight gradients in ``form`` (``conv``, ``matmul`` or ``auto``, the
+    default) inside this block: for measuring the two forms against each other."""
+    if form not in ("auto", "conv", "matmul"):
+        raise ValueError(f"weight gradient form {form!r}: auto, conv or matmul")
+    previous, _WEIGHT_GRADIENT[0] = _WEIGHT_GRADIENT[0], form
+    try:
+        yield
+    finally:
+        _WEIGHT_GRADIENT[0] = previous
 
 
 @contextlib.contextmanager
