@@ -362,3 +362,19 @@ def test_bad_overrides_from_python_are_one_line_before_compiling(tmp_path, overr
         train.train_and_evaluate("test", str(tmp_path), overrides=overrides)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_zero():
+    config = _config()
+    config.train.lr, config.train.warmup_steps, config.train.num_steps = 1e-3, 10, 110
+    constant = train.learning_rate(config)
+    np.testing.assert_allclose([constant(s) for s in (0, 4, 9, 50, 109)], [1e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+    config.train.lr_schedule = "cosine"
+    cosine = train.learning_rate(config)
+    steps = np.array([0, 9, 30, 59, 100, 110])
+    # Closed form: after the warm-up's last step (9), 0.5 (1 + cos(pi (s - 9) / 101)), 0 at num_steps.
+    want = np.where(steps < 9, 1e-3 * (steps + 1) / 10, 0.5e-3 * (1 + np.cos(np.pi * (steps - 9) / 101)))
+    np.testing.assert_allclose([cosine(int(s)) for s in steps], want, rtol=1e-5, atol=1e-12)
+    config.train.lr_schedule = "linear"
+    with pytest.raises(configlib.ConfigError, match="config.train.lr_schedule='linear': valid names: constant, cosine"):
+        configlib.validate(config)

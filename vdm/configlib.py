@@ -194,6 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.lr = 2e-4
     c.train.warmup_steps = 100
+    c.train.lr_schedule = "constant"  # after the warm-up: constant | cosine (to 0 at train.num_steps)
     c.train.b1 = 0.9
     c.train.b2 = 0.99
     c.train.eps = 1e-8
@@ -373,6 +374,7 @@ def validate(config) -> None:
             _fail(f"train.{name}", opt[name], f"must be a multiple of train.steps_per_call={opt.steps_per_call}")
     if opt.lr <= 0:
         _fail("train.lr", opt.lr, "must be positive")
+    _choice("train.lr_schedule", opt.lr_schedule, {"constant": 0, "cosine": 0})
     if not 0.0 <= opt.ema_decay < 1.0:
         _fail("train.ema_decay", opt.ema_decay, "must be in [0, 1)")
     if config.eval.batch_size < 1:

@@ -157,16 +157,27 @@ def build_model(config, info: data_lib.DatasetInfo, seed: int) -> tuple[nnx.Grap
 
 
 def make_optimizer(config, decay_mask) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, weight decay on ``decay_mask`` only, optional global-norm clipping."""
+    """AdamW with linear warm-up, weight decay on ``decay_mask`` only, optional global-norm clipping.
+
+    The learning rate (``learning_rate(config)``) warms up linearly, lr * (step + 1) / warmup_steps,
+    so that the very first step already moves; then stays at lr (``train.lr_schedule="constant"``)
+    or follows a cosine from lr to 0 at ``train.num_steps`` (``"cosine"``).
+    """
     opt = config.train
-    # Linear warm-up lr * (step + 1) / warmup_steps, so that the very first step already moves.
-    warmup = max(int(opt.warmup_steps), 1)
-    lr = optax.join_schedules([optax.linear_schedule(opt.lr / warmup, opt.lr, warmup - 1),
-                               optax.constant_schedule(opt.lr)], [warmup - 1])
+    lr = learning_rate(config)
     adamw = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
     # The same chain (and optimizer state) with or without clipping: a run may resume with either.
     clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
     return optax.chain(clip, adamw)
+
+
+def learning_rate(config) -> optax.Schedule:
+    """The learning rate by optimizer step (see ``make_optimizer``)."""
+    opt = config.train
+    warmup = max(int(opt.warmup_steps), 1)
+    after = (optax.constant_schedule(opt.lr) if opt.lr_schedule == "constant"
+             else optax.cosine_decay_schedule(opt.lr, max(int(opt.num_steps) - warmup + 1, 1)))
+    return optax.join_schedules([optax.linear_schedule(opt.lr / warmup, opt.lr, warmup - 1), after], [warmup - 1])
 
 
 def initial_state(config, params, tx, objective: model_lib.Objective) -> TrainState:
@@ -269,11 +280,14 @@ _NOT_COMPILED = {"seed": (), "data": (), "train": ("num_steps", "log_every", "ev
 def _compile_key(config, info, mesh) -> str:
     """What the compiled functions depend on: the config less ``_NOT_COMPILED``, the data's shape, the mesh."""
     c = json.loads(config.to_json_best_effort(sort_keys=True))
+    num_steps = c["train"]["num_steps"]
     for section, fields in _NOT_COMPILED.items():
         if not fields:
             c.pop(section, None)
         for key in fields:
             c[section].pop(key, None)
+    if c["train"]["lr_schedule"] != "constant":
+        c["train"]["num_steps"] = num_steps  # the decay's length is compiled in
     devices = [d.id for d in mesh.devices.flat]
     return json.dumps([c, dataclasses.astuple(info)[1:], devices], sort_keys=True, default=str)
 
