@@ -383,7 +383,9 @@ def test_timestep_embedding_matches_numpy(dim):
         ((2, 6, 5, 3), (1, 3, 3, 4), (1, 1), ((0, 0), (1, 1))),  # custom-VJP path, explicit padding
         ((1, 28, 28, 128), (3, 3, 128, 128), (1, 1), "SAME"),  # custom VJP, weight gradient by matmuls on CPU
         ((1, 28, 30, 128), (1, 3, 128, 128), (1, 1), ((0, 0), (1, 1))),  # the same, 1 x 3 kernel
-        ((2, 6, 6, 3), (3, 3, 3, 4), (2, 2), "SAME"),  # forwarded to lax
+        ((2, 6, 6, 3), (3, 3, 3, 4), (2, 2), "SAME"),  # custom VJP, stride 2 (even size: padding (0, 1))
+        ((2, 7, 5, 3), (3, 3, 3, 4), (2, 2), "SAME"),  # custom VJP, stride 2 (odd sizes: padding (1, 1))
+        ((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), "VALID"),  # forwarded to lax
     ],
 )
 def test_conv_matches_lax_with_gradients(shape, kernel, strides, padding):

@@ -223,6 +223,31 @@ def _weight_gradient(x: Array, g: Array, kernel_shape, precision) -> Array:
 _same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _same_conv_stride2(x: Array, w: Array, precision) -> Array:
+    return lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=_NHWC, precision=precision)
+
+
+def _same_conv_stride2_fwd(x: Array, w: Array, precision):
+    return _same_conv_stride2(x, w, precision), (x, w)
+
+
+def _same_conv_stride2_bwd(precision, residuals, g):
+    """A stride-2 'SAME' convolution is the stride-1 one read at every second pixel, from an offset
+    (kernel // 2 minus the strided padding's low side): so its gradients are the stride-1 ones of
+    g spread onto that grid (zeros between), in the canonical layout of ``_same_conv_bwd``."""
+    x, w = residuals
+    offsets = []
+    for size, k, out in zip(x.shape[1:3], w.shape[:2], g.shape[1:3]):
+        low = max((out - 1) * 2 + k - size, 0) // 2
+        offsets.append(k // 2 - low)
+    spread = jnp.zeros(x.shape[:3] + g.shape[-1:], g.dtype).at[:, offsets[0]::2, offsets[1]::2].set(g)
+    return _same_conv_bwd(precision, residuals, spread)
+
+
+_same_conv_stride2.defvjp(_same_conv_stride2_fwd, _same_conv_stride2_bwd)
+
+
 _PLAIN_CONVOLUTIONS = [0]  # > 0 while tracing inside ``plain_convolutions()``
 _WEIGHT_GRADIENT = ["auto"]  # the form of _weight_gradient: auto | conv | matmul (see weight_gradient_form)
 
@@ -280,18 +305,17 @@ def conv_general_dilated(
     no groups, 'SAME' padding with an odd kernel -- this function uses a
     custom VJP that writes both gradient convolutions in the canonical
     NHWC/HWIO form with explicit transposes (mathematically the same
-    gradient). Every other configuration is forwarded to
+    gradient); stride 2 with 'SAME' padding (the down-sampling convolutions)
+    reuses it on the gradient spread onto the full-resolution grid. Every other configuration is forwarded to
     ``lax.conv_general_dilated`` unchanged. Pass it to ``nnx.Conv(...,
     conv_general_dilated=conv_general_dilated)``.
     """
     kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
-    simple = (
+    canonical = (
         lhs.ndim == 4
         and rhs.ndim == 4
         and kh % 2 == 1
         and kw % 2 == 1
-        and tuple(window_strides) == (1, 1)
-        and (padding == "SAME" or tuple(map(tuple, padding)) == _same_padding(rhs.shape))
         and all(d == 1 for d in (lhs_dilation or ()))
         and all(d == 1 for d in (rhs_dilation or ()))
         and feature_group_count == 1
@@ -301,8 +325,14 @@ def conv_general_dilated(
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     )
+    strides = tuple(window_strides)
+    simple = canonical and strides == (1, 1) and (
+        padding == "SAME" or tuple(map(tuple, padding)) == _same_padding(rhs.shape))
+    strided_simple = canonical and strides == (2, 2) and padding == "SAME"
     if simple and not _PLAIN_CONVOLUTIONS[0]:
         return _same_conv(lhs, rhs, precision)
+    if strided_simple and not _PLAIN_CONVOLUTIONS[0]:
+        return _same_conv_stride2(lhs, rhs, precision)
     return lax.conv_general_dilated(
         lhs,
         rhs,
