@@ -124,3 +124,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted((i for i, (a, b) in enumerate(points)
                    if not any(c <= a and d <= b and (c, d) != (a, b) for c, d in points)),
                   key=lambda i: points[i])
+
+
+def overrides(items: list[str]) -> dict:
+    """``--override FIELD=VALUE`` arguments as a dict: VALUE as JSON where it parses (3, 1e-3, true,
+    {"path": "x"}), else the string itself."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            sys.exit(f"error: --override {item!r}: expected FIELD=VALUE")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out

@@ -20,6 +20,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
 # Run in the child: only APIs every measured commit has (Trainer-free, as vdm.bench's setup).
 CHILD = r"""
 import ast, json, os, resource, sys, time
@@ -74,13 +77,7 @@ def main() -> None:
     parser.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "vdm_commits_ab"))
     args = parser.parse_args()
 
-    def value(text):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-
-    overrides = {k: value(v) for k, v in (o.split("=", 1) for o in args.override)}
+    overrides = common.overrides(args.override)
     repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=os.path.dirname(os.path.abspath(__file__)),
                           capture_output=True, text=True, check=True).stdout.strip()
     os.makedirs(args.scratch, exist_ok=True)

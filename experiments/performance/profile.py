@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
+import os
 import re
+import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 
 
 def main() -> None:
@@ -34,13 +38,7 @@ def main() -> None:
 
     from vdm import configlib, configs, data as data_lib, model as model_lib, train
 
-    def value(text):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-
-    config, _ = configlib.override(configs.get(args.config), {k: value(v) for k, v in (o.split("=", 1) for o in args.override)})
+    config, _ = configlib.override(configs.get(args.config), common.overrides(args.override))
     config.train.steps_per_call = 1
     dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
     graphdef, init, decay_mask = train.model_initializer(config, dataset.info)

@@ -22,6 +22,9 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
 CHILD = r"""
 import json, sys, tempfile
 import jax
@@ -48,13 +51,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args()
 
-    def value(text):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-
-    overrides = {k: value(v) for k, v in (o.split("=", 1) for o in args.override)}
+    overrides = common.overrides(args.override)
     results = {n: [] for n in args.devices}
     for r in range(args.rounds):
         for n in args.devices:
