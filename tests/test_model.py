@@ -121,7 +121,8 @@ def test_a_swapped_schedule_keeps_the_expected_bound_and_changes_only_its_varian
         se = diff.std(axis=0, ddof=1) / np.sqrt(len(u))
         assert np.all(np.abs(diff.mean(axis=0) - exact) < 4 * se), (name, diff.mean(axis=0), exact, se)
         np.testing.assert_allclose(np.asarray(prior[0]), np.asarray(own.prior), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(reconstruction[0]), np.asarray(own.reconstruction), rtol=1e-6)
+        # ~0 nats at gamma_0 (the decoder is near certain): float32 rounding of a fused log-sum-exp differs
+        np.testing.assert_allclose(np.asarray(reconstruction[0]), np.asarray(own.reconstruction), rtol=1e-6, atol=1e-4)
         variances[name] = diff.var(axis=0).mean()
     assert variances["cosine"] > 2 * variances["fixed_linear"]
 

@@ -761,8 +761,11 @@ def save_png(path: str, picture: np.ndarray) -> None:
     paths.write_bytes(path, buffer.getvalue())
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM where there is nothing to save (evaluation, sampling), or a second SIGINT."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM where there is nothing to save (evaluation, sampling), or a second SIGINT.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: library code that catches ``Exception`` (JAX's
+    persistent compilation cache write, for one) must not swallow it and carry on."""
 
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
