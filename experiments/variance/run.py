@@ -362,7 +362,8 @@ def main() -> None:
     record |= {k: getattr(args, k) for k in ("num_draws", "batch_size", "density_bins", "fit_batches",
                                              "fit_batch_size", "fit_decay", "small_steps", "small_channels")}
     record |= {"small_overrides": f"loss.weighting=elbo, model.network_kwargs.channels={args.small_channels}, "
-                                  f"train.num_steps={args.small_steps}",
+                                  f"train.num_steps={args.small_steps} (learning rate: "
+                                  f"{small_config(args, False).train.lr_schedule})",
                "rows": rows, "small_rows": small_rows, "runs": runs, "per_t": per_t, "per_t_small": per_t_small,
                "curves": curves | {f"small, {k}": v for k, v in small_curves.items()}}
     plot(os.path.join(HERE, "variance.png"), record)
