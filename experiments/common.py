@@ -126,16 +126,35 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
                   key=lambda i: points[i])
 
 
+def value(text: str):
+    """A command-line value: JSON where it parses (3, 1e-3, true, {"path": "x"}), else a Python
+    literal (True, {'path': 'x'}, (1, 2)), else the string itself."""
+    import ast
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def overrides(items: list[str]) -> dict:
-    """``--override FIELD=VALUE`` arguments as a dict: VALUE as JSON where it parses (3, 1e-3, true,
-    {"path": "x"}), else the string itself."""
+    """``--override FIELD=VALUE`` arguments as a dict, each VALUE read by ``value``."""
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             sys.exit(f"error: --override {item!r}: expected FIELD=VALUE")
-        try:
-            out[key] = json.loads(text)
-        except json.JSONDecodeError:
-            out[key] = text
+        out[key] = value(text)
     return out
+
+
+def mean_se(values) -> dict:
+    """The mean of independent values (e.g. per-image bits/dim) and its standard error."""
+    import numpy as np
+
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "se": float(values.std(ddof=1) / np.sqrt(len(values)))}

@@ -93,13 +93,6 @@ def _tables(record) -> str:
     return "\n".join(lines)
 
 
-def _stats(values) -> dict:
-    import numpy as np
-
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "se": float(values.std(ddof=1) / np.sqrt(len(values)))}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="mnist", help="the base config: a shipped name or a file")
@@ -124,9 +117,9 @@ def main() -> None:
     for t, (workdir, overrides, result) in models.items():
         row = {"name": _name(t), "T": t, "workdir": workdir, "step": result["step"], "steps": result["step"],
                "batch_size": base.train.batch_size, "train_seconds": result["train_seconds"],
-               "bpd": {str(e): _stats(per_digit[t][e]) for e in STEPS},
-               "own_minus_continuous": _stats(per_digit[t][t] - per_digit[0][0]),
-               "inf_minus_continuous": _stats(per_digit[t][0] - per_digit[0][0]), "commit": common.commit()}
+               "bpd": {str(e): common.mean_se(per_digit[t][e]) for e in STEPS},
+               "own_minus_continuous": common.mean_se(per_digit[t][t] - per_digit[0][0]),
+               "inf_minus_continuous": common.mean_se(per_digit[t][0] - per_digit[0][0]), "commit": common.commit()}
         print(json.dumps(row), flush=True)
         rows.append(row)
     record = {"config": args.config, "workroot": args.workroot, "lr_schedule": args.lr_schedule, "rows": rows}

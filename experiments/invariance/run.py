@@ -69,7 +69,7 @@ def main() -> None:
     import numpy as np
     from flax import nnx
 
-    from common import commit, restore, write_results
+    from common import commit, mean_se, restore, write_results
     from vdm import analytic, diffusion
     from vdm import model as model_lib
 
@@ -108,7 +108,7 @@ def main() -> None:
         print(name, {k: round(v, 4) for k, v in diff.items()}, flush=True)
     for row in rows:  # paired with the learned schedule: the same images, so the data's spread cancels
         d = per_image[row["schedule"]] - per_image["learned"]
-        row["minus_learned"] = {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+        row["minus_learned"] = mean_se(d)
 
     data = analytic.GaussianData(dim=num_dims, scale=0.5)
     exact = data.continuous_loss(g0, g1) / (num_dims * np.log(2.0))
@@ -117,8 +117,7 @@ def main() -> None:
         z = data.sample(jax.random.PRNGKey(args.seed + 1), len(x) * args.draws)
         nats = diffusion.diffusion_loss(jax.random.PRNGKey(args.seed + 2), z, schedule, data.eps_fn, time_sampler="iid")
         bpd = np.asarray(nats, np.float64) / (num_dims * np.log(2.0))
-        gaussian.append({"schedule": name, "mean": float(bpd.mean()), "se": float(bpd.std(ddof=1) / np.sqrt(len(bpd))),
-                         "std": float(bpd.std(ddof=1))})
+        gaussian.append({"schedule": name, **mean_se(bpd), "std": float(bpd.std(ddof=1))})
 
     record = {"config": args.config, "step": step, "images": len(x), "draws": args.draws, "gamma_0": g0, "gamma_1": g1,
               "mnist": rows, "gaussian_exact_bpd": float(exact), "gaussian": gaussian, "commit": commit(),

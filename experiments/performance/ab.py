@@ -20,14 +20,14 @@ the first variant (below 1: faster than it).
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
+import os
 import statistics
+import sys
 import time
 
-
-def _value(text: str):
-    return ast.literal_eval(text) if text[:1] in "0123456789-([{'\"" else {"true": True, "false": False}.get(text, text)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, bool, str, dict, dict]:
@@ -44,14 +44,14 @@ def parse_variant(text: str) -> tuple[str, bool, str, dict, dict]:
         if key == "wgrad":
             wgrad = value
         else:
-            (options if key.startswith("xla_") else overrides)[key] = _value(value)
+            (options if key.startswith("xla_") else overrides)[key] = common.value(value)
     return name, plain, wgrad, options, overrides
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a config file or shipped config name")
-    parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (Python literal), repeatable")
+    parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (JSON or Python literal, else a string), repeatable")
     parser.add_argument("--variant", action="append", default=None,
                         help="NAME=SPEC, repeatable (default: custom= and plain=plain_conv)")
     parser.add_argument("--rounds", type=int, default=6)
@@ -65,8 +65,7 @@ def main() -> None:
     from vdm import configlib, configs, data as data_lib, model as model_lib, train
     from vdm.nets import layers
 
-    base, _ = configlib.override(configs.get(args.config),
-                                 {k: _value(v) for k, v in (o.split("=", 1) for o in args.override)})
+    base, _ = configlib.override(configs.get(args.config), common.overrides(args.override))
     dataset = data_lib.load_dataset(base.data.source, **dict(base.data.kwargs))
     rows = data_lib.train_batch(dataset.train, base.train.batch_size, seed=0, step=0, process_index=0,
                                 process_count=1)
