@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from vdm.nets import MLP, NETWORKS, MultiResUNet, ScoreUNet, build, fourier_features, timestep_embedding
+from vdm.nets import MLP, NETWORKS, MultiResUNet, ScoreUNet, build, fourier_features, layers, timestep_embedding
 from vdm.nets.layers import conv_general_dilated, normalize_gamma, num_groups
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
@@ -421,6 +421,32 @@ def test_conv_gradient_inside_scan_matches_lax():
     g2 = jax.jit(jax.grad(partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1)))(x, ws)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_the_custom_conv_gradient_is_taken_on_the_cpu_only_unless_asked_for(monkeypatch):
+    """``auto`` takes the custom VJP where it was measured to win (the CPU) and XLA's own gradient on
+    other backends; ``convolution_gradient`` forces either, and ``plain_convolutions`` nests inside."""
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
+
+    def custom_vjp_in_gradient() -> bool:
+        f = lambda w: jnp.sum(conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return "custom_vjp" in str(jax.make_jaxpr(jax.grad(f))(w))
+
+    assert layers.uses_custom_gradient("cpu") and not layers.uses_custom_gradient("gpu")
+    assert not layers.uses_custom_gradient("tpu")
+    assert custom_vjp_in_gradient()  # this test runs on the CPU
+    with layers.plain_convolutions():
+        assert not custom_vjp_in_gradient()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not custom_vjp_in_gradient()
+    with layers.convolution_gradient("custom"):
+        assert custom_vjp_in_gradient()
+        with layers.plain_convolutions():
+            assert not custom_vjp_in_gradient()
+        assert custom_vjp_in_gradient()
+    with pytest.raises(ValueError, match="convolution gradient 'fast'"):
+        with layers.convolution_gradient("fast"):
+            pass
 
 
 def test_num_groups():

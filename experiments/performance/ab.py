@@ -1,6 +1,6 @@
 """One optimizer step compiled in several variants, timed in alternating rounds.
 
-    python experiments/performance/ab.py --config configs/mnist.py                      # custom vs plain convolutions
+    python experiments/performance/ab.py --config configs/mnist.py                      # custom vs plain conv gradients
     python experiments/performance/ab.py --config configs/mnist.py --variant base= \\
         --variant xnnpack=xla_cpu_use_xnnpack=true [--override model.network_kwargs.channels=64]
 
@@ -8,8 +8,8 @@ A variant is ``NAME=SPEC``; SPEC is a comma-separated list of
 - XLA compile options ``xla_...=VALUE`` (fields of XLA's DebugOptions, passed to
   ``Compiled.compile(compiler_options=...)`` for this compile alone);
 - config fields ``a.b=VALUE`` set for this variant only (e.g. ``model.network_kwargs.scan_blocks=false``);
-- the word ``plain_conv``: plain ``lax.conv_general_dilated`` instead of ``vdm.nets.layers``'
-  custom-gradient 3x3 convolution (``plain_convolutions()``);
+- ``conv=custom|plain|auto``: whose gradient ``vdm.nets.layers``' 3x3 convolutions take, the custom
+  VJP or XLA's own (``convolution_gradient``; ``auto``, the default, is custom on the CPU only);
 - ``wgrad=conv|matmul|auto``: the custom gradient's weight-gradient form (``weight_gradient_form``).
 An empty SPEC is the step as the trainer compiles it. Every
 variant is compiled, then timed in alternating rounds (``--rounds`` of ``--calls`` calls each,
@@ -20,7 +20,6 @@ the first variant (below 1: faster than it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -30,22 +29,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 
-def parse_variant(text: str) -> tuple[str, bool, str, dict, dict]:
-    """``NAME=SPEC`` -> (name, plain convolutions?, weight-gradient form, compile options, config overrides)."""
+def parse_variant(text: str) -> tuple[str, str, str, dict, dict]:
+    """``NAME=SPEC`` -> (name, convolution gradient, weight-gradient form, compile options, config overrides)."""
     name, _, spec = text.partition("=")
-    plain, wgrad, options, overrides = False, "auto", {}, {}
+    conv, wgrad, options, overrides = "auto", "auto", {}, {}
     for item in filter(None, spec.split(",")):
-        if item == "plain_conv":
-            plain = True
-            continue
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: variant {name!r}: {item!r} is neither plain_conv nor KEY=VALUE")
-        if key == "wgrad":
+            raise SystemExit(f"error: variant {name!r}: {item!r} is not KEY=VALUE")
+        if key == "conv":
+            conv = value
+        elif key == "wgrad":
             wgrad = value
         else:
             (options if key.startswith("xla_") else overrides)[key] = common.value(value)
-    return name, plain, wgrad, options, overrides
+    return name, conv, wgrad, options, overrides
 
 
 def main() -> None:
@@ -53,11 +51,11 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="a config file or shipped config name")
     parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (JSON or Python literal, else a string), repeatable")
     parser.add_argument("--variant", action="append", default=None,
-                        help="NAME=SPEC, repeatable (default: custom= and plain=plain_conv)")
+                        help="NAME=SPEC, repeatable (default: custom=conv=custom and plain=conv=plain)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=5)
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in (args.variant or ["custom=", "plain=plain_conv"])]
+    variants = [parse_variant(v) for v in (args.variant or ["custom=conv=custom", "plain=conv=plain"])]
 
     import jax
     import numpy as np
@@ -71,14 +69,14 @@ def main() -> None:
                                 process_count=1)
     batch = {k: np.stack([v] * base.train.steps_per_call) for k, v in rows.items()}
     compiled, states = {}, {}
-    for name, plain, wgrad, options, overrides in variants:
+    for name, conv, wgrad, options, overrides in variants:
         config, _ = configlib.override(base, overrides)
         graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
         tx = train.make_optimizer(config, decay_mask)
         states[name] = train.initial_state(config, init(config.seed), tx, model_lib.Objective.from_config(config))
         step = train.make_train_step(graphdef, tx, config)  # a new function: JAX caches traces per function
         began = time.perf_counter()
-        with layers.plain_convolutions() if plain else contextlib.nullcontext(), layers.weight_gradient_form(wgrad):
+        with layers.convolution_gradient(conv), layers.weight_gradient_form(wgrad):
             compiled[name] = jax.jit(step).lower(states[name], batch).compile(compiler_options=options or None)
         print(f"compile {name}: {time.perf_counter() - began:.1f} s", flush=True)
     times = {name: [] for name in compiled}

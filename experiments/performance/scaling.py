@@ -5,8 +5,9 @@
 On a CPU the devices are XLA's fake host devices (``--xla_force_host_platform_device_count``),
 which share the same cores: there is no speed-up to gain, and what the table shows is the cost of
 sharding the step (per-device batches, the gradient all-reduce, the collectives' scheduling). On
-a machine with real accelerators, ``--devices`` counts above the number present are skipped, and
-fewer are taken with ``CUDA_VISIBLE_DEVICES`` / the TPU's own controls (set them yourself).
+a machine with NVIDIA GPUs, each count runs on the first N GPUs (of ``CUDA_VISIBLE_DEVICES`` where it is set), and counts
+above the number present are skipped; on a TPU, fewer devices than the host has are taken with
+the TPU's own controls (set them yourself).
 
 Each count runs in a fresh process (``vdm.train.Trainer`` builds the mesh over every device it
 sees), which times the compiled step as ``vdm.bench`` does; rounds alternate the counts, so a
@@ -54,9 +55,10 @@ def main() -> None:
     overrides = common.overrides(args.override)
     results = {n: [] for n in args.devices}
     for r in range(args.rounds):
-        for n in args.devices:
+        for n in [n for n in args.devices if n in results]:
             flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-            env = dict(os.environ, XLA_FLAGS=flags.strip())
+            gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(n)))).split(",")[:n]
+            env = dict(os.environ, XLA_FLAGS=flags.strip(), CUDA_VISIBLE_DEVICES=",".join(gpus))
             out = subprocess.run([sys.executable, "-c", CHILD, args.config, json.dumps(overrides), str(args.calls)],
                                  env=env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

@@ -248,8 +248,15 @@ def _same_conv_stride2_bwd(precision, residuals, g):
 _same_conv_stride2.defvjp(_same_conv_stride2_fwd, _same_conv_stride2_bwd)
 
 
-_PLAIN_CONVOLUTIONS = [0]  # > 0 while tracing inside ``plain_convolutions()``
 _WEIGHT_GRADIENT = ["auto"]  # the form of _weight_gradient: auto | conv | matmul (see weight_gradient_form)
+_CONV_GRADIENT = ["auto"]  # whose gradient the 3x3 convolutions take: auto | custom | plain (see convolution_gradient)
+
+# Backends on which "auto" takes the custom VJP: measured 8 to 14x faster than XLA's own gradient
+# convolutions in the CPU train step (experiments/performance/README.md). Elsewhere (GPU, TPU) the
+# reason for it, XLA:CPU's slow generic kernel, does not exist, and the stride-2 gradient costs 4x
+# the FLOPs of XLA's: so those take XLA's own gradient until a measurement says otherwise
+# (``experiments/performance/ab.py --variant custom=conv=custom --variant plain=conv=plain``).
+CUSTOM_GRADIENT_BACKENDS = ("cpu",)
 
 
 @contextlib.contextmanager
@@ -266,6 +273,19 @@ def weight_gradient_form(form: str):
 
 
 @contextlib.contextmanager
+def convolution_gradient(form: str):
+    """Trace :func:`conv_general_dilated` with ``form``'s gradient inside this block: ``custom``
+    (the custom VJP on every backend), ``plain`` (``lax.conv_general_dilated`` and XLA's own
+    gradient) or ``auto`` (the default: custom on ``CUSTOM_GRADIENT_BACKENDS``, plain elsewhere)."""
+    if form not in ("auto", "custom", "plain"):
+        raise ValueError(f"convolution gradient {form!r}: auto, custom or plain")
+    previous, _CONV_GRADIENT[0] = _CONV_GRADIENT[0], form
+    try:
+        yield
+    finally:
+        _CONV_GRADIENT[0] = previous
+
+
 def plain_convolutions():
     """Trace the networks' convolutions as plain ``lax.conv_general_dilated`` inside this block.
 
@@ -273,11 +293,16 @@ def plain_convolutions():
     flow ODE likelihood needs for its divergence; there the CPU-gradient fast path of
     ``conv_general_dilated`` is not wanted anyway (the likelihood takes no gradients).
     """
-    _PLAIN_CONVOLUTIONS[0] += 1
-    try:
-        yield
-    finally:
-        _PLAIN_CONVOLUTIONS[0] -= 1
+    return convolution_gradient("plain")
+
+
+def uses_custom_gradient(backend: str | None = None) -> bool:
+    """Whether :func:`conv_general_dilated` traced now takes the custom VJP on ``backend``
+    (default: JAX's default backend), under the innermost :func:`convolution_gradient` block."""
+    form = _CONV_GRADIENT[0]
+    if form == "auto":
+        return (backend or jax.default_backend()) in CUSTOM_GRADIENT_BACKENDS
+    return form == "custom"
 
 
 def conv_general_dilated(
@@ -294,7 +319,7 @@ def conv_general_dilated(
     preferred_element_type: Any = None,
     out_sharding: Any = None,
 ) -> Array:
-    """Drop-in ``lax.conv_general_dilated`` whose gradient stays fast inside loops on CPU.
+    """Drop-in ``lax.conv_general_dilated`` whose gradient is fast on the CPU.
 
     XLA:CPU only rewrites convolutions into the layout its fast (Eigen)
     kernels support in the top-level computation. The gradient convolutions
@@ -307,7 +332,8 @@ def conv_general_dilated(
     NHWC/HWIO form with explicit transposes (mathematically the same
     gradient); stride 2 with 'SAME' padding (the down-sampling convolutions)
     reuses it on the gradient spread onto the full-resolution grid. Every other configuration is forwarded to
-    ``lax.conv_general_dilated`` unchanged. Pass it to ``nnx.Conv(...,
+    ``lax.conv_general_dilated`` unchanged, and so is everything on backends outside
+    ``CUSTOM_GRADIENT_BACKENDS`` (see :func:`convolution_gradient`). Pass it to ``nnx.Conv(...,
     conv_general_dilated=conv_general_dilated)``.
     """
     kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
@@ -329,10 +355,8 @@ def conv_general_dilated(
     simple = canonical and strides == (1, 1) and (
         padding == "SAME" or tuple(map(tuple, padding)) == _same_padding(rhs.shape))
     strided_simple = canonical and strides == (2, 2) and padding == "SAME"
-    if simple and not _PLAIN_CONVOLUTIONS[0]:
-        return _same_conv(lhs, rhs, precision)
-    if strided_simple and not _PLAIN_CONVOLUTIONS[0]:
-        return _same_conv_stride2(lhs, rhs, precision)
+    if (simple or strided_simple) and uses_custom_gradient():
+        return (_same_conv if simple else _same_conv_stride2)(lhs, rhs, precision)
     return lax.conv_general_dilated(
         lhs,
         rhs,

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the performance work in one command, for a machine with NVIDIA GPUs
+# (written for one H100 or H200; about 15 minutes there):
+#
+#     bash experiments/performance/gpu.sh [OUT]          # default OUT=workdirs/gpu
+#
+# 1. `vdm.bench` on the paper's CIFAR-10 configuration (32 blocks x 128 channels) at batch 128:
+#    bfloat16 (the 40%-MFU target), float32, and bfloat16 with rematerialised blocks at batch 256;
+#    and on the demo's config (configs/mnist.py) as it ships.
+# 2. `ab.py`: the custom-gradient convolution against XLA's own gradient (`conv=custom|plain`), on
+#    the paper network in bfloat16 and on the demo network; scanned against unrolled blocks at
+#    4 blocks (the depth up to which `scan_blocks="auto"` unrolls).
+# 3. `scaling.py`: images/s on 1, 2, 4, 8 GPUs at a fixed global batch (counts above the number
+#    of GPUs present are skipped).
+#
+# Images are random (`fake_data.py`: CIFAR-10 cannot be downloaded here; the step's time does not
+# depend on pixel values). Every command's output is kept in OUT/*.txt, the benchmarks' figures in
+# OUT/*.json, and OUT/summary.md collects the benchmark rows in the README's table format.
+# SMALL=1 shrinks every model and count so that the whole script runs on a 2-core CPU in about 10 minutes:
+# for checking the script, not for figures.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-workdirs/gpu}
+PY=${PY:-python}
+mkdir -p "$OUT"
+DATA="$OUT/fake_cifar"
+$PY experiments/performance/fake_data.py "$DATA" --train 2048 --test 512
+
+BATCH=128 BIG=256 CALLS=20 ROUNDS=6 PER=5
+SHRINK=()
+if [[ "${SMALL:-0}" == 1 ]]; then
+    BATCH=8 BIG=16 CALLS=2 ROUNDS=2 PER=1
+    SHRINK=(model.network_kwargs.num_blocks=1 model.network_kwargs.channels=16 sample.num_steps=4
+            sample.num_images=4)
+fi
+# The same overrides for vdm.bench (--config.F=V) and for the scripts (--override F=V).
+paper=(data.source=npz "data.kwargs.path=$DATA" "${SHRINK[@]}")
+as_flags() { for o in "$@"; do printf -- '--config.%s\n' "$o"; done; }
+as_overrides() { for o in "$@"; do printf -- '--override\n%s\n' "$o"; done; }
+run() {  # run NAME COMMAND...: the command's output on the terminal and in OUT/NAME.txt
+    local name=$1; shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.txt"
+}
+bench() {  # bench NAME CONFIG OVERRIDES...
+    local name=$1 config=$2; shift 2
+    mapfile -t f < <(as_flags "$@")
+    run "$name" $PY -m vdm.bench --config "$config" "${f[@]}" --calls "$CALLS" --samplers ancestral,ddim \
+        --json "$OUT/$name.json"
+}
+
+bench bench_paper_bf16 configs/cifar10.py "${paper[@]}" model.dtype=bfloat16 train.batch_size=$BATCH
+bench bench_paper_fp32 configs/cifar10.py "${paper[@]}" model.dtype=float32 train.batch_size=$BATCH
+bench bench_paper_bf16_remat configs/cifar10.py "${paper[@]}" model.dtype=bfloat16 model.remat=true \
+    train.batch_size=$BIG
+demo=()
+[[ "${SMALL:-0}" == 1 ]] && demo=(train.batch_size=8 sample.num_images=4 sample.num_steps=4)
+bench bench_demo configs/mnist.py "${demo[@]}"
+
+mapfile -t p < <(as_overrides "${paper[@]}" model.dtype=bfloat16 train.batch_size=$BATCH)
+run ab_conv_paper_bf16 $PY experiments/performance/ab.py --config configs/cifar10.py "${p[@]}" \
+    --rounds "$ROUNDS" --calls "$PER"
+mapfile -t d < <(as_overrides "${demo[@]}")
+run ab_conv_demo $PY experiments/performance/ab.py --config configs/mnist.py "${d[@]}" --rounds "$ROUNDS" --calls "$PER"
+mapfile -t p4 < <(as_overrides "${paper[@]}" model.dtype=bfloat16 train.batch_size=$BATCH model.network_kwargs.num_blocks=4)
+run ab_scan_paper4_bf16 $PY experiments/performance/ab.py --config configs/cifar10.py "${p4[@]}" \
+    --variant scan=model.network_kwargs.scan_blocks=true --variant unrolled=model.network_kwargs.scan_blocks=false \
+    --rounds "$ROUNDS" --calls "$PER"
+run scaling_paper_bf16 $PY experiments/performance/scaling.py --config configs/cifar10.py "${p[@]}" \
+    --devices 1 2 4 8 --rounds 2
+
+$PY - "$OUT" <<'EOF'
+import glob, json, os, sys
+out = sys.argv[1]
+lines = ["| run | device | batch, dtype | compile | train step (median, p10-p90) | images/s | GFLOP/image "
+         "| achieved TFLOP/s | MFU | peak memory |", "| --- " * 10 + "|"]
+for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
+    r = json.load(open(path))
+    mfu = "--" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops_per_device']:g}"
+    lines.append(
+        f"| {os.path.basename(path)[6:-5]} | {r['device_kind']} x {r['devices']} ({r['date']}, jax {r['jax']}) "
+        f"| {r['batch_size']}, {r['dtype']}{', remat' if r['remat'] else ''} | {r['compile_s']:.1f} s "
+        f"| {r['step_ms_median']:.2f} ms ({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) | {r['images_per_s']:,.0f} "
+        f"| {r['flops_per_image'] / 1e9:.3g} | {r['achieved_tflops_per_device']:.3g} | {mfu} "
+        f"| {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']}) |")
+text = "\n".join(lines) + "\n"
+open(os.path.join(out, "summary.md"), "w").write(text)
+print(text)
+EOF
+echo "figures: $OUT (summary.md, bench_*.json, and each command's output in *.txt)"
