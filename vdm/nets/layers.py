@@ -260,30 +260,28 @@ CUSTOM_GRADIENT_BACKENDS = ("cpu",)
 
 
 @contextlib.contextmanager
-def weight_gradient_form(form: str):
-    """Trace the custom VJP's weight gradients in ``form`` (``conv``, ``matmul`` or ``auto``, the
-    default) inside this block: for measuring the two forms against each other."""
-    if form not in ("auto", "conv", "matmul"):
-        raise ValueError(f"weight gradient form {form!r}: auto, conv or matmul")
-    previous, _WEIGHT_GRADIENT[0] = _WEIGHT_GRADIENT[0], form
+def _setting(cell: list, what: str, value: str, allowed: tuple[str, ...]):
+    """Set ``cell[0] = value`` inside the block (restored after it), once ``value`` is allowed."""
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r}: {', '.join(allowed)}")
+    previous, cell[0] = cell[0], value
     try:
         yield
     finally:
-        _WEIGHT_GRADIENT[0] = previous
+        cell[0] = previous
 
 
-@contextlib.contextmanager
+def weight_gradient_form(form: str):
+    """Trace the custom VJP's weight gradients in ``form`` (``conv``, ``matmul`` or ``auto``, the
+    default) inside this block: for measuring the two forms against each other."""
+    return _setting(_WEIGHT_GRADIENT, "weight gradient form", form, ("auto", "conv", "matmul"))
+
+
 def convolution_gradient(form: str):
     """Trace :func:`conv_general_dilated` with ``form``'s gradient inside this block: ``custom``
     (the custom VJP on every backend), ``plain`` (``lax.conv_general_dilated`` and XLA's own
     gradient) or ``auto`` (the default: custom on ``CUSTOM_GRADIENT_BACKENDS``, plain elsewhere)."""
-    if form not in ("auto", "custom", "plain"):
-        raise ValueError(f"convolution gradient {form!r}: auto, custom or plain")
-    previous, _CONV_GRADIENT[0] = _CONV_GRADIENT[0], form
-    try:
-        yield
-    finally:
-        _CONV_GRADIENT[0] = previous
+    return _setting(_CONV_GRADIENT, "convolution gradient", form, ("auto", "custom", "plain"))
 
 
 def plain_convolutions():
