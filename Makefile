@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(PY) -m vdm.main --config configs/mnist.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs

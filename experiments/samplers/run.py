@@ -4,8 +4,9 @@ evaluations for each sampler, and the VLB against the probability-flow ODE's bit
     python -m vdm.main --config configs/mnist.py --workdir workdirs/mnist        # train (make demo)
     python experiments/samplers/run.py --config configs/mnist.py --workdir workdirs/mnist
 
-Writes ``results.json`` and the tables of ``README.md`` beside this file (between the
-``<!-- results -->`` markers). Every sampler draws ``--num_images`` samples from the same
+Writes ``results.json``, ``samplers.png`` (FD-MNIST against network evaluations) and the tables
+of ``README.md`` beside this file (between the ``<!-- results -->`` markers); ``--tables_only``
+rebuilds the plot and tables from ``results.json`` without measuring. Every sampler draws ``--num_images`` samples from the same
 seed with the EMA parameters; FD-MNIST is against the 500 test digits (``vdm.quality``).
 The fixed-step samplers run at each ``--nfe``; the adaptive ODE sampler at each tolerance
 in ``--ode_tolerances``, with the evaluations it took. The likelihoods are over
@@ -78,9 +79,34 @@ def _likelihood_rows(config, args):
     return rows
 
 
-def _tables(samples, likelihoods, classifier_accuracy, args) -> str:
+def _plot(samples, num_images: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, name in enumerate(dict.fromkeys(r["sampler"] for r in samples)):
+        rows = sorted((r for r in samples if r["sampler"] == name), key=lambda r: r["nfe"])
+        label = name + (" (adaptive: rtol = atol = " + ", ".join(f"{r['options']['rtol']:g}" for r in rows) + ")"
+                        if name == "ode" else "")
+        ax.plot([r["nfe"] for r in rows], [r["fd_mnist"] for r in rows], "o-", color=f"C{i}", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations")
+    ax.set_ylabel(f"FD-MNIST of {num_images} samples (lower is better)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("stochastic against deterministic samplers, one trained model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _tables(samples, likelihoods, classifier_accuracy, args, run=None) -> str:
+    where = f" Commit {run['commit']}, {run['seconds'] / 60:.0f} min on {run['device']}." if run else ""
     lines = [f"FD-MNIST of {args.num_images} samples against the 500 test digits (feature classifier "
-             f"{classifier_accuracy:.1%} on them); wall time of one sampling call.", "",
+             f"{classifier_accuracy:.1%} on them); wall time of one sampling call.{where}", "",
+             "![FD-MNIST against network evaluations](samplers.png)", "",
              "| sampler | options | network evaluations | FD-MNIST | seconds |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['sampler']} | {json.dumps(r['options']) if r['options'] else ''} | {r['nfe']} | {r['fd_mnist']} | "
               f"{r['seconds']} |" for r in samples]
@@ -103,17 +129,32 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip_samplers", action="store_true",
                         help="reuse the sampler rows of results.json and measure only the likelihoods")
+    parser.add_argument("--tables_only", action="store_true",
+                        help="rebuild samplers.png and the README's tables from results.json, measuring nothing")
     args = parser.parse_args()
 
-    from common import write_results
+    from common import commit, write_results
+
+    results = os.path.join(HERE, "results.json")
+    if args.tables_only:
+        with open(results) as f:
+            record = json.load(f)
+        args.num_images = record["num_images"]
+        _plot(record["samples"], args.num_images, os.path.join(HERE, "samplers.png"))
+        write_results(HERE, record, _tables(record["samples"], record["likelihoods"], record["classifier_accuracy"],
+                                            args, record))
+        return
+
+    import jax
+
     from vdm import configlib, train
 
+    began = time.perf_counter()
     config = configlib.load_file(args.config)
     trainer = train.Trainer(config, args.workdir, must_exist=True)
     step = trainer.restore_latest()
     if step == 0:
         sys.exit(f"error: no checkpoint in {args.workdir}: train {args.config} first")
-    results = os.path.join(HERE, "results.json")
     if args.skip_samplers:
         with open(results) as f:
             saved = json.load(f)
@@ -127,7 +168,10 @@ def main() -> None:
     with open(results, "w") as f:  # the sampler rows are kept even if the likelihoods fail
         json.dump(record, f, indent=1)
     record["likelihoods"] = _likelihood_rows(config, args)
-    write_results(HERE, record, _tables(samples, record["likelihoods"], accuracy, args))
+    record |= {"commit": commit(), "seconds": round(time.perf_counter() - began, 1),
+               "device": jax.devices()[0].device_kind}
+    _plot(samples, args.num_images, os.path.join(HERE, "samplers.png"))
+    write_results(HERE, record, _tables(samples, record["likelihoods"], accuracy, args, record))
 
 
 if __name__ == "__main__":
