@@ -208,6 +208,17 @@ def digits_cond(tmp_path_factory):
     return config, workdir, train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.xdist_group("digits_cond")
+def test_the_digits_cond_group_reaches_pytest_xdist(request):
+    """Under `make test` (pytest-xdist, --dist loadgroup) the tests sharing the trained model must
+    run on one worker, else each worker trains it again (about a minute each)."""
+    if not request.config.getoption("loadgroup", False):
+        pytest.skip("not run by pytest-xdist with --dist loadgroup")
+    assert request.node.nodeid.endswith("@digits_cond"), (
+        "pytest-xdist did not tag this test with its xdist_group: the grouping is lost (pytest 9.2 "
+        "with pytest-xdist 3.8 does this; see the pin in pyproject.toml)")
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("digits_cond")
 def test_class_conditional_samples_are_of_the_requested_class_and_guidance_sharpens_them(digits_cond):
