@@ -29,8 +29,9 @@ PROGRAMS = {"-m vdm.main": "vdm.main", "scripts/class_accuracy.py": "class_accur
 
 
 def documented_commands():
-    """(where, program, argv after the program) for every concrete command line in the docs."""
-    out = []
+    """(where, program, argv after the program) for every distinct concrete command line in the docs
+    (a command written in several places is tested once, its ``where`` naming them all)."""
+    out = {}
     for where, text in DOCUMENTED:
         text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
         for match in re.finditer(r"(?<![/\w])(?:\.venv/bin/)?python (-m vdm\.main|scripts/class_accuracy\.py) "
@@ -38,8 +39,9 @@ def documented_commands():
             line = match.group(2).strip()
             if "<" in line or "[" in line:  # the README's template line
                 continue
-            out.append((where, PROGRAMS[match.group(1)], shlex.split(line)))
-    return out
+            key = (PROGRAMS[match.group(1)], tuple(shlex.split(line)))
+            out[key] = f"{out[key]}+{where}" if key in out and where not in out[key] else out.get(key, where)
+    return [(where, program, list(argv)) for (program, argv), where in out.items()]
 
 
 COMMANDS = documented_commands()
