@@ -29,6 +29,7 @@ def pixels(source):
 def class_accuracy(config, workdir: str, guidance=(0.0, 1.0, 3.0), num_images: int = 500, seed: int = 1) -> dict:
     """{"step", "classifier_test_accuracy", "chance", "accuracy_guidance_<w>" for each w}."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from sklearn.linear_model import LogisticRegression
@@ -49,12 +50,19 @@ def class_accuracy(config, workdir: str, guidance=(0.0, 1.0, 3.0), num_images: i
         judge = classifier.score(*pixels(trainer.dataset.test))
         labels = model_lib.spread_labels(num_images, config.model.num_classes)
         result = {"step": step, "classifier_test_accuracy": round(judge, 4), "chance": 1 / config.model.num_classes}
+
+        def sample(params, rng, w):
+            return model_lib.generate(nnx.merge(trainer.graphdef, params), rng, num_images,
+                                      num_steps=config.sample.num_steps, labels=labels, guidance=w,
+                                      sampler=config.sample.sampler,
+                                      sampler_kwargs=config.sample.sampler_kwargs.to_dict()).images
+
+        # w = 0 needs no unconditional half; every w > 0 shares one compiled sampler (w an argument).
+        plain, guided = jax.jit(lambda p, r: sample(p, r, 0.0)), jax.jit(sample)
         for w in guidance:
-            fn = jax.jit(lambda p, r, w=w: model_lib.generate(nnx.merge(trainer.graphdef, p), r, num_images,
-                                                              num_steps=config.sample.num_steps, labels=labels,
-                                                              guidance=w, sampler=config.sample.sampler,
-                                                              sampler_kwargs=config.sample.sampler_kwargs.to_dict()))
-            images = np.asarray(fn(trainer.state.ema_params, jax.random.PRNGKey(seed)).images)
+            key = jax.random.PRNGKey(seed)
+            images = np.asarray(plain(trainer.state.ema_params, key) if w == 0 else
+                                guided(trainer.state.ema_params, key, jnp.float32(w)))
             predicted = classifier.predict(images.reshape(num_images, -1) / (trainer.dataset.info.vocab_size - 1))
             result[f"accuracy_guidance_{w:g}"] = round(float(np.mean(predicted == np.asarray(labels))), 4)
     finally:

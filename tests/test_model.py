@@ -179,6 +179,11 @@ def test_guidance_is_the_weighted_difference_of_two_network_calls():
         np.testing.assert_allclose(np.asarray(model.eps(z, gamma, cond, guidance=w)),
                                    np.asarray((1 + w) * conditional - w * unconditional), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(model.eps(z, gamma, cond, guidance=0.0)), np.asarray(conditional))
+    # A traced weight (one compiled function for a sweep of weights) takes the guided form at every w, 0 included.
+    traced = jax.jit(lambda w: model.eps(z, gamma, cond, guidance=w))
+    for w in (0.0, 0.5, 3.0):
+        np.testing.assert_allclose(np.asarray(traced(jnp.float32(w))),
+                                   np.asarray((1 + w) * conditional - w * unconditional), rtol=1e-4, atol=1e-5)
 
 
 def test_spread_labels():

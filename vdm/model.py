@@ -79,15 +79,18 @@ class VDM(nnx.Module):
 
         return fn
 
-    def eps(self, z: jax.Array, gamma: jax.Array, cond: dict | None = None, guidance: float = 0.0) -> jax.Array:
+    def eps(self, z: jax.Array, gamma: jax.Array, cond: dict | None = None,
+            guidance: float | jax.Array = 0.0) -> jax.Array:
         """eps_hat(z_t, gamma_t, cond), with classifier-free guidance of weight ``guidance``.
 
         With a label and ``guidance = w > 0`` (Ho & Salimans 2022):
         ``(1 + w) eps(z, y) - w eps(z, null)``, both evaluated in one network call.
         ``w = 0`` is the plain conditional model; ``cond=None`` the unconditional one.
+        A Python number 0 skips the unconditional half; an array ``w`` (e.g. a jit argument, so
+        that one compiled sampler serves a sweep of weights) always takes the guided form.
         """
         fn = self.denoiser()
-        if not guidance or cond is None:
+        if cond is None or (isinstance(guidance, (int, float)) and not guidance):
             return diffusion.to_eps(self.prediction, fn(z, gamma, cond), z, gamma)
         b = z.shape[0]
         null = jnp.full_like(cond["label"], self.num_classes)
@@ -296,7 +299,7 @@ def evaluation_terms(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int 
     return per_example_terms(model, batch, draw(rng, batch["image"].shape[0], objective), objective, train=False)
 
 
-def pure_functions(model: VDM, guidance: float = 0.0):
+def pure_functions(model: VDM, guidance: float | jax.Array = 0.0):
     """(eps_fn(z, gamma, cond), gamma_fn(t)) of the model for loops and solvers (lax.fori_loop,
     lax.map, diffrax): NNX modules must not cross into those traces, so each call rebuilds the
     model from its closed-over state."""
@@ -352,7 +355,8 @@ class Samples(NamedTuple):
 
 
 def generation(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sampler: str = "ancestral",
-               labels: jax.Array | None = None, guidance: float = 0.0, sampler_kwargs=None) -> samplers.Generation:
+               labels: jax.Array | None = None, guidance: float | jax.Array = 0.0,
+               sampler_kwargs=None) -> samplers.Generation:
     """Sampling from ``model`` as a ``vdm.samplers.Generation`` (noise, the sampler's loop, the
     decoder), for running the loop in chunks; :func:`generate` runs it in one call."""
     eps_fn, gamma_fn = pure_functions(model, guidance)
@@ -362,10 +366,11 @@ def generation(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, s
 
 
 def generate(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, sampler: str = "ancestral",
-             labels: jax.Array | None = None, guidance: float = 0.0, sampler_kwargs=None) -> Samples:
+             labels: jax.Array | None = None, guidance: float | jax.Array = 0.0, sampler_kwargs=None) -> Samples:
     """``num_images`` samples of the model, of the classes ``labels`` if given, and their cost.
 
-    ``guidance`` is the classifier-free guidance weight w (0: the plain conditional model);
+    ``guidance`` is the classifier-free guidance weight w (0: the plain conditional model; a
+    traced array: one compiled sampler for every weight, see ``VDM.eps``);
     ``sampler`` names one of ``vdm.samplers.SAMPLERS`` and ``sampler_kwargs`` its options.
     """
     return Samples(*generation(model, rng, num_images, num_steps=num_steps, sampler=sampler, labels=labels,
