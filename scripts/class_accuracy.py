@@ -59,8 +59,8 @@ def class_accuracy(config, workdir: str, guidance=(0.0, 1.0, 3.0), num_images: i
 
         # w = 0 needs no unconditional half; every w > 0 shares one compiled sampler (w an argument).
         plain, guided = jax.jit(lambda p, r: sample(p, r, 0.0)), jax.jit(sample)
+        key = jax.random.PRNGKey(seed)  # the same noise for every weight
         for w in guidance:
-            key = jax.random.PRNGKey(seed)
             images = np.asarray(plain(trainer.state.ema_params, key) if w == 0 else
                                 guided(trainer.state.ema_params, key, jnp.float32(w)))
             predicted = classifier.predict(images.reshape(num_images, -1) / (trainer.dataset.info.vocab_size - 1))

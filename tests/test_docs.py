@@ -39,9 +39,8 @@ def documented_commands():
             line = match.group(2).strip()
             if "<" in line or "[" in line:  # the README's template line
                 continue
-            key = (PROGRAMS[match.group(1)], tuple(shlex.split(line)))
-            out[key] = f"{out[key]}+{where}" if key in out and where not in out[key] else out.get(key, where)
-    return [(where, program, list(argv)) for (program, argv), where in out.items()]
+            out.setdefault((PROGRAMS[match.group(1)], tuple(shlex.split(line))), []).append(where)
+    return [("+".join(dict.fromkeys(wheres)), program, list(argv)) for (program, argv), wheres in out.items()]
 
 
 COMMANDS = documented_commands()

@@ -102,10 +102,11 @@ def _plot(samples, num_images: int, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _tables(samples, likelihoods, classifier_accuracy, args, run=None) -> str:
-    where = f" Commit {run['commit']}, {run['seconds'] / 60:.0f} min on {run['device']}." if run else ""
-    lines = [f"FD-MNIST of {args.num_images} samples against the 500 test digits (feature classifier "
-             f"{classifier_accuracy:.1%} on them); wall time of one sampling call.{where}", "",
+def _tables(record: dict) -> str:
+    samples, likelihoods = record["samples"], record["likelihoods"]
+    lines = [f"FD-MNIST of {record['num_images']} samples against the 500 test digits (feature classifier "
+             f"{record['classifier_accuracy']:.1%} on them); wall time of one sampling call. Commit "
+             f"{record['commit']}, {record['seconds'] / 60:.0f} min on {record['device']}.", "",
              "![FD-MNIST against network evaluations](samplers.png)", "",
              "| sampler | options | network evaluations | FD-MNIST | seconds |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['sampler']} | {json.dumps(r['options']) if r['options'] else ''} | {r['nfe']} | {r['fd_mnist']} | "
@@ -116,6 +117,14 @@ def _tables(samples, likelihoods, classifier_accuracy, args, run=None) -> str:
     lines += [f"| {r['bound']} | {r['bpd']} | {r['se']} | {r['nfe_per_batch'] or ''} | {r['seconds']} |"
               for r in likelihoods]
     return "\n".join(lines)
+
+
+def _publish(record: dict) -> None:
+    """``samplers.png``, ``results.json`` and the README's tables from a finished ``record``."""
+    from common import write_results
+
+    _plot(record["samples"], record["num_images"], os.path.join(HERE, "samplers.png"))
+    write_results(HERE, record, _tables(record))
 
 
 def main() -> None:
@@ -133,16 +142,13 @@ def main() -> None:
                         help="rebuild samplers.png and the README's tables from results.json, measuring nothing")
     args = parser.parse_args()
 
-    from common import commit, write_results
+    from common import commit
 
     results = os.path.join(HERE, "results.json")
     if args.tables_only:
         with open(results) as f:
             record = json.load(f)
-        args.num_images = record["num_images"]
-        _plot(record["samples"], args.num_images, os.path.join(HERE, "samplers.png"))
-        write_results(HERE, record, _tables(record["samples"], record["likelihoods"], record["classifier_accuracy"],
-                                            args, record))
+        _publish(record)
         return
 
     import jax
@@ -170,8 +176,7 @@ def main() -> None:
     record["likelihoods"] = _likelihood_rows(config, args)
     record |= {"commit": commit(), "seconds": round(time.perf_counter() - began, 1),
                "device": jax.devices()[0].device_kind}
-    _plot(samples, args.num_images, os.path.join(HERE, "samplers.png"))
-    write_results(HERE, record, _tables(samples, record["likelihoods"], accuracy, args, record))
+    _publish(record)
 
 
 if __name__ == "__main__":
