@@ -8,8 +8,9 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
-from vdm import data, diffusion, schedules, train, weightings
+from vdm import data, diffusion, evaluation, schedules, train, weightings
 from vdm import model as model_lib
+from vdm import objective as objective_lib
 
 SHAPE, VOCAB = (8, 8, 1), 17
 
@@ -41,19 +42,30 @@ def _flat(tree):
 
 def test_elbo_loss_is_the_mean_vlb_and_the_terms_add_up():
     graphdef, params = _perturbed(_model())
-    batch = _batch()
-    loss, _, terms = model_lib.loss_and_grads(graphdef, params, batch, jax.random.PRNGKey(0), model_lib.Objective())
-    vlb = terms.prior + terms.reconstruction + terms.diffusion
+    batch, rng = _batch(), jax.random.PRNGKey(0)
+    loss, _, est = objective_lib.loss_and_grads(graphdef, params, batch, rng, objective_lib.Objective())
+    assert tuple(est.nats) == objective_lib.TERMS == ("prior", "reconstruction", "diffusion")
+    vlb = sum(est.nats.values())
     assert float(loss) == pytest.approx(float(jnp.mean(vlb)) / (np.prod(SHAPE) * np.log(2)), rel=1e-6)
-    np.testing.assert_array_equal(np.asarray(terms.weight), 1.0)
-    sums = model_lib.bpd_sums(terms, int(np.prod(SHAPE)))
-    assert float(sums["bpd"] / sums["count"]) == pytest.approx(float(loss), rel=1e-6)
-    # A weighted objective draws the same noise: same times, same noise, same prior and reconstruction.
-    sigmoid = model_lib.Objective(weighting=weightings.build("sigmoid"))
-    _, _, weighted = model_lib.loss_and_grads(graphdef, params, batch, jax.random.PRNGKey(0), sigmoid)
-    np.testing.assert_array_equal(np.asarray(weighted.logsnr), np.asarray(terms.logsnr))
-    np.testing.assert_allclose(np.asarray(weighted.diffusion / weighted.weight), np.asarray(terms.diffusion),
-                               rtol=2e-5)
+    # The one road: the bound the objective reports is diffusion.bound's for the same draw.
+    d = objective_lib.draw(rng, 16, objective_lib.Objective())
+    m = nnx.merge(graphdef, params)
+    direct = diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], m.schedule,
+                             m.denoiser(d.dropout), vocab_size=VOCAB)
+    for name in objective_lib.TERMS:  # eager vs traced: float32 rounding only
+        np.testing.assert_allclose(np.asarray(est.nats[name]), np.asarray(getattr(direct, name)), rtol=1e-6,
+                                   err_msg=name)
+    # A weighted objective draws the same noise: same times, same noise, the same bound; only the trained
+    # diffusion term is weighted, by w(lambda_t) for a per-example noise level.
+    sigmoid = objective_lib.Objective(weighting=weightings.build("sigmoid"))
+    loss_w, _, est_w = objective_lib.loss_and_grads(graphdef, params, batch, rng, sigmoid)
+    for name in objective_lib.TERMS:
+        np.testing.assert_array_equal(np.asarray(est_w.nats[name]), np.asarray(est.nats[name]), err_msg=name)
+    weighted = objective_lib.estimate(m, batch, d, sigmoid)
+    np.testing.assert_allclose(np.asarray(weighted.weighted),
+                               np.asarray(weightings.build("sigmoid")(weighted.logsnr) * weighted.diffusion), rtol=2e-5)
+    assert float(loss_w) == pytest.approx(float(jnp.mean(weighted.loss)) / (np.prod(SHAPE) * np.log(2)), rel=1e-6)
+    assert float(loss_w) < float(loss)  # w < 1 everywhere: the weighted loss is below the bound
 
 
 def test_variance_gradient_uses_the_same_noise_and_changes_only_the_schedule_interior():
@@ -62,17 +74,17 @@ def test_variance_gradient_uses_the_same_noise_and_changes_only_the_schedule_int
     model = _model(schedule_kwargs={"hidden": 16, "learn_endpoints": True})
     graphdef, params = _perturbed(model)
     batch, rng = _batch(), jax.random.PRNGKey(1)
-    plain = model_lib.Objective()
-    varied = model_lib.Objective(variance_schedule_grad=True)
-    loss_p, grads_p, terms_p = model_lib.loss_and_grads(graphdef, params, batch, rng, plain)
-    loss_v, grads_v, terms_v = model_lib.loss_and_grads(graphdef, params, batch, rng, varied)
+    plain = objective_lib.Objective()
+    varied = objective_lib.Objective(variance_schedule_grad=True)
+    loss_p, grads_p, est_p = objective_lib.loss_and_grads(graphdef, params, batch, rng, plain)
+    loss_v, grads_v, est_v = objective_lib.loss_and_grads(graphdef, params, batch, rng, varied)
     assert float(loss_v) == pytest.approx(float(loss_p), rel=1e-5)
-    np.testing.assert_allclose(np.asarray(terms_v.diffusion), np.asarray(terms_p.diffusion), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(est_v.nats["diffusion"]), np.asarray(est_p.nats["diffusion"]), rtol=1e-4)
 
     def second_moment(params):
         m = nnx.merge(graphdef, params)
-        d = model_lib.draw(rng, 16, plain)
-        bpd = diffusion.bits_per_dim(model_lib.per_example_terms(m, batch, d, plain).diffusion, m.num_dims)
+        d = objective_lib.draw(rng, 16, plain)
+        bpd = diffusion.bits_per_dim(objective_lib.estimate(m, batch, d, plain).diffusion, m.num_dims)
         return jnp.mean(bpd**2)
 
     direct = _flat(jax.grad(second_moment)(params))
@@ -87,16 +99,16 @@ def test_variance_gradient_uses_the_same_noise_and_changes_only_the_schedule_int
 
 
 def test_a_swapped_schedule_keeps_the_expected_bound_and_changes_only_its_variance():
-    """``per_example_terms(schedule=...)`` (VDM Sec. 5.1): the network sees gamma_t, never t, so for given images
+    """``objective.estimate(schedule=...)`` (VDM Sec. 5.1): the network sees gamma_t, never t, so for given images
     and noise eps the expectation over t of the diffusion term is the integral over gamma from gamma_0 to gamma_1
     of 0.5 ||eps - eps_hat(z_gamma, gamma)||^2, under every schedule with those endpoints; here against that
     integral by the trapezoid rule, with the prior and reconstruction terms unchanged."""
     graphdef, params = _perturbed(_model(schedule_kwargs={"hidden": 16, "learn_endpoints": True}))
-    model, batch, objective = nnx.merge(graphdef, params), _batch(8), model_lib.EVALUATION
+    model, batch, objective = nnx.merge(graphdef, params), _batch(8), objective_lib.EVALUATION
     g0, g1 = (float(g) for g in model.schedule.endpoints())
-    d = model_lib.draw(jax.random.PRNGKey(4), 8, objective)
-    own = model_lib.per_example_terms(model, batch, d, objective, train=False)
-    explicit = model_lib.per_example_terms(model, batch, d, objective, train=False, schedule=model.schedule)
+    d = objective_lib.draw(jax.random.PRNGKey(4), 8, objective)
+    own = objective_lib.estimate(model, batch, d, objective, train=False)
+    explicit = objective_lib.estimate(model, batch, d, objective, train=False, schedule=model.schedule)
     for a, b in zip(own, explicit):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -113,7 +125,7 @@ def test_a_swapped_schedule_keeps_the_expected_bound_and_changes_only_its_varian
         def estimate(params, u, name=name):
             m = nnx.merge(graphdef, params)
             schedule = None if name == "learned" else schedules.build(name, gamma_min=g0, gamma_max=g1)
-            terms = model_lib.per_example_terms(m, batch, d._replace(u=u), objective, train=False, schedule=schedule)
+            terms = objective_lib.estimate(m, batch, d._replace(u=u), objective, train=False, schedule=schedule)
             return terms.diffusion, terms.prior, terms.reconstruction
 
         diff, prior, reconstruction = jax.jit(jax.vmap(estimate, in_axes=(None, 0)))(params, u)
@@ -137,14 +149,15 @@ def test_label_dropout_one_is_the_unconditional_model():
     table[10] = 0.0  # the null class's row
     params_c = jax.tree.map(lambda x: x, params_u)
     params_c["network"]["conditioning"]["label_embedding"] = {"embedding": jnp.asarray(table)}
-    dropped = model_lib.Objective(label_dropout=1.0)
+    dropped = objective_lib.Objective(label_dropout=1.0)
     rng = jax.random.PRNGKey(2)
-    loss_u, grads_u, terms_u = model_lib.loss_and_grads(graphdef_u, params_u, _batch(), rng, model_lib.Objective())
+    loss_u, grads_u, est_u = objective_lib.loss_and_grads(graphdef_u, params_u, _batch(), rng, objective_lib.Objective())
     for labels_seed in (0, 1):
-        loss_c, grads_c, terms_c = model_lib.loss_and_grads(graphdef_c, params_c, _batch(seed=labels_seed) | {
+        loss_c, grads_c, est_c = objective_lib.loss_and_grads(graphdef_c, params_c, _batch(seed=labels_seed) | {
             "image": _batch()["image"]}, rng, dropped)
         assert float(loss_c) == pytest.approx(float(loss_u), rel=1e-6)
-        np.testing.assert_allclose(np.asarray(terms_c.loss), np.asarray(terms_u.loss), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(sum(est_c.nats.values())), np.asarray(sum(est_u.nats.values())),
+                                   rtol=1e-5)
         flat_c, flat_u = _flat(grads_c), _flat(grads_u)
         for key, g in flat_u.items():
             np.testing.assert_allclose(flat_c[key], g, rtol=1e-4, atol=1e-7, err_msg=key)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vdm import analytic, diffusion, schedules, time_sampling
+from vdm import analytic, diffusion, objective, schedules, time_sampling
 
 G0, G1 = -10.0, 6.0
 DATA = analytic.GaussianData(dim=16, scale=0.5)
@@ -38,10 +38,11 @@ def _variance_grads(graphdef, interior, rest, rng):
         return nnx.merge(graphdef, interior, rest).shape(t)
 
     def per_example(other, s, ds):
-        loss = diffusion.denoising_loss(rng_eps, f, G0 + (G1 - G0) * s, (G1 - G0) * ds, DATA.eps_fn)
+        levels = diffusion.NoiseLevels(G0 + (G1 - G0) * s, (G1 - G0) * ds)
+        loss, _ = diffusion.diffusion_terms(rng_eps, f, levels, DATA.eps_fn)
         return loss, loss, {}
 
-    (value, _), _, g_interior = diffusion.value_and_grad_with_schedule_variance(per_example, shape_fn, interior, rest, t)
+    (value, _), _, g_interior = objective.value_and_grad_with_schedule_variance(per_example, shape_fn, interior, rest, t)
     return value, g_interior
 
 

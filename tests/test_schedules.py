@@ -13,8 +13,17 @@ G0, G1 = -13.3, 5.0
 T = jnp.linspace(0.0, 1.0, 1001)
 
 
+DATA_SHAPE = (2, 3)  # for the schedules that are per element
+
+
 def _build(name, gamma_min=G0, gamma_max=G1):
-    return schedules.build(name, gamma_min=gamma_min, gamma_max=gamma_max, rngs=nnx.Rngs(0))
+    return schedules.build(name, gamma_min=gamma_min, gamma_max=gamma_max, rngs=nnx.Rngs(0), data_shape=DATA_SHAPE)
+
+
+def _columns(gamma):
+    """gamma [T] or per element [T, *DATA_SHAPE] as [T, curves]: one column per element's curve."""
+    gamma = np.asarray(gamma)
+    return gamma.reshape(gamma.shape[0], -1)
 
 
 @pytest.mark.parametrize("name", list(schedules.SCHEDULES))
@@ -22,23 +31,26 @@ def _build(name, gamma_min=G0, gamma_max=G1):
 def test_increasing_with_exact_endpoints_under_jit(name, endpoints):
     sched = _build(name, *endpoints)
     gamma, slope = jax.jit(lambda s, t: jax.jvp(s, (t,), (jnp.ones_like(t),)))(sched, T)
-    gamma, slope = np.asarray(gamma), np.asarray(slope)
-    assert gamma.shape == T.shape and np.all(np.isfinite(gamma)) and np.all(np.isfinite(slope))
-    np.testing.assert_allclose(gamma[[0, -1]], endpoints, atol=2e-4 * max(1, abs(endpoints[0])))
-    assert np.all(np.diff(gamma) > 0), "gamma must be strictly increasing"
+    expected_shape = T.shape + (DATA_SHAPE if getattr(sched, "elementwise", False) else ())
+    assert gamma.shape == slope.shape == expected_shape
+    gamma, slope = _columns(gamma), _columns(slope)
+    assert np.all(np.isfinite(gamma)) and np.all(np.isfinite(slope))
+    np.testing.assert_allclose(gamma[[0, -1]], np.broadcast_to(np.array(endpoints)[:, None], (2, gamma.shape[1])),
+                               atol=2e-4 * max(1, abs(endpoints[0])))
+    assert np.all(np.diff(gamma, axis=0) > 0), "gamma must be strictly increasing"
     assert np.all(slope > 0), "gamma'(t) must be positive"
     # jvp agrees with a finite difference of the same function (away from the ends).
     fd = (gamma[2:] - gamma[:-2]) / (2 * float(T[1]))
     np.testing.assert_allclose(slope[100:-100], fd[99:-99], rtol=2e-2, atol=2e-2)
     # Same values without jit.
-    np.testing.assert_allclose(np.asarray(sched(T)), gamma, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_columns(sched(T)), gamma, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(schedules.SCHEDULES))
 def test_parameter_gradients_are_finite(name):
     sched = _build(name)
     params = jax.tree_util.tree_leaves(nnx.state(sched, nnx.Param))
-    learned = name in ("learned_linear", "monotone_net")
+    learned = name in ("learned_linear", "monotone_net", "per_pixel_polynomial")
     assert bool(params) == learned, f"{name}: learned parameters {params} (expected: {learned})"
     if not learned:
         return
@@ -115,9 +127,11 @@ def test_declared_endpoints_match_the_curve_and_leave_the_interior_without_gradi
 
     sched = _build(name)
     g0, g1 = diffusion.schedule_endpoints(sched)
-    np.testing.assert_allclose([g0, g1], sched(jnp.array([0.0, 1.0])), atol=2e-4)
-    np.testing.assert_allclose([g0, g1], [G0, G1], atol=1e-5)
-    grads = nnx.grad(lambda s: sum(diffusion.schedule_endpoints(s)))(sched)
+    curve = np.asarray(sched(jnp.array([0.0, 1.0])))
+    np.testing.assert_allclose(np.concatenate([g0, g1]) if curve.ndim > 1 else [g0, g1], curve, atol=2e-4)
+    np.testing.assert_allclose(np.ravel(g0), G0, atol=1e-5)
+    np.testing.assert_allclose(np.ravel(g1), G1, atol=1e-5)
+    grads = nnx.grad(lambda s: sum(jnp.sum(g) for g in diffusion.schedule_endpoints(s)))(sched)
     for path, g in jax.tree_util.tree_flatten_with_path(nnx.state(grads, schedules.ScheduleShape))[0]:
         assert np.all(np.asarray(g) == 0), path
     # A plain function has no declared endpoints: it is evaluated at t = 0 and 1.
@@ -133,4 +147,35 @@ def test_declarations_match_the_parameters(name):
     assert sched.learns_endpoints == bool(endpoints)
     assert sched.learns_interior == bool(interior)
     if sched.learns_interior:
-        np.testing.assert_allclose(np.asarray(sched.shape(jnp.array([0.0, 1.0]))), [0.0, 1.0], atol=1e-6)
+        ends = _columns(sched.shape(jnp.array([0.0, 1.0])))
+        np.testing.assert_allclose(ends, np.broadcast_to([[0.0], [1.0]], ends.shape), atol=1e-6)
+
+
+def test_per_pixel_polynomial_is_its_closed_form_per_element_whatever_its_parameters():
+    """Random coefficients and endpoints per element: each element's curve is the polynomial of the docstring
+    (float64 NumPy), pinned to its own endpoints, increasing, with gamma'(t) from jax.jvp equal to
+    (g1 - g0) ((a t^2 + b t + c)^2 + d) / (P(1) + d)."""
+    sched = _build("per_pixel_polynomial")
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.normal(size=DATA_SHAPE) * 3 for _ in range(3))
+    low, width = rng.uniform(-12, -2, DATA_SHAPE), rng.normal(size=DATA_SHAPE) * 3
+    for name, value in (("a", a), ("b", b), ("c", c)):
+        getattr(sched, name)[...] = jnp.asarray(value, jnp.float32)
+    sched.endpoints.low[...], sched.endpoints.width[...] = jnp.asarray(low, jnp.float32), jnp.asarray(width, jnp.float32)
+    high = low + np.log1p(np.exp(width))
+    t = np.linspace(0.0, 1.0, 201)[:, None, None]
+    d = schedules.PerPixelPolynomial.SLACK
+
+    def p(t):
+        return a**2 * t**5 / 5 + a * b * t**4 / 2 + (b**2 + 2 * a * c) * t**3 / 3 + b * c * t**2 + c**2 * t + d * t
+
+    expected = low + (high - low) * p(t) / p(1.0)
+    expected_slope = (high - low) * ((a * t**2 + b * t + c) ** 2 + d) / p(1.0)
+    gamma, slope = jax.jvp(sched, (jnp.asarray(t[:, 0, 0], jnp.float32),), (jnp.ones(201),))
+    np.testing.assert_allclose(np.asarray(gamma), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(slope), expected_slope, rtol=1e-3, atol=1e-3 * np.abs(expected_slope).max())
+    assert np.all(np.diff(np.asarray(gamma), axis=0) > 0)
+    g0, g1 = sched.endpoints()
+    assert g0.shape == g1.shape == (1,) + DATA_SHAPE
+    np.testing.assert_allclose(np.asarray(g0[0]), low, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g1[0]), high, rtol=1e-5)

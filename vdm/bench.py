@@ -86,12 +86,12 @@ def flops_per_image(config, info, mesh) -> float:
     """Model FLOPs of one optimizer step per training image (XLA's cost analysis, loops unrolled)."""
     import jax
 
-    from vdm import model as model_lib, train
+    from vdm import objective as objective_lib, train
 
     c = _flop_config(config)
     compiled = train.compile_run(c, info, mesh)
     params = compiled.init(c.seed)
-    state = jax.eval_shape(lambda: train.initial_state(c, params, compiled.tx, model_lib.Objective.from_config(c)))
+    state = jax.eval_shape(lambda: train.initial_state(c, params, compiled.tx, objective_lib.Objective.from_config(c)))
     batch = {"image": jax.ShapeDtypeStruct((1, c.train.batch_size) + tuple(info.shape), jax.numpy.int32)}
     if c.model.num_classes:
         batch["label"] = jax.ShapeDtypeStruct((1, c.train.batch_size), jax.numpy.int32)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import diffusion, likelihood, nets, registry, samplers, schedules, time_sampling, weightings
+from vdm import diffusion, evaluation, likelihood, nets, objective, registry, samplers, schedules, time_sampling, weightings
 
 
 class ConfigError(ValueError):
@@ -72,9 +72,10 @@ COMPUTE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}  # config.model.
 
 PIECES = (
     Piece("schedule", "model.schedule", "model.schedule_kwargs",
-          lambda name: registry.lookup(schedules.SCHEDULES, name, "schedule"), ("gamma_min", "gamma_max", "rngs")),
+          lambda name: registry.lookup(schedules.SCHEDULES, name, "schedule"),
+          ("gamma_min", "gamma_max", "rngs", "data_shape")),
     Piece("network", "model.network", "model.network_kwargs", nets.lookup,
-          ("in_channels", "gamma_min", "gamma_max", "num_classes", "dtype", "remat", "rngs")),
+          ("in_channels", "gamma_min", "gamma_max", "num_classes", "dtype", "remat", "gamma_map", "rngs")),
     Piece("weighting", "loss.weighting", "loss.weighting_kwargs",
           lambda name: registry.lookup(weightings.WEIGHTINGS, name, "weighting").fn, ("logsnr",)),
     Piece("data source", "data.source", "data.kwargs", _source, ("split",)),
@@ -261,11 +262,12 @@ def _choice(field: str, value, table) -> None:
 
 
 def _schedule(config):
-    """The configured schedule, built abstractly (no arrays): to ask it what it learns."""
+    """The configured schedule, built abstractly (no arrays) for data of one element (the data are not read yet):
+    to ask it what it learns and whether it is per element."""
     c = config.model
     try:
         return nnx.eval_shape(lambda: schedules.build(c.schedule, gamma_min=c.gamma_min, gamma_max=c.gamma_max,
-                                                      rngs=nnx.Rngs(0), **dict(c.schedule_kwargs)))
+                                                      rngs=nnx.Rngs(0), data_shape=(1,), **dict(c.schedule_kwargs)))
     except ValueError as e:
         _fail("model.schedule_kwargs", dict(c.schedule_kwargs), str(e))
 
@@ -330,30 +332,17 @@ def validate(config) -> None:
     if not model.gamma_min < model.gamma_max:
         _fail("model.gamma_min", model.gamma_min, f"must be below model.gamma_max={model.gamma_max}")
     try:
-        weighting = weightings.build(loss.weighting, **dict(loss.weighting_kwargs))
+        weightings.build(loss.weighting, **dict(loss.weighting_kwargs))
     except ValueError as e:
         _fail("loss.weighting_kwargs", dict(loss.weighting_kwargs), str(e))
     schedule = _schedule(config)
-    if loss.num_steps < 0:
-        _fail("loss.num_steps", loss.num_steps, "must be >= 0 (0 = continuous time)")
-    if loss.num_steps and not weighting.is_elbo:
-        _fail("loss.weighting", loss.weighting, "discrete time (loss.num_steps > 0) trains only the elbo")
-    if loss.num_steps and loss.importance_sampling:
-        _fail("loss.importance_sampling", loss.importance_sampling, "needs continuous time (loss.num_steps=0)")
-    if loss.importance_sampling and schedule.learns_endpoints:
-        _fail("loss.importance_sampling", loss.importance_sampling,
-              f"draws log-SNR on a fixed range; schedule {model.schedule!r} learns its endpoints "
-              "(use fixed endpoints, e.g. model.schedule_kwargs.learn_endpoints=False)")
-    if loss.variance_schedule_grad:
-        if not schedule.learns_interior:
-            _fail("loss.variance_schedule_grad", True, f"needs a schedule with a learned interior, not {model.schedule!r}")
-        if loss.num_steps or loss.importance_sampling or not weighting.is_elbo:
-            _fail("loss.variance_schedule_grad", True, "applies to the continuous-time elbo with uniform t only")
+    try:
+        objective.Objective.from_config(config).check(schedule)
+    except objective.ObjectiveError as e:
+        _fail(e.field, e.value, e.problem)
     _choice("model.dtype", model.dtype, COMPUTE_DTYPES)
     if model.num_classes < 0:
         _fail("model.num_classes", model.num_classes, "must be >= 0 (0 = unconditional)")
-    if not 0.0 <= loss.label_dropout <= 1.0:
-        _fail("loss.label_dropout", loss.label_dropout, "must be in [0, 1]")
     if config.sample.guidance < 0:
         _fail("sample.guidance", config.sample.guidance, "must be >= 0 (0 = no guidance)")
     if config.sample.guidance and not model.num_classes:
@@ -379,7 +368,7 @@ def validate(config) -> None:
         _fail("train.ema_decay", opt.ema_decay, "must be in [0, 1)")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", config.eval.batch_size, "must be >= 1")
-    _choice("eval.method", config.eval.method, {"vlb": 0, "ode": 0, "both": 0})
+    _choice("eval.method", config.eval.method, evaluation.EVALUATIONS)
     ode = config.eval.ode
     _choice("eval.ode.solver", ode.solver, {k: 0 for k in samplers.SOLVERS})
     _choice("eval.ode.divergence", ode.divergence, {k: 0 for k in likelihood.DIVERGENCES})

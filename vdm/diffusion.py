@@ -1,7 +1,8 @@
-"""The diffusion math of VDM, as pure functions (no Flax state).
+"""The diffusion process of VDM and its variational bound, as pure element-wise functions (no Flax state).
 
 Kingma, Salimans, Poole, Ho, "Variational Diffusion Models", NeurIPS 2021,
-arXiv 2107.00630; weighted losses from Kingma & Gao 2023, arXiv 2303.00848.
+arXiv 2107.00630; weighted losses from Kingma & Gao 2023, arXiv 2303.00848; noise levels that
+differ per element as in MuLAN (Sahoo et al. 2024).
 
 Conventions (stated once, here)
 -------------------------------
@@ -11,22 +12,33 @@ Conventions (stated once, here)
 - ``gamma(t) = -log SNR(t)`` is increasing on t in [0, 1]; ``logsnr = lambda = -gamma``.
 - ``alpha_t^2 = sigmoid(-gamma_t)``, ``sigma_t^2 = sigmoid(gamma_t)`` (variance
   preserving), ``z_t = alpha_t f + sigma_t eps`` with ``eps ~ N(0, I)``.
+- **Shapes.** A noise level (gamma, its endpoints, its rate, a weight) is a scalar, one value per
+  example ``[B]``, or one value per element ``[B or 1, *f.shape[1:]]``: every element of the data may
+  have its own schedule. ``expand_to`` makes any of them broadcast against the data; every term
+  below is a sum over elements, taken at the end (``sum_per_example``).
 - The variational bound, in nats per example, is prior + reconstruction + diffusion:
-    prior          KL(q(z_1 | x) || N(0, I))
-    reconstruction -log p(x | z_0), the exact V-way discretised decoder
-    diffusion      continuous time (L_inf, Eq. 17): 0.5 gamma'(t) ||eps - eps_hat||^2,
+    prior          sum_i KL(q(z_1,i | x) || N(0, 1))
+    reconstruction -log p(x | z_0), the exact V-way discretised decoder, per element
+    diffusion      continuous time (L_inf, Eq. 17): 0.5 sum_i gamma_i'(t) (eps_i - eps_hat_i)^2,
                    t ~ U(0, 1), gamma'(t) by ``jax.jvp`` of the schedule;
-                   T steps (Eq. 13 in eps form): 0.5 T expm1(gamma_t - gamma_s) ||eps - eps_hat||^2,
+                   T steps (Eq. 13 in eps form): 0.5 T sum_i expm1(gamma_t,i - gamma_s,i) (eps_i - eps_hat_i)^2,
                    t = i / T, s = t - 1 / T, i uniform on {1, ..., T}.
-- Weighted loss (Kingma & Gao): 0.5 w(lambda_t) (-dlambda/dt) ||eps - eps_hat||^2; w = 1 is
-  the ELBO. With lambda drawn from a density p instead: 0.5 (w(lambda) / p(lambda)) ||...||^2.
-- bits/dim = nats / (num_dims ln 2).
+  Both are 0.5 sum_i rate_i (eps_i - eps_hat_i)^2 with the **rate** d gamma / du of the noise level in
+  the uniform variable u: gamma'(t), or T expm1(gamma_t - gamma_s), or 1 / p(lambda) when lambda is
+  drawn from a density p (importance sampling).
+- The **weight** is w(lambda) of Kingma & Gao and nothing else. The **weighted loss** is
+  0.5 sum_i w(lambda_i) rate_i (eps_i - eps_hat_i)^2; w = 1 (``elbo``) makes it the diffusion term.
+- bits/dim = nats / (num_dims ln 2) (``bits_per_dim``, the only place that converts).
 
-A schedule is any callable ``gamma_fn(t[B]) -> gamma[B]``; a denoiser is any callable
-``eps_fn(z_t, gamma_t, cond) -> output`` whose output is an eps-, x- or v-prediction
-(``prediction=``), converted to eps in exactly one place, ``to_eps``. ``cond`` is
-whatever the denoiser is conditioned on (``None``, or ``{"label": int [B]}`` for the
-class-conditional models of ``vdm.model``); the functions here pass it through untouched.
+A schedule is any callable ``gamma_fn(t [B]) -> gamma`` of shape ``[B]`` or ``[B, *f.shape[1:]]``; a
+denoiser is any callable ``eps_fn(z_t, gamma_t, cond) -> output`` receiving that same gamma, whose output
+is an eps-, x- or v-prediction (``prediction=``), converted to eps in exactly one place, ``to_eps``.
+``cond`` is whatever the denoiser is conditioned on (``None``, or ``{"label": int [B]}``); the
+functions here pass it through untouched.
+
+The bound has one road: ``bound`` computes every term from one ``Draw``; ``vlb`` (a dict, for
+notebooks and tests), ``diffusion_loss`` (the diffusion term alone) and the model's objective
+(``vdm.objective``) all go through its parts.
 
 Numerics: everything is written with ``log_sigmoid``, ``softplus`` and ``expm1`` so that
 gamma anywhere in [-20, 20] is safe in float32.
@@ -35,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,13 +71,32 @@ def decode(f: jax.Array, vocab_size: int = 256) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------
-# The forward process
+# Shapes: per example or per element
 # --------------------------------------------------------------------------------------
 
 
 def expand_to(v: jax.Array, like: jax.Array) -> jax.Array:
-    """Reshape per-example values [B] to broadcast against [B, ...]."""
-    return jnp.reshape(v, v.shape + (1,) * (like.ndim - v.ndim))
+    """A noise level shaped to broadcast against data ``like`` [B, ...]: a scalar stays one, per-example
+    values [B] become [B, 1, ..., 1], per-element values [B or 1, ...] (as many axes as ``like``) stay."""
+    v = jnp.asarray(v)
+    return jnp.reshape(v, v.shape + (1,) * (like.ndim - v.ndim)) if v.ndim == 1 else v
+
+
+def sum_per_example(v: jax.Array) -> jax.Array:
+    """The sum over all but the first axis: [B, ...] -> [B]."""
+    return jnp.sum(jnp.reshape(v, (v.shape[0], -1)), axis=-1)
+
+
+def half_weighted_sum(c: jax.Array, squares: jax.Array) -> jax.Array:
+    """0.5 sum_i c_i squares_i per example [B], for c per example [B] (taken out of the sum) or per element."""
+    if jnp.ndim(c) <= 1:
+        return 0.5 * c * sum_per_example(squares)
+    return sum_per_example(0.5 * expand_to(c, squares) * squares)
+
+
+# --------------------------------------------------------------------------------------
+# The forward process
+# --------------------------------------------------------------------------------------
 
 
 def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -74,13 +105,9 @@ def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def diffuse(f: jax.Array, gamma: jax.Array, eps: jax.Array) -> jax.Array:
-    """z = alpha f + sigma eps, with per-example gamma [B] broadcast over f [B, ...]."""
+    """z = alpha f + sigma eps, gamma per example [B] or per element (see ``expand_to``)."""
     alpha, sigma = alpha_sigma(expand_to(gamma, f))
     return alpha * f + sigma * eps
-
-
-def _sum_per_example(v: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.reshape(v, (v.shape[0], -1)), axis=-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -88,17 +115,22 @@ def _sum_per_example(v: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def prior_kl(f: jax.Array, gamma_1: jax.Array) -> jax.Array:
-    """KL(q(z_1 | x) || N(0, I)) in nats per example [B].
+def _endpoint(gamma, f: jax.Array) -> jax.Array:
+    """An endpoint (scalar, per example [B] or per element) shaped to broadcast against ``f`` (a scalar per example)."""
+    gamma = jnp.asarray(gamma, f.dtype)
+    return expand_to(jnp.broadcast_to(gamma, f.shape[:1]) if gamma.ndim == 0 else gamma, f)
 
-    Per dimension, with q = N(alpha f, sigma^2):
+
+def prior_kl(f: jax.Array, gamma_1: jax.Array) -> jax.Array:
+    """KL(q(z_1 | x) || N(0, I)) in nats per example [B]; ``gamma_1`` scalar, [B] or per element.
+
+    Per element, with q = N(alpha f, sigma^2):
         0.5 (sigma^2 + alpha^2 f^2 - log sigma^2 - 1) = 0.5 (alpha^2 (f^2 - 1) + softplus(-gamma)),
     which avoids the cancellation in sigma^2 - 1 - log sigma^2 when gamma_1 is large.
     """
-    gamma_1 = jnp.broadcast_to(jnp.asarray(gamma_1, f.dtype), f.shape[:1])
-    g = expand_to(gamma_1, f)
+    g = _endpoint(gamma_1, f)
     alpha_sq = jax.nn.sigmoid(-g)
-    return _sum_per_example(0.5 * (alpha_sq * (f * f - 1.0) + jax.nn.softplus(-g)))
+    return sum_per_example(0.5 * (alpha_sq * (f * f - 1.0) + jax.nn.softplus(-g)))
 
 
 def decoder_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int = 256) -> jax.Array:
@@ -106,10 +138,9 @@ def decoder_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int = 256) ->
 
     VDM's discretised decoder (Eq. 27-28): p(x | z_0) is proportional, per sub-pixel, to
     N(z_0 / alpha_0; encode(k), sigma_0^2 / alpha_0^2), normalised over the V values.
-    ``z_0`` is [B, ...] and ``gamma_0`` per-example [B] or a scalar.
+    ``z_0`` is [B, ...] and ``gamma_0`` a scalar, per example [B] or per element.
     """
-    gamma_0 = jnp.broadcast_to(jnp.asarray(gamma_0, z_0.dtype), z_0.shape[:1])
-    g = expand_to(gamma_0, z_0)[..., None]
+    g = _endpoint(gamma_0, z_0)[..., None]
     alpha, _ = alpha_sigma(g)
     # (z_0 / alpha - c)^2 / (sigma / alpha)^2 = (z_0 / alpha - c)^2 exp(-gamma)
     return -0.5 * jnp.square(z_0[..., None] / alpha - encode(jnp.arange(vocab_size), vocab_size)) * jnp.exp(-g)
@@ -121,7 +152,7 @@ def decoder_log_probs(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int = 256)
 
 
 def reconstruction_nll(rng: jax.Array, x: jax.Array, gamma_0: jax.Array, vocab_size: int = 256) -> jax.Array:
-    """-log p(x | z_0) with z_0 ~ q(z_0 | x), in nats per example [B].
+    """-log p(x | z_0) with z_0 ~ q(z_0 | x), in nats per example [B]; ``gamma_0`` scalar, [B] or per element.
 
     log p(x | z_0) = logit(x) - log sum_k exp logit(k) (``decoder_logits``): the data value's logit
     is computed on its own, and the log-normaliser by ``_decoder_log_normaliser``, whose derivatives
@@ -130,32 +161,32 @@ def reconstruction_nll(rng: jax.Array, x: jax.Array, gamma_0: jax.Array, vocab_s
     """
     f = encode(x, vocab_size)
     eps = jax.random.normal(rng, f.shape)
-    gamma_0 = jnp.broadcast_to(jnp.asarray(gamma_0, f.dtype), f.shape[:1])
+    gamma_0 = _endpoint(gamma_0, f)
     z_0 = diffuse(f, gamma_0, eps)
-    g = jnp.broadcast_to(expand_to(gamma_0, z_0), z_0.shape)
+    g = jnp.broadcast_to(gamma_0, z_0.shape)
     alpha, _ = alpha_sigma(g)
-    u, precision = z_0 / alpha, jnp.exp(-g)  # logit(k) = -0.5 precision (u - centre_k)^2
-    picked = -0.5 * precision * jnp.square(u - f)
-    return -_sum_per_example(picked - _decoder_log_normaliser(u, precision, vocab_size))
+    scaled, precision = z_0 / alpha, jnp.exp(-g)  # logit(k) = -0.5 precision (z_0 / alpha - centre_k)^2
+    picked = -0.5 * precision * jnp.square(scaled - f)
+    return -sum_per_example(picked - _decoder_log_normaliser(scaled, precision, vocab_size))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _decoder_log_normaliser(u: jax.Array, precision: jax.Array, vocab_size: int) -> jax.Array:
-    """log sum_k exp(-0.5 precision (u - c_k)^2) over the V bin centres c_k, elementwise.
+def _decoder_log_normaliser(scaled: jax.Array, precision: jax.Array, vocab_size: int) -> jax.Array:
+    """log sum_k exp(-0.5 precision (s - c_k)^2) over the V bin centres c_k, elementwise (s = z_0 / alpha).
 
     Shifted by its largest term, the nearest centre's, so it is stable for any precision. Its
-    derivatives are expectations under the decoder's p(k): d/du = -precision (u - E[c]),
-    d/dprecision = -0.5 E[(u - c)^2], so a JVP (and the VJP, its transpose) costs one more pass
+    derivatives are expectations under the decoder's p(k): d/ds = -precision (s - E[c]),
+    d/dprecision = -0.5 E[(s - c)^2], so a JVP (and the VJP, its transpose) costs one more pass
     over the V values in the forward pass and nothing of size V after it.
     """
-    return _decoder_log_normaliser_and_moments(u, precision, vocab_size)[0]
+    return _decoder_log_normaliser_and_moments(scaled, precision, vocab_size)[0]
 
 
-def _decoder_log_normaliser_and_moments(u, precision, vocab_size):
+def _decoder_log_normaliser_and_moments(scaled, precision, vocab_size):
     centres = encode(jnp.arange(vocab_size), vocab_size)
-    nearest = encode(decode(u, vocab_size), vocab_size)
-    top = -0.5 * precision * jnp.square(u - nearest)
-    d = u[..., None] - centres
+    nearest = encode(decode(scaled, vocab_size), vocab_size)
+    top = -0.5 * precision * jnp.square(scaled - nearest)
+    d = scaled[..., None] - centres
     w = jnp.exp(-0.5 * precision[..., None] * jnp.square(d) - top[..., None])
     total = jnp.sum(w, axis=-1)
     mean_centre = jnp.sum(w * centres, axis=-1) / total
@@ -165,10 +196,10 @@ def _decoder_log_normaliser_and_moments(u, precision, vocab_size):
 
 @_decoder_log_normaliser.defjvp
 def _decoder_log_normaliser_jvp(vocab_size, primals, tangents):
-    u, precision = primals
-    du, dprecision = tangents
-    value, mean_centre, mean_square = _decoder_log_normaliser_and_moments(u, precision, vocab_size)
-    return value, -precision * (u - mean_centre) * du - 0.5 * mean_square * dprecision
+    scaled, precision = primals
+    dscaled, dprecision = tangents
+    value, mean_centre, mean_square = _decoder_log_normaliser_and_moments(scaled, precision, vocab_size)
+    return value, -precision * (scaled - mean_centre) * dscaled - 0.5 * mean_square * dprecision
 
 
 # --------------------------------------------------------------------------------------
@@ -205,47 +236,70 @@ def to_eps(prediction: str, out: jax.Array, z: jax.Array, gamma: jax.Array) -> j
 
 
 # --------------------------------------------------------------------------------------
-# The diffusion term
+# Noise levels and the diffusion term
 # --------------------------------------------------------------------------------------
 
 
-def noise_levels(u: jax.Array, gamma_fn: Callable, *, num_steps: int = 0, weighting="elbo",
-                 logsnr_density=None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Map uniforms u [B] to (gamma_t, weight, log_p) for the per-example loss.
+class NoiseLevels(NamedTuple):
+    """The noise level drawn for each example, and its rate d gamma / du (see the conventions)."""
 
-    The loss of example i is then 0.5 * weight_i * ||eps_i - eps_hat_i||^2, where
+    gamma: jax.Array  # gamma_t: [B] or per element
+    rate: jax.Array  # gamma'(t); T expm1(gamma_t - gamma_s); or 1 / p(lambda): the shape of gamma
 
-    - continuous time (``num_steps=0``): t = u, weight = w(lambda_t) gamma'(t);
+
+def check_noise_levels(*, num_steps: int = 0, importance_sampling: bool = False) -> None:
+    """ValueError when the way of drawing noise levels is not one of the bound's: T steps draw t on a grid,
+    importance sampling draws lambda from a density, and the two do not combine."""
+    if num_steps < 0:
+        raise ValueError(f"num_steps={num_steps}: must be >= 0 (0 = continuous time)")
+    if num_steps and importance_sampling:
+        raise ValueError("importance sampling of the noise level is for continuous time (num_steps=0)")
+
+
+def noise_levels(u: jax.Array, gamma_fn: Callable, *, num_steps: int = 0, logsnr_density=None) -> NoiseLevels:
+    """Map uniforms u [B] to the noise levels of the bound's estimator:
+
+    - continuous time (``num_steps=0``): t = u, gamma = gamma(t), rate = gamma'(t) (``jax.jvp``);
     - T steps (``num_steps=T``): i = floor(u T) + 1, t = i / T, s = t - 1 / T,
-      weight = T expm1(gamma_t - gamma_s) (ELBO only);
-    - importance sampling (``logsnr_density`` given): lambda = F^{-1}(u),
-      weight = w(lambda) / p(lambda); ``log_p`` is returned for density updates.
+      rate = T expm1(gamma_t - gamma_s);
+    - importance sampling (``logsnr_density`` given): lambda = F^{-1}(u), gamma = -lambda,
+      rate = 1 / p(lambda) (one log-SNR per example: the schedule is not used).
     """
-    w = weightings.build(weighting)
+    check_noise_levels(num_steps=num_steps, importance_sampling=logsnr_density is not None)
     if logsnr_density is not None:
-        if num_steps:
-            raise ValueError("importance sampling of the noise level is for continuous time (num_steps=0)")
         logsnr, log_p = logsnr_density.sample(u)
-        return -logsnr, w(logsnr) * jnp.exp(-log_p), log_p
+        return NoiseLevels(-logsnr, jnp.exp(-log_p))
     if num_steps:
-        if not w.is_elbo:
-            raise ValueError(f"discrete time (num_steps={num_steps}) supports only the elbo weighting, not {w.name!r}")
         t = (jnp.floor(u * num_steps) + 1.0) / num_steps
         t = jnp.minimum(t, 1.0)
         gamma_t = gamma_fn(t)
         gamma_s = gamma_fn(t - 1.0 / num_steps)
-        return gamma_t, num_steps * jnp.expm1(gamma_t - gamma_s), None
-    gamma_t, dgamma_dt = jax.jvp(gamma_fn, (u,), (jnp.ones_like(u),))
-    return gamma_t, w(-gamma_t) * dgamma_dt, None
+        return NoiseLevels(gamma_t, num_steps * jnp.expm1(gamma_t - gamma_s))
+    return NoiseLevels(*jax.jvp(gamma_fn, (u,), (jnp.ones_like(u),)))
 
 
-def denoising_loss(rng: jax.Array, f: jax.Array, gamma_t: jax.Array, weight: jax.Array,
-                   eps_fn: Callable, *, prediction: str = "eps", cond=None) -> jax.Array:
-    """0.5 * weight * ||eps - eps_hat(z_t, gamma_t, cond)||^2 per example [B], eps ~ N(0, I) from rng."""
+def check_weighting(weighting, *, num_steps: int = 0) -> weightings.Weighting:
+    """The weighting, when the bound's estimator can train it (T steps train the elbo only); else ValueError."""
+    w = weightings.build(weighting)
+    if num_steps and not w.is_elbo:
+        raise ValueError(f"discrete time (num_steps={num_steps}) supports only the elbo weighting, not {w.name!r}")
+    return w
+
+
+def diffusion_terms(rng: jax.Array, f: jax.Array, levels: NoiseLevels, eps_fn: Callable, *, weighting="elbo",
+                    prediction: str = "eps", cond=None) -> tuple[jax.Array, jax.Array]:
+    """(diffusion term, weighted loss) per example [B] for eps ~ N(0, I) from ``rng``:
+    0.5 sum_i rate_i (eps_i - eps_hat_i)^2 and 0.5 sum_i w(lambda_i) rate_i (eps_i - eps_hat_i)^2, from one
+    network call. For the elbo weighting the two are the same array."""
+    w = weightings.build(weighting)
     eps = jax.random.normal(rng, f.shape, f.dtype)
-    z_t = diffuse(f, gamma_t, eps)
-    eps_hat = to_eps(prediction, eps_fn(z_t, gamma_t, cond), z_t, gamma_t)
-    return 0.5 * weight * _sum_per_example(jnp.square(eps - eps_hat))
+    z_t = diffuse(f, levels.gamma, eps)
+    eps_hat = to_eps(prediction, eps_fn(z_t, levels.gamma, cond), z_t, levels.gamma)
+    squares = jnp.square(eps - eps_hat)
+    diffusion = half_weighted_sum(levels.rate, squares)
+    if w.is_elbo:
+        return diffusion, diffusion
+    return diffusion, half_weighted_sum(w(-levels.gamma) * levels.rate, squares)
 
 
 def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Callable, *,
@@ -256,11 +310,11 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
     Args:
       rng: PRNG key; split into one for the times and one for the noise.
       f: encoded data [B, ...] (any float data for analytic tests).
-      gamma_fn: schedule, t [B] -> gamma [B], increasing; gamma'(t) comes from ``jax.jvp``.
-      eps_fn: denoiser, (z_t [B, ...], gamma_t [B], cond) -> eps/x/v prediction [B, ...].
+      gamma_fn: schedule, t [B] -> gamma [B] or [B, *f.shape[1:]], increasing in t; gamma'(t) from ``jax.jvp``.
+      eps_fn: denoiser, (z_t [B, ...], gamma_t (as gamma_fn returns it), cond) -> eps/x/v prediction [B, ...].
       num_steps: 0 for continuous time (L_inf), T > 0 for the T-step loss L_T.
       time_sampler: name in ``time_sampling.TIME_SAMPLERS`` or a callable (rng, B) -> u.
-      weighting: name in ``weightings.WEIGHTINGS`` or a ``Weighting``; "elbo" gives the VLB.
+      weighting: name in ``weightings.WEIGHTINGS`` or a ``Weighting``; "elbo" gives the VLB's term.
       prediction: what ``eps_fn`` predicts: "eps", "x" or "v".
       logsnr_density: a density over lambda (``time_sampling.GridDensity`` or
         ``AdaptiveDensity``) to importance-sample the noise level; the schedule's interior
@@ -271,15 +325,14 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
     With ``weighting="elbo"`` the mean over the data of the result is the diffusion term
     of the variational bound: Eq. 17 (continuous) or Eq. 13 (T steps) of Kingma et al.
     """
-    batch = f.shape[0]
+    check_weighting(weighting, num_steps=num_steps)
     rng_t, rng_eps = jax.random.split(rng)
     sampler = time_sampling.build(time_sampler) if isinstance(time_sampler, str) else time_sampler
-    u = sampler(rng_t, batch)
-    gamma_t, weight, log_p = noise_levels(u, gamma_fn, num_steps=num_steps, weighting=weighting,
-                                          logsnr_density=logsnr_density)
-    loss = denoising_loss(rng_eps, f, gamma_t, weight, eps_fn, prediction=prediction, cond=cond)
+    levels = noise_levels(sampler(rng_t, f.shape[0]), gamma_fn, num_steps=num_steps, logsnr_density=logsnr_density)
+    _, loss = diffusion_terms(rng_eps, f, levels, eps_fn, weighting=weighting, prediction=prediction, cond=cond)
     if return_aux:
-        return loss, {"logsnr": -gamma_t, "log_p": log_p}
+        log_p = None if logsnr_density is None else -jnp.log(levels.rate)
+        return loss, {"logsnr": -levels.gamma, "log_p": log_p}
     return loss
 
 
@@ -289,7 +342,7 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
 
 
 def schedule_endpoints(gamma_fn: Callable) -> tuple[jax.Array, jax.Array]:
-    """(gamma_0, gamma_1) of a schedule.
+    """(gamma_0, gamma_1) of a schedule: scalars, or per element [1, ...] for a per-element schedule.
 
     Schedules from ``vdm.schedules`` declare their endpoints (``gamma_fn.endpoints()``):
     exact, and with no gradient to the schedule's interior (evaluating the interior at
@@ -300,7 +353,7 @@ def schedule_endpoints(gamma_fn: Callable) -> tuple[jax.Array, jax.Array]:
     if callable(endpoints):
         return endpoints()
     gamma = gamma_fn(jnp.array([0.0, 1.0]))
-    return gamma[0], gamma[1]
+    return gamma[0:1] if gamma.ndim > 1 else gamma[0], gamma[1:2] if gamma.ndim > 1 else gamma[1]
 
 
 def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
@@ -308,74 +361,80 @@ def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
     return nats * (1.0 / (num_dims * math.log(2.0)))
 
 
+class Draw(NamedTuple):
+    """The randomness of one estimate of the bound."""
+
+    u: jax.Array  # [B] uniforms: the times t, or through a density the log-SNRs
+    eps: jax.Array  # key: the diffusion noise
+    reconstruction: jax.Array  # key: z_0 of the reconstruction term
+
+
+def draw(rng: jax.Array, batch_size: int, time_sampler="low_discrepancy") -> Draw:
+    """Split one key into the randomness of ``bound``: (diffusion: (t, eps), reconstruction)."""
+    rng_diffusion, rng_reconstruction = jax.random.split(rng)
+    rng_t, rng_eps = jax.random.split(rng_diffusion)
+    sampler = time_sampling.build(time_sampler) if isinstance(time_sampler, str) else time_sampler
+    return Draw(u=sampler(rng_t, batch_size), eps=rng_eps, reconstruction=rng_reconstruction)
+
+
+TERMS = ("prior", "reconstruction", "diffusion")  # the bound's terms, in the order they are reported
+
+
+class Bound(NamedTuple):
+    """One Monte Carlo estimate of the bound, per example [B], in nats.
+
+    ``prior + reconstruction + diffusion`` estimates -log p(x) from above (``total``); the trained
+    objective replaces the diffusion term by the ``weighted`` loss (``loss``; the same for the elbo).
+    """
+
+    prior: jax.Array
+    reconstruction: jax.Array
+    diffusion: jax.Array
+    weighted: jax.Array
+    logsnr: jax.Array  # lambda_t = -gamma_t: [B] or per element
+    gamma_0: jax.Array  # the schedule's endpoints: scalars, or per element
+    gamma_1: jax.Array
+
+    @property
+    def total(self) -> jax.Array:
+        return self.prior + self.reconstruction + self.diffusion
+
+    @property
+    def loss(self) -> jax.Array:
+        return self.prior + self.reconstruction + self.weighted
+
+    def terms(self) -> dict[str, jax.Array]:
+        """The bound's terms by name (``TERMS``): their sum is ``total``."""
+        return {name: getattr(self, name) for name in TERMS}
+
+
+def bound(d: Draw, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, vocab_size: int = 256,
+          num_steps: int = 0, weighting="elbo", prediction: str = "eps", logsnr_density=None, cond=None,
+          levels: NoiseLevels | None = None) -> Bound:
+    """The variational bound -log p(x) <= prior + reconstruction + diffusion per example, and the weighted loss.
+
+    ``x`` holds integers in {0..V-1}, shape [B, ...]; ``d`` its randomness (``draw``); ``cond`` goes
+    to ``eps_fn`` (with a label it is the conditional bound on -log p(x | y)). ``levels`` replaces the
+    noise levels that ``d.u`` and the schedule would give (the schedule-variance gradient of
+    ``vdm.objective`` differentiates through them).
+    """
+    check_weighting(weighting, num_steps=num_steps)
+    f = encode(x, vocab_size)
+    gamma_0, gamma_1 = schedule_endpoints(gamma_fn)
+    prior = prior_kl(f, gamma_1)
+    reconstruction = reconstruction_nll(d.reconstruction, x, gamma_0, vocab_size)
+    if levels is None:
+        levels = noise_levels(d.u, gamma_fn, num_steps=num_steps, logsnr_density=logsnr_density)
+    diffusion, weighted = diffusion_terms(d.eps, f, levels, eps_fn, weighting=weighting, prediction=prediction,
+                                          cond=cond)
+    return Bound(prior=prior, reconstruction=reconstruction, diffusion=diffusion, weighted=weighted,
+                 logsnr=-levels.gamma, gamma_0=gamma_0, gamma_1=gamma_1)
+
+
 def vlb(rng: jax.Array, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, vocab_size: int = 256,
         num_steps: int = 0, time_sampler="low_discrepancy", prediction: str = "eps", cond=None) -> dict:
-    """The variational bound -log p(x) <= prior + reconstruction + diffusion, per example.
-
-    ``x`` holds integers in {0..V-1}, shape [B, ...]; ``cond`` goes to ``eps_fn`` (with a
-    label it is the conditional bound on -log p(x | y)). Returns a dict of [B] arrays in nats:
-    "prior", "reconstruction", "diffusion", "total", and "bpd" (total in bits per dim).
-    """
-    f = encode(x, vocab_size)
-    rng_diffusion, rng_reconstruction = jax.random.split(rng)
-    gamma_0, gamma_1 = schedule_endpoints(gamma_fn)
-    terms = {
-        "prior": prior_kl(f, gamma_1),
-        "reconstruction": reconstruction_nll(rng_reconstruction, x, gamma_0, vocab_size),
-        "diffusion": diffusion_loss(rng_diffusion, f, gamma_fn, eps_fn, num_steps=num_steps,
-                                    time_sampler=time_sampler, prediction=prediction, cond=cond),
-    }
-    terms["total"] = terms["prior"] + terms["reconstruction"] + terms["diffusion"]
-    terms["bpd"] = bits_per_dim(terms["total"], math.prod(x.shape[1:]))
-    return terms
-
-
-# --------------------------------------------------------------------------------------
-# The variance-minimising schedule gradient (Kingma et al. 2021, App. I.2)
-# --------------------------------------------------------------------------------------
-
-
-def value_and_grad_with_schedule_variance(per_example_fn: Callable, shape_fn: Callable,
-                                          interior, other, t: jax.Array):
-    """Gradients for training a schedule's interior to minimise the estimator's variance.
-
-    In continuous time the VLB depends on the schedule only through its endpoints
-    (Kingma et al. 2021, Sec. 5.1), so the VLB gradient on the *interior* of the
-    schedule is zero in expectation and pure noise in practice. App. I.2 instead trains
-    the interior to minimise the variance of the Monte Carlo estimate, i.e. E[L_hat^2],
-    whose gradient is E[2 L_hat dL_hat/d eta]. The endpoints and every other parameter
-    keep the ordinary VLB gradient.
-
-    The schedule is gamma(t) = gamma_min + (gamma_max - gamma_min) shape(t) with
-    shape(0) = 0, shape(1) = 1, and ``interior`` (eta) the parameters of ``shape``. One
-    forward and one backward pass of the model give d mean(L)/d(other, s, ds) at
-    s = shape(t), ds = shape'(t); the cotangents on (s, ds) are scaled per example by
-    2 L_hat_i before a (cheap) backward pass through ``shape`` alone.
-
-    Args:
-      per_example_fn: (other, s [B], ds [B]) -> (total [B], diffusion [B], aux): the
-        per-example objective and its diffusion term, computed with
-        gamma_t = gamma_min + (gamma_max - gamma_min) s and
-        gamma'(t) = (gamma_max - gamma_min) ds.
-      shape_fn: (interior, t [B]) -> shape(t) [B].
-      interior, other: parameter pytrees.
-      t: the batch's times [B].
-
-    Returns:
-      (mean total, aux), grads of mean(total) w.r.t. ``other``, and grads of
-      mean(diffusion^2) w.r.t. ``interior``.
-    """
-    def shape_and_slope(params):
-        return jax.jvp(lambda tt: shape_fn(params, tt), (t,), (jnp.ones_like(t),))
-
-    (s, ds), shape_vjp = jax.vjp(shape_and_slope, interior)
-
-    def objective(other, s, ds):
-        total, diffusion, aux = per_example_fn(other, s, ds)
-        return jnp.mean(total), (diffusion, aux)
-
-    (value, (diffusion, aux)), (g_other, g_s, g_ds) = jax.value_and_grad(
-        objective, argnums=(0, 1, 2), has_aux=True)(other, s, ds)
-    scale = 2.0 * jax.lax.stop_gradient(diffusion)
-    (g_interior,) = shape_vjp((scale * g_s, scale * g_ds))
-    return (value, aux), g_other, g_interior
+    """``bound`` for one key, as a dict of [B] arrays in nats: "prior", "reconstruction", "diffusion",
+    "total", and "bpd" (total in bits per dim)."""
+    b = bound(draw(rng, x.shape[0], time_sampler), x, gamma_fn, eps_fn, vocab_size=vocab_size, num_steps=num_steps,
+              prediction=prediction, cond=cond)
+    return b.terms() | {"total": b.total, "bpd": bits_per_dim(b.total, math.prod(x.shape[1:]))}

@@ -1,9 +1,9 @@
 """Samplers: from z_1 ~ N(0, I) to z_0, then to data through the decoder.
 
 Interface: ``sampler(rng, eps_fn, gamma_fn, z_1, cond=None, *, num_steps, **kwargs) -> (z_0, nfe)``
-where ``eps_fn(z_t, gamma_t [B], cond)`` returns eps_hat, ``gamma_fn`` follows
-``vdm.diffusion`` and ``nfe`` is the number of network evaluations it took (an int32
-scalar; the adaptive ODE solver decides it at run time). ``cond`` is passed to ``eps_fn``
+where ``eps_fn(z_t, gamma_t, cond)`` returns eps_hat, ``gamma_fn`` follows
+``vdm.diffusion`` (gamma per example [B] or per element of z) and ``nfe`` is the number of network
+evaluations it took (an int32 scalar; the adaptive ODE solver decides it at run time). ``cond`` is passed to ``eps_fn``
 untouched: classifier-free guidance is part of the ``eps_fn`` the model hands in, so every
 sampler supports it. ``kwargs`` come from ``config.sample.sampler_kwargs``.
 
@@ -15,11 +15,14 @@ progress and stops promptly on a signal; chunks give the same z_0 as one call. A
 is one such function here plus its entry in ``SAMPLERS``.
 
 Conventions (those of ``vdm.diffusion``): alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 =
-sigmoid(gamma_t), SNR = exp(-gamma), x_hat = (z_t - sigma_t eps_hat) / alpha_t. The
-probability-flow ODE (Song et al. 2021) of this variance-preserving process, written with
-gamma itself as the time variable (so that only the endpoints of the schedule matter), is
+sigmoid(gamma_t), SNR = exp(-gamma), x_hat = (z_t - sigma_t eps_hat) / alpha_t, all element-wise,
+so a schedule whose gamma differs per element works in every sampler. The probability-flow ODE
+(Song et al. 2021) of this variance-preserving process, over t and per element i, is
 
-    dz / dgamma = (sigma eps_hat(z, gamma) - sigma^2 z) / 2.                    (PF-ODE)
+    dz_i / dt = gamma_i'(t) (sigma_i eps_hat_i(z, gamma_t) - sigma_i^2 z_i) / 2      (PF-ODE)
+
+(with a scalar gamma, gamma itself could be the time variable; over t, one schedule per element
+works too, and gamma'(t) comes from ``jax.jvp`` of the schedule as in the loss).
 
 | sampler | what | network calls |
 | --- | --- | --- |
@@ -29,7 +32,7 @@ gamma itself as the time variable (so that only the endpoints of the schedule ma
 | ``ode`` | the PF-ODE solved adaptively by diffrax (Tsit5 or Dopri5, PID step-size control) | decided by rtol/atol |
 
 The fixed-step samplers take ``spacing``: ``"time"`` (t uniform, the schedule's own
-spacing: the default) or ``"logsnr"`` (uniform in gamma between the endpoints).
+spacing: the default) or ``"logsnr"`` (uniform in gamma between the endpoints, per element).
 """
 from __future__ import annotations
 
@@ -82,14 +85,15 @@ def stepped(plan_fn: Callable[..., Plan]) -> Callable:
 
 
 def gamma_grid(gamma_fn: Callable, batch: int, num_steps: int, spacing: str = "time") -> jax.Array:
-    """gamma at the num_steps + 1 grid points from t = 1 down to t = 0, each [batch]: shape [T + 1, batch]."""
+    """gamma at the num_steps + 1 grid points from t = 1 down to t = 0, each [batch] (or per element):
+    shape [T + 1, batch, ...]."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing={spacing!r}: valid values: {', '.join(SPACINGS)}")
     t = jnp.linspace(1.0, 0.0, num_steps + 1)
     if spacing == "time":
         return jax.vmap(lambda ti: gamma_fn(jnp.full((batch,), ti)))(t)
     g1, g0 = gamma_fn(jnp.ones((batch,))), gamma_fn(jnp.zeros((batch,)))
-    return g0[None] + t[:, None] * (g1 - g0)[None]
+    return g0[None] + jnp.reshape(t, (-1,) + (1,) * g0.ndim) * (g1 - g0)[None]
 
 
 def _x_hat(z, g, eps_hat):
@@ -209,23 +213,24 @@ def dpm_solver_2m(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: i
     return Plan(num_steps, lambda z_1: (z_1, jnp.zeros_like(z_1)), step, lambda carry: (carry[0], jnp.int32(num_steps)))
 
 
-def pf_ode_drift(eps_fn: Callable, cond=None) -> Callable:
-    """(gamma, z) -> dz / dgamma of the probability-flow ODE (PF-ODE above), gamma a scalar."""
-    def drift(gamma, z):
-        g = jnp.full((z.shape[0],), gamma, z.dtype)
-        sigma_sq = jax.nn.sigmoid(gamma)
-        return 0.5 * (jnp.sqrt(sigma_sq) * eps_fn(z, g, cond) - sigma_sq * z)
+def pf_ode_drift(eps_fn: Callable, gamma_fn: Callable, cond=None) -> Callable:
+    """(t, z) -> dz / dt of the probability-flow ODE (PF-ODE above), t a scalar."""
+    def drift(t, z):
+        tt = jnp.full((z.shape[0],), t, z.dtype)
+        gamma, rate = jax.jvp(gamma_fn, (tt,), (jnp.ones_like(tt),))
+        sigma_sq = jax.nn.sigmoid(diffusion.expand_to(gamma, z))
+        return 0.5 * diffusion.expand_to(rate, z) * (jnp.sqrt(sigma_sq) * eps_fn(z, gamma, cond) - sigma_sq * z)
     return drift
 
 
 SOLVERS = ("tsit5", "dopri5")
 
 
-def solve_ode(vector_field: Callable, y0, gamma_start: jax.Array, gamma_end: jax.Array, *, rtol: float,
+def solve_ode(vector_field: Callable, y0, t_start: jax.Array, t_end: jax.Array, *, rtol: float,
               atol: float, solver: str = "tsit5", max_steps: int = 4096):
-    """diffrax: integrate dy/dgamma = vector_field(gamma, y) from gamma_start to gamma_end.
+    """diffrax: integrate dy/dt = vector_field(t, y) from t_start to t_end.
 
-    Returns (y at gamma_end, network evaluations). Tsit5 and Dopri5 are 7-stage methods whose
+    Returns (y at t_end, network evaluations). Tsit5 and Dopri5 are 7-stage methods whose
     last stage is the next step's first (FSAL): 6 new evaluations per attempted step plus one.
     """
     import diffrax
@@ -234,7 +239,7 @@ def solve_ode(vector_field: Callable, y0, gamma_start: jax.Array, gamma_end: jax
         raise ValueError(f"solver={solver!r}: valid values: {', '.join(SOLVERS)}")
     method = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}[solver]()
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda g, y, args: vector_field(g, y)), method, t0=gamma_start, t1=gamma_end,
+        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), method, t0=t_start, t1=t_end,
         dt0=None, y0=y0, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
     y_end = jax.tree.map(lambda y: y[0], sol.ys)
@@ -245,20 +250,18 @@ def solve_ode(vector_field: Callable, y0, gamma_start: jax.Array, gamma_end: jax
 def ode(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *, num_steps: int = 0,
         rtol: float = 1e-4, atol: float = 1e-4, solver: str = "tsit5", max_steps: int = 4096,
         segments: int = 1) -> Plan:
-    """The PF-ODE from gamma(1) down to gamma(0), solved adaptively by diffrax (Kidger 2021).
+    """The PF-ODE from t = 1 down to t = 0, solved adaptively by diffrax (Kidger 2021).
 
     ``num_steps`` is not used: the PID controller picks the steps for ``rtol``/``atol``
-    (score_sde's sampler uses RK45 at 1e-5). Deterministic: ``rng`` is unused. The schedule
-    enters only through its endpoints (gamma is the time variable). ``segments`` > 1 solves
-    the ODE over that many equal gamma intervals in turn (each with its own step-size start, a
+    (score_sde's sampler uses RK45 at 1e-5). Deterministic: ``rng`` is unused. ``segments`` > 1
+    solves the ODE over that many equal t intervals in turn (each with its own step-size start, a
     few more evaluations): the trainer then shows progress and can stop between them.
     """
     del rng, num_steps
     if segments < 1:
         raise ValueError(f"segments={segments}: must be at least 1")
-    g1, g0 = gamma_fn(jnp.ones((batch,)))[0], gamma_fn(jnp.zeros((batch,)))[0]
-    edges = g1 + (g0 - g1) * jnp.linspace(0.0, 1.0, segments + 1)
-    drift = pf_ode_drift(eps_fn, cond)
+    edges = jnp.linspace(1.0, 0.0, segments + 1)
+    drift = pf_ode_drift(eps_fn, gamma_fn, cond)
 
     def step(i, carry):
         z, nfe = carry

@@ -1,9 +1,12 @@
 """Noise schedules gamma(t) = -log SNR(t), increasing on [0, 1].
 
 Every schedule is a Flax NNX module called as ``gamma = schedule(t)`` with t of shape
-[B] (values in [0, 1]) and gamma of shape [B], satisfies gamma(0) = gamma_min and
-gamma(1) = gamma_max, and declares them: ``schedule.endpoints()`` returns
-(gamma_min, gamma_max), fixed or learned, which the bound uses directly.
+[B] (values in [0, 1]) and gamma of shape [B] -- or, for a schedule that declares
+``elementwise = True``, of shape [B, *data_shape]: one schedule per element of the data (each
+channel of each pixel), built with ``data_shape``. It satisfies gamma(0) = gamma_min and
+gamma(1) = gamma_max (per element where it is per element), and declares them:
+``schedule.endpoints()`` returns (gamma_min, gamma_max), fixed or learned, scalars or
+[1, *data_shape], which the bound uses directly.
 gamma'(t) is never written by hand: the loss takes it from ``jax.jvp``. Every schedule
 also says what it learns: ``learns_endpoints`` (gamma_min / gamma_max are parameters) and
 ``learns_interior`` (the shape between them is; such a schedule exposes ``shape(t)``,
@@ -16,9 +19,10 @@ the normalised interior, for the variance-minimising gradient of VDM App. I.2).
 | monotone_net    | g0 + (g1 - g0) shape(t), shape a monotone network       | shape; g0, g1 opt. |
 | cosine          | 2 log tan(a t + b), pinned to [g0, g1]                 | nothing            |
 | shifted_cosine  | 2 log tan(a t + b) + shift, pinned to [g0, g1]         | nothing            |
+| per_pixel_polynomial | per element: g0_i + (g1_i - g0_i) P_i(t) / P_i(1), P_i' = (a_i t^2 + b_i t + c_i)^2 | a, b, c; g0_i, g1_i opt. |
 
 Learned parameters are typed so that filters can pick them out: ``ScheduleEndpoint``
-for g0 and g1, ``ScheduleShape`` for the interior of ``monotone_net``. Both subclass
+for g0 and g1, ``ScheduleShape`` for the interiors of ``monotone_net`` and ``per_pixel_polynomial``. Both subclass
 ``nnx.Param`` (not ``vdm.nets.layers.Kernel``, the only type that gets weight decay),
 and the variance-minimising gradient (``vdm.model``, through
 ``diffusion.value_and_grad_with_schedule_variance``) treats ``ScheduleShape`` as the
@@ -54,23 +58,29 @@ def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
 
 
 class _Endpoints(nnx.Module):
-    """gamma_min and gamma_max, fixed numbers or learned with gamma_max > gamma_min kept."""
+    """gamma_min and gamma_max, fixed numbers or learned with gamma_max > gamma_min kept; one pair, or one pair
+    per element of ``shape`` (then returned as [1, *shape], the broadcast shape of ``vdm.diffusion``)."""
 
-    def __init__(self, gamma_min: float, gamma_max: float, learned: bool):
+    def __init__(self, gamma_min: float, gamma_max: float, learned: bool, shape: tuple = ()):
         _check_endpoints(gamma_min, gamma_max)
         self.learned = learned
+        self.shape = tuple(shape)
         if learned:
-            self.low = ScheduleEndpoint(jnp.asarray(gamma_min, jnp.float32))
+            self.low = ScheduleEndpoint(jnp.full(self.shape, gamma_min, jnp.float32))
             # gamma_max = gamma_min + softplus(width): the order can never flip.
-            self.width = ScheduleEndpoint(jnp.asarray(_inverse_softplus(gamma_max - gamma_min), jnp.float32))
+            self.width = ScheduleEndpoint(jnp.full(self.shape, _inverse_softplus(gamma_max - gamma_min), jnp.float32))
         else:
             self.fixed = (float(gamma_min), float(gamma_max))
 
     def __call__(self) -> tuple[jax.Array, jax.Array]:
         if self.learned:
             low = self.low[...]
-            return low, low + jax.nn.softplus(self.width[...])
-        return jnp.float32(self.fixed[0]), jnp.float32(self.fixed[1])
+            low, high = low, low + jax.nn.softplus(self.width[...])
+        else:
+            low, high = jnp.float32(self.fixed[0]), jnp.float32(self.fixed[1])
+        if self.shape:
+            low, high = (jnp.broadcast_to(v, (1,) + self.shape) for v in (low, high))
+        return low, high
 
 
 class Linear(nnx.Module):
@@ -182,21 +192,79 @@ class Cosine(ShiftedCosine):
         super().__init__(gamma_min, gamma_max, shift=0.0)
 
 
+class PerPixelPolynomial(nnx.Module):
+    """A learned schedule per element of the data (each channel of each pixel), not conditioned on the input.
+
+    For element i, with its own endpoints g0_i < g1_i (learned, or all fixed at gamma_min, gamma_max):
+
+        gamma_i(t) = g0_i + (g1_i - g0_i) shape_i(t),   shape_i(t) = (P_i(t) + d t) / (P_i(1) + d),
+        P_i(t) = integral_0^t (a_i s^2 + b_i s + c_i)^2 ds
+               = a^2 t^5 / 5 + a b t^4 / 2 + (b^2 + 2 a c) t^3 / 3 + b c t^2 + c^2 t,
+
+    so shape_i is increasing (its derivative is a square plus d > 0), shape_i(0) = 0, shape_i(1) = 1.
+    This is the monotone degree-5 polynomial of MuLAN (Sahoo et al. 2024), whose coefficients there come
+    from a network of an auxiliary latent; here they are free parameters per element. Why a polynomial:
+    the derivative, which the continuous-time loss needs, is exact and cheap per element (no network per
+    pixel), and five degrees of freedom per element bend the curve enough for a learned interior.
+    ``d`` (1e-3) keeps the curve strictly increasing when a, b and c vanish. Initialised at a = b = 0, c = 1
+    and both endpoints at [gamma_min, gamma_max]: every element then follows ``learned_linear``'s line.
+
+    Call: ``t [B]`` -> ``gamma [B, *data_shape]``.
+    """
+
+    elementwise = True
+    learns_interior = True
+    SLACK = 1e-3  # d above
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, data_shape: tuple, learn_endpoints: bool = True,
+                 rngs: nnx.Rngs | None = None):
+        self.data_shape = tuple(int(n) for n in data_shape)
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=learn_endpoints, shape=self.data_shape)
+        self.a = ScheduleShape(jnp.zeros(self.data_shape, jnp.float32))
+        self.b = ScheduleShape(jnp.zeros(self.data_shape, jnp.float32))
+        self.c = ScheduleShape(jnp.ones(self.data_shape, jnp.float32))
+
+    @property
+    def learns_endpoints(self) -> bool:
+        return self.endpoints.learned
+
+    def _p(self, t: jax.Array) -> jax.Array:
+        a, b, c = self.a[...], self.b[...], self.c[...]
+        t = jnp.reshape(t, t.shape + (1,) * len(self.data_shape))
+        poly = (((a * a / 5.0 * t + a * b / 2.0) * t + (b * b + 2.0 * a * c) / 3.0) * t + b * c) * t + c * c
+        return poly * t + self.SLACK * t
+
+    def shape(self, t: jax.Array) -> jax.Array:
+        """The normalised interior per element [B, *data_shape]: increasing, 0 at t = 0, 1 at t = 1."""
+        return self._p(t) / self._p(jnp.ones((1,)))
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        low, high = self.endpoints()
+        return low + (high - low) * self.shape(t)
+
+
 SCHEDULES = {
     "fixed_linear": functools.partial(Linear, learn_endpoints=False),
     "learned_linear": functools.partial(Linear, learn_endpoints=True),
     "monotone_net": MonotoneNet,
     "cosine": Cosine,
     "shifted_cosine": ShiftedCosine,
+    "per_pixel_polynomial": PerPixelPolynomial,
 }
 
 
-def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | None = None, **kwargs) -> nnx.Module:
-    """The schedule called ``name`` with endpoints [gamma_min, gamma_max]."""
+def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | None = None,
+          data_shape: tuple | None = None, **kwargs) -> nnx.Module:
+    """The schedule called ``name`` with endpoints [gamma_min, gamma_max]; an element-wise one (``elementwise``)
+    gets ``data_shape``, the shape of one example."""
     cls = registry.lookup(SCHEDULES, name, "schedule")
     _check_endpoints(gamma_min, gamma_max)
     if rngs is None:
         rngs = nnx.Rngs(0)
+    if getattr(cls, "elementwise", False):
+        if data_shape is None:
+            raise ValueError(f"schedule {name!r} is per element: it needs data_shape")
+        kwargs["data_shape"] = data_shape
     try:
         return cls(gamma_min, gamma_max, rngs=rngs, **kwargs)
     except TypeError as e:

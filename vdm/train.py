@@ -33,7 +33,9 @@ from flax import nnx, struct
 from vdm import checkpoint as ckpt_lib
 from vdm import configlib, data as data_lib, inception, lock as lock_lib, metrics as metrics_lib, parallel, paths
 from vdm import diffusion as diffusion_lib
+from vdm import evaluation as evaluation_lib
 from vdm import model as model_lib
+from vdm import objective as objective_lib
 from vdm import samplers as samplers_lib
 from vdm.nets.layers import Kernel
 
@@ -42,8 +44,9 @@ from vdm.nets.layers import Kernel
 # --------------------------------------------------------------------------------------
 
 
-# The values of a step checked for NaN/inf, in the order of the bits of Health.*_terms.
-CHECKED = ("prior", "reconstruction", "diffusion", "loss", "gamma_0", "gamma_1", "gradient norm")
+# The values of a step checked for NaN/inf, in the order of the bits of Health.*_terms: the objective's
+# terms and diagnostics (whatever it names them), the loss and the gradient norm.
+CHECKED = (*objective_lib.TERMS, "loss", *objective_lib.DIAGNOSTICS, "gradient norm")
 
 
 class NonFiniteError(RuntimeError):
@@ -180,7 +183,7 @@ def learning_rate(config) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(opt.lr / warmup, opt.lr, warmup - 1), after], [warmup - 1])
 
 
-def initial_state(config, params, tx, objective: model_lib.Objective) -> TrainState:
+def initial_state(config, params, tx, objective: objective_lib.Objective) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(config.seed), params=params,
                       opt_state=tx.init(params), ema_params=jax.tree_util.tree_map(jnp.copy, params),
                       density=objective.initial_density(), health=Health.initial())
@@ -193,28 +196,28 @@ def initial_state(config, params, tx, objective: model_lib.Objective) -> TrainSt
 
 def make_train_step(graphdef, tx, config):
     """state, batch of k steps {"image": [k, B, ...], ...} -> (state after k optimizer steps, metrics of the last)."""
-    objective = model_lib.Objective.from_config(config)
+    objective = objective_lib.Objective.from_config(config)
     ema_decay = config.train.ema_decay
 
     def one_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads, terms = model_lib.loss_and_grads(graphdef, state.params, batch, rng, objective, state.density)
+        loss, grads, estimate = objective_lib.loss_and_grads(graphdef, state.params, batch, rng, objective,
+                                                             state.density)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        sums = model_lib.bpd_sums(terms, math.prod(batch["image"].shape[1:]))
-        count = sums.pop("count")
+        num_dims = math.prod(batch["image"].shape[1:])
+        bits = {f"bpd_{name}": jnp.mean(diffusion_lib.bits_per_dim(v, num_dims)) for name, v in estimate.nats.items()}
         grad_norm = optax.tree.norm(grads)
-        checked = (sums["bpd_prior"], sums["bpd_reconstruction"], sums["bpd_diffusion"], loss, terms.gamma_0,
-                   terms.gamma_1, grad_norm)
+        checked = (*bits.values(), loss, *estimate.diagnostics.values(), grad_norm)
         bad_terms = sum(jnp.where(jnp.isfinite(v), 0, 1 << i) for i, v in enumerate(checked)).astype(jnp.int32)
         health = state.health.after(state.step + 1, bad_terms)
-        logged = {k: v / count for k, v in sums.items()} | {
-            "loss": loss, "gamma_0": terms.gamma_0, "gamma_1": terms.gamma_1, "grad_norm": grad_norm,
-            "skipped_steps": health.skipped}
+        bound = jnp.mean(diffusion_lib.bits_per_dim(sum(estimate.nats.values()), num_dims))
+        logged = {"bpd": bound} | bits | {"loss": loss} | estimate.diagnostics | {
+            "grad_norm": grad_norm, "skipped_steps": health.skipped}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                            density=objective.update_density(state.density, terms))
+                            density=estimate.density)
         # A non-finite step is never applied: everything but the step count and the record stays.
         kept = jax.tree_util.tree_map(lambda old, upd: jnp.where(bad_terms != 0, old, upd), state, new)
         return kept.replace(step=state.step + 1, health=health), logged
@@ -227,27 +230,19 @@ def make_train_step(graphdef, tx, config):
 
 
 def make_eval_step(graphdef, config):
-    """Masked sums over one padded batch of the per-example bits/dim, by ``config.eval.method``.
-
-    ``vlb``: every VLB term; ``ode``: the probability-flow ODE's dequantised bound
-    (``bpd_ode``) and the solver's network evaluations (``ode_nfe``); ``both``: both, on the
-    same images. ``values`` holds the bounds per example (with ``mask``), for standard errors.
+    """(sums, counts, values) of one padded batch for ``config.eval.method`` (``vdm.evaluation.EVALUATIONS``):
+    masked sums of the per-example bits/dim of its bounds and their parts (and ``count``), its counts
+    (not in nats: averaged per batch), and the bounds per example (with ``mask``), for standard errors.
     """
-    method, settings = config.eval.method, config.eval.ode.to_dict()
+    evaluate, settings = evaluation_lib.build(config.eval.method), config.eval.to_dict()
 
     def eval_step(params, batch, mask, rng):
         model = nnx.merge(graphdef, params)
-        sums, values = {"count": jnp.sum(mask.astype(jnp.float32))}, {"mask": mask}
-        if method in ("vlb", "both"):
-            terms = model_lib.evaluation_terms(model, batch, jax.random.fold_in(rng, 0), num_steps=config.eval.num_steps)
-            sums |= model_lib.bpd_sums(terms, model.num_dims, mask)
-            sums.pop("loss")
-            values["bpd"] = diffusion_lib.bits_per_dim(terms.vlb, model.num_dims)
-        if method in ("ode", "both"):
-            nll, nfe = model_lib.ode_nll(model, batch, jax.random.fold_in(rng, 1), **settings)
-            values["bpd_ode"] = diffusion_lib.bits_per_dim(nll, model.num_dims)
-            sums |= {"bpd_ode": jnp.sum(jnp.where(mask, values["bpd_ode"], 0.0)), "ode_nfe": nfe.astype(jnp.float32)}
-        return sums, values
+        out = evaluate(model, batch, rng, settings)
+        bits = {k: diffusion_lib.bits_per_dim(v, model.num_dims) for k, v in (out.bounds | out.parts).items()}
+        sums = {"count": jnp.sum(mask.astype(jnp.float32))} | {
+            k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in bits.items()}
+        return sums, out.counts, {"mask": mask} | {k: bits[k] for k in out.bounds}
     return eval_step
 
 
@@ -476,7 +471,7 @@ class Trainer:
         compiled = compile_run(config, info, self.mesh)
         self.graphdef, self.tx = compiled.graphdef, compiled.tx
         self.train_step, self.eval_step, self._sample = compiled.train_step, compiled.eval_step, compiled.sampling
-        self.objective = model_lib.Objective.from_config(config)
+        self.objective = objective_lib.Objective.from_config(config)
         params = compiled.init(config.seed)
         self.state = parallel.replicate(initial_state(config, params, self.tx, self.objective), self.mesh)
 
@@ -611,6 +606,7 @@ class Trainer:
         batches = data_lib.eval_batches(self.dataset.test, bs, num_examples=self.config.eval.num_examples,
                                         **self._hosts())
         values_of: dict[str, list] = {}
+        counts: dict[str, float] = {}
         for i, host in enumerate(batches):
             if stop is not None and stop():
                 return None
@@ -618,9 +614,11 @@ class Trainer:
                 progress.update(i)
             batch = parallel.host_batch_to_global(self.mesh, host)
             mask = batch.pop("mask")
-            sums, values = jax.device_get(self.eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
+            sums, batch_counts, values = jax.device_get(self.eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+            for k, v in batch_counts.items():
+                counts[k] = counts.get(k, 0.0) + float(v)
             keep = np.asarray(values.pop("mask"), bool)
             for k, v in values.items():
                 values_of.setdefault(k, []).append(np.asarray(v, np.float64)[keep])
@@ -628,16 +626,14 @@ class Trainer:
             progress.update(num_batches)
             progress.close()
         count = totals.pop("count")
-        nfe = totals.pop("ode_nfe", None)
         result = {k: v / count for k, v in totals.items()} | {"count": count}
         values = {name: np.concatenate(chunks) for name, chunks in values_of.items()}
         for name, v in values.items():  # standard error of the mean over the test images
             result[f"{name}_se"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
         if per_example:
             result["per_example"] = values
-        if nfe is not None:
-            result["ode_nfe"] = nfe / num_batches  # per batch: the solver's steps are shared by a batch
-        return result
+        # Per batch: the solver's steps are shared by a batch.
+        return result | {k: v / num_batches for k, v in counts.items()}
 
     def sample_labels(self) -> jax.Array | None:
         """The classes to sample: None for an unconditional model, else config.sample.labels (or an even spread)."""

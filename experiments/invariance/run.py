@@ -8,8 +8,8 @@ diffusion loss L_inf = 0.5 E_t [gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2] dep
 schedule gamma(t) only through its endpoints gamma_0, gamma_1; the schedule's shape changes
 the variance of the Monte Carlo estimate, not its mean. The trained demo network takes gamma
 itself as input, so any schedule with the learned endpoints is a valid reparametrisation of
-the same model. This script estimates L_inf (one t, iid, and one eps per draw; the library's
-``vdm.diffusion.diffusion_loss``) on the test digits, ``--draws`` times each, under four
+the same model. This script estimates the VLB and its L_inf (one t, iid, and one eps per draw;
+the library's one road to the bound, ``vdm.objective.estimate`` with ``schedule=``) on the test digits, ``--draws`` times each, under four
 schedules with the learned endpoints: the learned one, linear, cosine-shaped and a
 deliberately odd one (flat, then a steep sigmoid rise). The prior and reconstruction terms
 depend only on the endpoints, so the VLB differs between schedules only through L_inf.
@@ -72,6 +72,7 @@ def main() -> None:
     from common import commit, mean_se, restore, write_results
     from vdm import analytic, diffusion
     from vdm import model as model_lib
+    from vdm import objective as objective_lib
 
     began = time.perf_counter()
     trainer, step = restore(args.config, args.workdir)
@@ -79,28 +80,27 @@ def main() -> None:
     info = trainer.dataset.info
     x = np.asarray(trainer.dataset.test.images)
     trainer.close()
-    eps_fn, gamma_fn = model_lib.pure_functions(model)
+    _, gamma_fn = model_lib.pure_functions(model)
     g0, g1 = (float(g) for g in diffusion.schedule_endpoints(model.schedule))
     table = schedules_with_endpoints(gamma_fn, g0, g1)
     num_dims = int(np.prod(info.shape))
 
-    @jax.jit
-    def endpoint_terms(xb, key):  # the same under every schedule
-        f = diffusion.encode(xb, info.vocab_size)
-        return diffusion.prior_kl(f, jnp.full((len(xb),), g1)) + diffusion.reconstruction_nll(
-            key, xb, jnp.full((len(xb),), g0), info.vocab_size)
+    evaluation = objective_lib.EVALUATION  # the true VLB: elbo, iid t, no dropout
 
     rows, per_image = [], {}
     for name, schedule in table.items():
-        loss = jax.jit(lambda xb, key, schedule=schedule: diffusion.diffusion_loss(
-            key, diffusion.encode(xb, info.vocab_size), schedule, eps_fn, time_sampler="iid"))
+        @jax.jit
+        def bound(xb, key, schedule=schedule):  # (diffusion term, prior + reconstruction), nats per image
+            b = objective_lib.estimate(model, {"image": xb}, objective_lib.draw(key, len(xb), evaluation), evaluation,
+                                       train=False, schedule=schedule)
+            return b.diffusion, b.prior + b.reconstruction
+
         values, other = np.zeros((args.draws, len(x))), np.zeros((args.draws, len(x)))
         for d in range(args.draws):
             for i in range(0, len(x), args.batch_size):
                 key = jax.random.fold_in(jax.random.PRNGKey(args.seed), d * 100_000 + i)
-                values[d, i:i + args.batch_size] = np.asarray(loss(jnp.asarray(x[i:i + args.batch_size]), key))
-                other[d, i:i + args.batch_size] = np.asarray(endpoint_terms(jnp.asarray(x[i:i + args.batch_size]),
-                                                                            jax.random.fold_in(key, 1)))
+                diff, ends = bound(jnp.asarray(x[i:i + args.batch_size]), key)
+                values[d, i:i + args.batch_size], other[d, i:i + args.batch_size] = np.asarray(diff), np.asarray(ends)
         diff, vlb = summary(values, num_dims), summary(values + other, num_dims)
         per_image[name] = diff.pop("per_image")
         vlb.pop("per_image")

@@ -60,7 +60,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from vdm import configlib, configs, data as data_lib, model as model_lib, train
+    from vdm import configlib, configs, data as data_lib, objective as objective_lib, train
     from vdm.nets import layers
 
     base, _ = configlib.override(configs.get(args.config), common.overrides(args.override))
@@ -73,7 +73,7 @@ def main() -> None:
         config, _ = configlib.override(base, overrides)
         graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
         tx = train.make_optimizer(config, decay_mask)
-        states[name] = train.initial_state(config, init(config.seed), tx, model_lib.Objective.from_config(config))
+        states[name] = train.initial_state(config, init(config.seed), tx, objective_lib.Objective.from_config(config))
         step = train.make_train_step(graphdef, tx, config)  # a new function: JAX caches traces per function
         began = time.perf_counter()
         with layers.convolution_gradient(conv), layers.weight_gradient_form(wgrad):

@@ -27,7 +27,7 @@ import common  # noqa: E402
 CHILD = r"""
 import ast, json, os, resource, sys, time
 import jax, numpy as np
-from vdm import configlib, data as data_lib, model as model_lib, train
+from vdm import configlib, data as data_lib, objective as objective_lib, train
 try:
     from vdm import configs
     config = configs.get(sys.argv[1])
@@ -38,7 +38,7 @@ config, _ = configlib.override(config, overrides)
 dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
 graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
 tx = train.make_optimizer(config, decay_mask)
-state = train.initial_state(config, init(config.seed), tx, model_lib.Objective.from_config(config))
+state = train.initial_state(config, init(config.seed), tx, objective_lib.Objective.from_config(config))
 rows = data_lib.train_batch(dataset.train, config.train.batch_size, seed=0, step=0, process_index=0, process_count=1)
 batch = jax.device_put({k: np.stack([v] * config.train.steps_per_call) for k, v in rows.items()})
 began = time.perf_counter()

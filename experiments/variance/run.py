@@ -4,7 +4,7 @@ importance sampling of the noise level, and the variance-minimising schedule gra
     python -m vdm.main --config configs/mnist.py --workdir workdirs/mnist        # train (make demo)
     python experiments/variance/run.py --config configs/mnist.py --workdir workdirs/mnist
 
-Every estimate is the library's: ``vdm.model.draw`` and ``vdm.model.per_example_terms`` (what
+Every estimate is the library's: ``vdm.objective.draw`` and ``vdm.objective.estimate`` (what
 training and evaluation run), with the time sampler, schedule and log-SNR density of each row.
 The test digits are cut into batches of ``--batch_size`` (the demo's training batch), in a new
 random order for each of ``--num_draws`` passes, so every digit gets ``--num_draws`` estimates.
@@ -71,27 +71,27 @@ class Study:
         self.images = np.asarray(data_lib.read_rows(test, rows)["image"])
 
     def objective(self, weighting, time_sampler: str, importance_sampling: str = ""):
-        from vdm import model as model_lib
+        from vdm import objective as objective_lib
 
-        return model_lib.Objective(weighting=weighting, time_sampler=time_sampler,
-                                   importance_sampling=importance_sampling, density_bins=self.args.density_bins,
-                                   logsnr_range=(-self.gamma_1, -self.gamma_0))
+        return objective_lib.Objective(weighting=weighting, time_sampler=time_sampler,
+                                       importance_sampling=importance_sampling, density_bins=self.args.density_bins,
+                                       logsnr_range=(-self.gamma_1, -self.gamma_0))
 
     def terms_fn(self, objective, linear: bool = False):
         """jit (params, image, key, density) -> (terms, u) of one batch, with the learned or a linear schedule."""
         import jax
         from flax import nnx
 
-        from vdm import model as model_lib
+        from vdm import objective as objective_lib
         from vdm import schedules
 
         def fn(params, image, key, density):
             model = nnx.merge(self.trainer.graphdef, params)
             schedule = schedules.build("fixed_linear", gamma_min=self.gamma_0, gamma_max=self.gamma_1) if linear else None
-            d = model_lib.draw(key, image.shape[0], objective)
-            terms = model_lib.per_example_terms(model, {"image": image}, d, objective, density, train=False,
-                                                schedule=schedule)
-            return terms, d.u
+            d = objective_lib.draw(key, image.shape[0], objective)
+            bound = objective_lib.estimate(model, {"image": image}, d, objective, density, train=False,
+                                           schedule=schedule)
+            return bound, d.u
 
         return jax.jit(fn)
 
@@ -105,8 +105,8 @@ class Study:
         dims = int(np.prod(self.images.shape[1:]))
 
         def one(image, key):
-            terms, u = fn(self.params, image, key, density)
-            return {"loss": diffusion.bits_per_dim(terms.diffusion, dims), "t": u}
+            bound, u = fn(self.params, image, key, density)
+            return {"loss": diffusion.bits_per_dim(bound.weighted, dims), "t": u}
 
         return common.draws(one, self.images, self.args.batch_size, self.args.num_draws, self.args.seed)
 
@@ -127,8 +127,8 @@ class Study:
         train = self.trainer.dataset.train
         for i in range(self.args.fit_batches):
             image = data_lib.read_rows(train, rng.choice(len(train), self.args.fit_batch_size, replace=False))["image"]
-            terms, _ = fn(self.params, image, jax.random.PRNGKey(10_000 + i), density)
-            density = update(density, terms)
+            bound, _ = fn(self.params, image, jax.random.PRNGKey(10_000 + i), density)
+            density = update(density, bound)
         return density
 
     def rows(self, weighting, label: str) -> tuple[list, dict]:
@@ -334,14 +334,14 @@ def main() -> None:
 
     import jax
 
-    from vdm import model as model_lib
+    from vdm import objective as objective_lib
     from vdm import weightings
 
     trainer, step = common.restore(args.config, args.workdir)
     config = trainer.config
     try:
         study = Study(trainer, args)
-        trained = model_lib.Objective.from_config(config).weighting
+        trained = objective_lib.Objective.from_config(config).weighting
         objectives = [(weightings.build("elbo"), "VLB (elbo)")]
         if not trained.is_elbo:
             objectives.append((trained, f"trained loss ({trained.name})"))

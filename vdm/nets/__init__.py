@@ -7,7 +7,10 @@ and called as ``out = net(z, gamma, cond=None, *, dropout_rng=None)``:
 * ``z``: ``[B, H, W, C]`` images or ``[B, D]`` vectors; the class attribute
   ``input_rank`` (4 or 2) says which, so the model knows whether to flatten;
 * ``gamma``: ``[B]`` float32, ``-log SNR``, normalised internally to ``[0, 1]``
-  with the ``gamma_min`` / ``gamma_max`` constructor arguments;
+  with the ``gamma_min`` / ``gamma_max`` constructor arguments; or per element, the shape of
+  ``z``, for schedules that differ per element: the embedding takes its per-example mean, and a
+  network built with ``gamma_map=True`` (the model does so for such schedules) takes the map as
+  input channels too (MuLAN's conditioning; ``layers.gamma_map``);
 * ``cond``: ``None`` (unconditional; for a network built with ``num_classes > 0`` it
   means the null class of classifier-free guidance) or ``{"label": int32 [B]}``;
 * ``out``: float32 with the shape of ``z``, exactly zero at initialisation; an eps-,

@@ -8,9 +8,9 @@ Flax NNX.
 Conventions used throughout ``vdm.nets``:
 
 * Images are NHWC: ``[B, H, W, C]``; vectors are ``[B, D]``.
-* ``gamma`` is ``-log SNR`` with shape ``[B]``; networks condition on
-  ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``, which lies in
-  ``[0, 1]`` for gammas inside the schedule's range.
+* ``gamma`` is ``-log SNR`` with shape ``[B]`` (or per element: see :func:`batch_gamma` and
+  :func:`gamma_map`); networks condition on ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``,
+  which lies in ``[0, 1]`` for gammas inside the schedule's range.
 * ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``), ``param_dtype`` the
   storage dtype of the parameters (``float32`` by default).
 * Dropout is applied if and only if a PRNG key is passed; without a key every
@@ -60,13 +60,27 @@ def normalize_gamma(gamma: Array, gamma_min: float, gamma_max: float) -> Array:
 
 
 def batch_gamma(gamma: Array, batch_size: int) -> Array:
-    """Returns ``gamma`` as a float32 ``[B]`` vector (a scalar is broadcast)."""
+    """Returns ``gamma`` as a float32 ``[B]`` vector: a scalar is broadcast, and a per-element gamma
+    ``[B, ...]`` becomes its mean over the elements of each example (the one noise level an embedding
+    of the time can take; MuLAN conditions VDM's U-Net the same way, the map itself going in as input
+    channels: :func:`gamma_map`)."""
     gamma = jnp.asarray(gamma, jnp.float32)
     if gamma.ndim == 0:
         return jnp.broadcast_to(gamma, (batch_size,))
-    if gamma.shape != (batch_size,):
-        raise ValueError(f"gamma must be a scalar or have shape [{batch_size}], got {gamma.shape}")
+    if gamma.shape[0] != batch_size:
+        raise ValueError(f"gamma must be a scalar, [{batch_size}] or [{batch_size}, ...], got {gamma.shape}")
+    if gamma.ndim > 1:
+        return jnp.mean(jnp.reshape(gamma, (batch_size, -1)), axis=-1)
     return gamma
+
+
+def gamma_map(gamma: Array, z: Array, gamma_min: float, gamma_max: float) -> Array:
+    """The normalised gamma (:func:`normalize_gamma`) as a map of ``z``'s shape, to go in beside ``z`` as
+    input channels: a per-element gamma as it is, a per-example one (or a scalar) broadcast."""
+    gamma = jnp.asarray(gamma, jnp.float32)
+    if gamma.ndim == 1:
+        gamma = jnp.reshape(gamma, gamma.shape + (1,) * (z.ndim - 1))
+    return jnp.broadcast_to(normalize_gamma(gamma, gamma_min, gamma_max), z.shape)
 
 
 def timestep_embedding(t: Array, dim: int, *, scale: float = 1000.0, max_period: float = 10_000.0) -> Array:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets.layers import Array, DType, NoiseConditioning, call_block, dense, zeros_init
+from vdm.nets.layers import Array, DType, NoiseConditioning, call_block, dense, gamma_map, zeros_init
 
 
 class ResidualDenseBlock(nnx.Module):
@@ -51,6 +51,8 @@ class MLP(nnx.Module):
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
       num_classes: number of classes for class conditioning (0: unconditional); see
         :class:`~vdm.nets.layers.NoiseConditioning`.
+      gamma_map: also take the normalised gamma per element (``[B, D]``) beside ``z``, for schedules whose
+        gamma differs per element; the embedding sees its per-example mean.
       remat: rematerialise each residual block in the backward pass.
       dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
@@ -72,6 +74,7 @@ class MLP(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        gamma_map: bool = False,
         remat: bool = False,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
@@ -81,11 +84,12 @@ class MLP(nnx.Module):
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.in_channels = in_channels
         self.remat = remat
+        self.gamma_range = (gamma_min, gamma_max) if gamma_map else None
         self.dtype = dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conditioning = NoiseConditioning(hidden, hidden, gamma_min=gamma_min, gamma_max=gamma_max,
                                               num_classes=num_classes, **common)
-        self.dense_in = dense(in_channels, hidden, **common)
+        self.dense_in = dense(in_channels * (2 if gamma_map else 1), hidden, **common)
         self.blocks = nnx.List(
             [ResidualDenseBlock(hidden, hidden, dropout=dropout, **common) for _ in range(depth)]
         )
@@ -97,7 +101,10 @@ class MLP(nnx.Module):
         if z.ndim != 2 or z.shape[-1] != self.in_channels:
             raise ValueError(f"expected z of shape [B, {self.in_channels}], got {z.shape}")
         emb = self.conditioning(gamma, cond, z.shape[0])
-        h = self.dense_in(z.astype(self.dtype))
+        h = z.astype(self.dtype)
+        if self.gamma_range is not None:
+            h = jnp.concatenate([h, gamma_map(gamma, z, *self.gamma_range).astype(self.dtype)], axis=-1)
+        h = self.dense_in(h)
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, len(self.blocks))
         apply = nnx.remat(call_block) if self.remat else call_block
         for i, block in enumerate(self.blocks):

@@ -34,6 +34,7 @@ from vdm.nets.layers import (
     ResnetBlock,
     call_block,
     conv3x3,
+    gamma_map,
     group_norm,
     input_channels,
     input_features,
@@ -124,6 +125,8 @@ class ScoreUNet(nnx.Module):
         features (VDM: 6, 7, i.e. ``sin/cos(2**n * 2 pi z)``).
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
       num_classes: classes for class conditioning (0: unconditional); see :class:`NoiseConditioning`.
+      gamma_map: also take the normalised gamma as a map beside ``z`` (``C`` more input channels), for
+        schedules whose gamma differs per element (MuLAN); the embedding sees its per-example mean.
       scan_blocks: store the repeated stages stacked and apply them with ``nnx.scan``; ``"auto"`` (the
         default): scan above ``UNROLL_MAX_BLOCKS`` blocks, unrolled up to it. Depends on the depth
         only, never the backend, so a checkpoint's layout is the same on every machine.
@@ -153,6 +156,7 @@ class ScoreUNet(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        gamma_map: bool = False,
         scan_blocks: bool | str = "auto",
         remat: bool = False,
         dtype: DType = jnp.float32,
@@ -174,12 +178,14 @@ class ScoreUNet(nnx.Module):
         self.scan_blocks = scan_blocks
         self.remat = remat
         self.dtype = dtype
+        self.gamma_range = (gamma_min, gamma_max) if gamma_map else None
 
         common = dict(dtype=dtype, param_dtype=param_dtype)
         cond_dim = 4 * channels
         self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
                                               num_classes=num_classes, **common, rngs=rngs)
-        conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max)
+        conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
+            in_channels if gamma_map else 0)
         self.conv_in = conv3x3(conv_in_channels, channels, **common, rngs=rngs)
 
         def make_stage(rngs: nnx.Rngs, in_ch: int, attn: bool) -> ResAttnStage:
@@ -256,6 +262,8 @@ class ScoreUNet(nnx.Module):
             raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
         cond = self.conditioning(gamma, cond, z.shape[0])
         h = input_features(z, self.use_fourier, self.fourier_min, self.fourier_max)
+        if self.gamma_range is not None:
+            h = jnp.concatenate([h, gamma_map(gamma, z, *self.gamma_range)], axis=-1)
         h0 = self.conv_in(h.astype(self.dtype))
 
         down_keys = _split_or_none(dropout_rng, 0, self.num_blocks)
@@ -357,7 +365,7 @@ class MultiResUNet(nnx.Module):
       resample_with_conv: strided conv / conv after nearest upsampling (else
         average pooling / plain nearest upsampling).
       with_fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
-      num_classes, remat, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
+      num_classes, gamma_map, remat, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
       rematerialises each residual block).
 
     Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
@@ -385,12 +393,14 @@ class MultiResUNet(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        gamma_map: bool = False,
         remat: bool = False,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
         channel_mult = tuple(channel_mult)
+        self.gamma_range = (gamma_min, gamma_max) if gamma_map else None
         self.remat = remat
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
@@ -422,7 +432,8 @@ class MultiResUNet(nnx.Module):
 
         self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
                                               num_classes=num_classes, **common)
-        conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max)
+        conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
+            in_channels if gamma_map else 0)
         self.conv_in = conv3x3(conv_in_channels * patch_size**2, channels, **common)
 
         # Down path; ``skip_channels`` records the width of every skip tensor.
@@ -486,7 +497,10 @@ class MultiResUNet(nnx.Module):
             i = next(key_index)
             return None if keys is None else keys[i]
 
-        h = space_to_depth(input_features(z, self.use_fourier, self.fourier_min, self.fourier_max), self.patch_size)
+        h = input_features(z, self.use_fourier, self.fourier_min, self.fourier_max)
+        if self.gamma_range is not None:
+            h = jnp.concatenate([h, gamma_map(gamma, z, *self.gamma_range)], axis=-1)
+        h = space_to_depth(h, self.patch_size)
         h = self.conv_in(h.astype(self.dtype))
         hs = [h]
         blocks = iter(zip(self.down_blocks, self.down_attns))
