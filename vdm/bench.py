@@ -42,8 +42,8 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
-from vdm import compilation, configlib, main as cli, metrics, model as model_lib, paths, samplers as samplers_lib, steps
-from vdm import train
+from vdm import (compilation, configlib, main as cli, metrics, model as model_lib, paths, samplers as samplers_lib,
+                 steps, train)
 
 # Dense peak TFLOP/s per device by compute dtype (vendor data sheets; SXM parts for NVIDIA).
 # Matched against jax.Device.device_kind, first match wins.

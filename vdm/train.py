@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm import checkpoint as ckpt_lib, compilation, configlib, configs, data as data_lib, evaluation, health, inception
-from vdm import lock as lock_lib, metrics as metrics_lib, model as model_lib, parallel, paths, pictures, quality, resume
-from vdm import steps
+from vdm import (checkpoint as ckpt_lib, compilation, configlib, configs, data as data_lib, evaluation, health,
+                 inception, lock as lock_lib, metrics as metrics_lib, model as model_lib, parallel, paths, pictures,
+                 quality, resume, steps)
 from vdm.signals import Signals
 
 # --------------------------------------------------------------------------------------
