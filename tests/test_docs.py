@@ -20,7 +20,7 @@ from absl import flags
 from conftest import ROOT
 from test_data import tar_gz, write_cifar_python
 
-from vdm import checkpoint, configlib, configs, main, train
+from vdm import checkpoint, configlib, configs, main, steps, train
 
 DOCUMENTED = [("README.md", open(f"{ROOT}/README.md").read()),
               ("scripts/class_accuracy.py", open(f"{ROOT}/scripts/class_accuracy.py").read().split('"""')[1])] + [
@@ -125,7 +125,7 @@ def test_documented_command(where, argv, files, tmp_path, request, capsys):
     configlib.validate(config)
     with _tfds_mock(config.data.source, request):
         mesh, dataset = train.prepare(config)
-    graphdef, init, _ = train.model_initializer(config, dataset.info)
+    graphdef, init, _ = steps.model_initializer(config, dataset.info)
     assert graphdef is not None
     if mode == "sample":
         trainer = train.Trainer(config, workdir)

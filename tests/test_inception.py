@@ -17,7 +17,7 @@ import pytest
 from conftest import load_config, run_python
 from flax import nnx
 
-from vdm import configlib, data, inception, main, quality, train
+from vdm import compilation, configlib, data, inception, main, quality, train
 
 BATCH = 2  # one compiled network for the whole file: every call uses this batch size
 
@@ -305,7 +305,7 @@ def test_a_missing_or_misshapen_array_is_named_in_one_line(weights, tmp_path, mo
                                 "expected (160, 160, 1, 7)")
     config = load_config("test")  # found by the trainer before anything is compiled
     config.eval.inception_weights = str(tmp_path / "bad.npz")
-    monkeypatch.setattr(train, "compile_run", lambda *a: pytest.fail("compiled despite bad weights"))
+    monkeypatch.setattr(compilation, "compile_run", lambda *a: pytest.fail("compiled despite bad weights"))
     with pytest.raises(inception.WeightsError, match="Mixed_6c.branch7x7_2.conv.weight"):
         train.Trainer(config, str(tmp_path / "run"))
     del bad["Mixed_7b.branch_pool.bn.running_var"]

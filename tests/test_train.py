@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, compile_count, config_names, free_port, load_config as _config, run_python as _run
 
-from vdm import checkpoint, configlib, data, metrics, train
+from vdm import checkpoint, configlib, data, metrics, optimizer, steps, train
 
 
 @pytest.mark.slow
@@ -238,7 +238,7 @@ def test_weight_decay_spares_biases_norms_embeddings_and_the_schedule(network):
     if network == "mlp":
         _small(config)
     info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10, num_classes=10)
-    _, params, mask = train.build_model(config, info, 0)
+    _, params, mask = steps.build_model(config, info, 0)
     assert jax.tree.structure(mask) == jax.tree.structure(params)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat and any(flat.values())
@@ -367,10 +367,10 @@ def test_bad_overrides_from_python_are_one_line_before_compiling(tmp_path, overr
 def test_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_zero():
     config = _config()
     config.train.lr, config.train.warmup_steps, config.train.num_steps = 1e-3, 10, 110
-    constant = train.learning_rate(config)
+    constant = optimizer.learning_rate(config)
     np.testing.assert_allclose([constant(s) for s in (0, 4, 9, 50, 109)], [1e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
     config.train.lr_schedule = "cosine"
-    cosine = train.learning_rate(config)
+    cosine = optimizer.learning_rate(config)
     steps = np.array([0, 9, 30, 59, 100, 110])
     # Closed form: after the warm-up's last step (9), 0.5 (1 + cos(pi (s - 9) / 101)), 0 at num_steps.
     want = np.where(steps < 9, 1e-3 * (steps + 1) / 10, 0.5e-3 * (1 + np.cos(np.pi * (steps - 9) / 101)))

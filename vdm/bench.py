@@ -38,9 +38,12 @@ import sys
 import tempfile
 import time
 
+import jax
 from absl import app, flags, logging
+from flax import nnx
 
-from vdm import main as cli
+from vdm import (compilation, configlib, main as cli, metrics, model as model_lib, paths, samplers as samplers_lib,
+                 steps, train)
 
 # Dense peak TFLOP/s per device by compute dtype (vendor data sheets; SXM parts for NVIDIA).
 # Matched against jax.Device.device_kind, first match wins.
@@ -72,8 +75,6 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _flop_config(config):
     """The config whose one-step train program XLA can count: no loops over steps or blocks, no remat."""
-    from vdm import configlib
-
     c = config.copy_and_resolve_references()
     c.train.steps_per_call = 1
     c.model.remat = False
@@ -84,14 +85,10 @@ def _flop_config(config):
 
 def flops_per_image(config, info, mesh) -> float:
     """Model FLOPs of one optimizer step per training image (XLA's cost analysis, loops unrolled)."""
-    import jax
-
-    from vdm import objective as objective_lib, train
-
     c = _flop_config(config)
-    compiled = train.compile_run(c, info, mesh)
+    compiled = compilation.compile_run(c, info, mesh)
     params = compiled.init(c.seed)
-    state = jax.eval_shape(lambda: train.initial_state(c, params, compiled.tx, objective_lib.Objective.from_config(c)))
+    state = jax.eval_shape(lambda: steps.initial_state(c.seed, params, compiled.tx, compiled.objective))
     batch = {"image": jax.ShapeDtypeStruct((1, c.train.batch_size) + tuple(info.shape), jax.numpy.int32)}
     if c.model.num_classes:
         batch["label"] = jax.ShapeDtypeStruct((1, c.train.batch_size), jax.numpy.int32)
@@ -102,8 +99,6 @@ def flops_per_image(config, info, mesh) -> float:
 
 def peak_memory() -> tuple[int, str]:
     """(bytes, what): the devices' peak allocation where the backend reports it, else the host's peak RSS."""
-    import jax
-
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     if all("peak_bytes_in_use" in s for s in stats):
         return max(int(s["peak_bytes_in_use"]) for s in stats), "device peak_bytes_in_use (largest device)"
@@ -111,8 +106,6 @@ def peak_memory() -> tuple[int, str]:
 
 
 def _time_train(trainer, batch, calls: int) -> dict:
-    import jax
-
     began = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.state, batch).compile()
     compile_s = time.perf_counter() - began
@@ -140,11 +133,6 @@ def _time_train(trainer, batch, calls: int) -> dict:
 
 
 def _time_samplers(trainer, names: list[str]) -> list[dict]:
-    import jax
-    from flax import nnx
-
-    from vdm import model as model_lib
-
     c, rows = trainer.config.sample, []
     labels = trainer.sample_labels()
     for name in names:
@@ -170,8 +158,6 @@ def _time_evaluation(trainer) -> float:
 
 
 def _time_input(trainer, min_batches: int = 20, min_seconds: float = 2.0) -> float:
-    import jax
-
     batches = trainer.train_batches(0)
     jax.block_until_ready(next(batches))  # starts the pipeline's workers
     began, count = time.perf_counter(), 0
@@ -187,10 +173,6 @@ def _time_input(trainer, min_batches: int = 20, min_seconds: float = 2.0) -> flo
 def run(config, workdir: str | None = None, *, calls: int = 20, samplers: list[str] | None = None,
         peak: float | None = None) -> dict:
     """Every figure of the benchmark for ``config`` (see the module docstring), as a dict."""
-    import jax
-
-    from vdm import configlib, samplers as samplers_lib, train
-
     config.train.compilation_cache_dir = ""  # a cold compile
     names = list(samplers_lib.SAMPLERS) if samplers is None else samplers
     for name in names:
@@ -265,8 +247,6 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
-    from vdm import metrics, paths
-
     fv = flags.FLAGS
     try:
         config, workdir, _, notes = cli.resolve(fv)

@@ -47,6 +47,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vdm import paths
 
@@ -343,8 +344,6 @@ class Checkpointer:
         if jax.process_index() == 0:
             source.rename(target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"vdm checkpoint {step} moved aside")
         return str(target)
 

@@ -28,7 +28,8 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import diffusion, evaluation, likelihood, nets, objective, registry, samplers, schedules, time_sampling, weightings
+from vdm import (diffusion, evaluation, likelihood, nets, objective, optimizer, registry, samplers, schedules,
+                 time_sampling, weightings)
 
 
 class ConfigError(ValueError):
@@ -363,7 +364,7 @@ def validate(config) -> None:
             _fail(f"train.{name}", opt[name], f"must be a multiple of train.steps_per_call={opt.steps_per_call}")
     if opt.lr <= 0:
         _fail("train.lr", opt.lr, "must be positive")
-    _choice("train.lr_schedule", opt.lr_schedule, {"constant": 0, "cosine": 0})
+    _choice("train.lr_schedule", opt.lr_schedule, optimizer.LR_SCHEDULES)
     if not 0.0 <= opt.ema_decay < 1.0:
         _fail("train.ema_decay", opt.ema_decay, "must be in [0, 1)")
     if config.eval.batch_size < 1:

@@ -1,4 +1,5 @@
-"""The bounds reported on test data: the VLB and the probability-flow ODE's, as registry entries.
+"""The bounds reported on test data: the methods (the VLB, the probability-flow ODE's), the compiled
+eval step, and one pass of it over the test split.
 
 An evaluation method is ``method(model, batch, rng, settings) -> Evaluated`` (``EVALUATIONS``, chosen
 by ``config.eval.method``; ``settings`` is the config's ``eval`` section as a dict). It returns values
@@ -10,16 +11,24 @@ and converts them without naming any:
 - ``counts``: scalars that are not nats (the ODE solver's network evaluations).
 
 For a class-conditional model the bounds are on -log p(x | y).
+
+``make_eval_step`` gives, per padded batch, masked sums of the method's values in bits/dim;
+``evaluate`` runs it over the test split (``config.eval.batch_size`` images at a time, the same
+randomness for every model: a function of ``config.seed`` and the batch) and returns the means
+with their standard errors over the images.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from vdm import diffusion, likelihood, objective, registry
+from vdm import data as data_lib, diffusion, likelihood, metrics as metrics_lib, objective, parallel, registry
 from vdm.model import VDM, pure_functions
 from vdm.nets import layers
 
@@ -86,3 +95,80 @@ EVALUATIONS: dict[str, Callable[..., Evaluated]] = {
 def build(name: str) -> Callable[..., Evaluated]:
     """The evaluation method called ``name``."""
     return registry.lookup(EVALUATIONS, name, "evaluation method")
+
+
+# --------------------------------------------------------------------------------------
+# The compiled step and the pass over the test split
+# --------------------------------------------------------------------------------------
+
+
+def make_eval_step(graphdef, config):
+    """(sums, counts, values) of one padded batch for ``config.eval.method`` (``EVALUATIONS``): masked sums
+    of the per-example bits/dim of its bounds and their parts (and ``count``), its counts (not in nats:
+    averaged per batch), and the bounds per example (with ``mask``), for standard errors.
+    """
+    method, settings = build(config.eval.method), config.eval.to_dict()
+
+    def eval_step(params, batch, mask, rng):
+        model = nnx.merge(graphdef, params)
+        out = method(model, batch, rng, settings)
+        bits = {k: diffusion.bits_per_dim(v, model.num_dims) for k, v in (out.bounds | out.parts).items()}
+        sums = {"count": jnp.sum(mask.astype(jnp.float32))} | {
+            k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in bits.items()}
+        return sums, out.counts, {"mask": mask} | {k: bits[k] for k in out.bounds}
+    return eval_step
+
+
+def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] | None = None,
+             show_progress: bool = False, per_example: bool = False) -> dict | None:
+    """Bits/dim over one complete pass of the test split ``test`` (a ``vdm.data`` source) with
+    ``params`` (``eval_step``: the compiled ``make_eval_step``; ``mesh``: the data mesh), by
+    ``config.eval.method``: the means of its bounds and parts, each bound with its standard error over
+    the images (``*_se``; the VLB: ``bpd`` and its terms, the ODE's: ``bpd_ode``), and its counts per batch.
+
+    For a class-conditional model these are bounds on -log p(x | y).
+    ``stop``: checked between batches; when it returns true, the pass ends and None is returned.
+    ``show_progress``: a progress bar over the batches (``--mode eval``).
+    ``per_example``: also return ``per_example`` = {"bpd": [N], ...}, each test image's bound (in test
+    split order), for paired comparisons of models evaluated with the same randomness.
+    """
+    bs = config.eval.batch_size
+    bs = -(-bs // mesh.size) * mesh.size  # round up to a multiple of the device count
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5EED)
+    totals: dict[str, float] = {}
+    num_examples = min(config.eval.num_examples or len(test), len(test))
+    num_batches = -(-num_examples // bs)
+    progress = None
+    if show_progress:
+        progress = metrics_lib.Progress(num_batches, log_every=max(1, num_batches // 10), unit="batch")
+        progress.log(f"evaluating {num_examples} test images in {num_batches} batches of {bs}")
+    batches = data_lib.eval_batches(test, bs, num_examples=config.eval.num_examples,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+    values_of: dict[str, list] = {}
+    counts: dict[str, float] = {}
+    for i, host in enumerate(batches):
+        if stop is not None and stop():
+            return None
+        if progress is not None:
+            progress.update(i)
+        batch = parallel.host_batch_to_global(mesh, host)
+        mask = batch.pop("mask")
+        sums, batch_counts, values = jax.device_get(eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        for k, v in batch_counts.items():
+            counts[k] = counts.get(k, 0.0) + float(v)
+        keep = np.asarray(values.pop("mask"), bool)
+        for k, v in values.items():
+            values_of.setdefault(k, []).append(np.asarray(v, np.float64)[keep])
+    if progress is not None:
+        progress.update(num_batches)
+        progress.close()
+    count = totals.pop("count")
+    result = {k: v / count for k, v in totals.items()} | {"count": count}
+    values = {name: np.concatenate(chunks) for name, chunks in values_of.items()}
+    for name, v in values.items():  # standard error of the mean over the test images
+        result[f"{name}_se"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    if per_example:
+        result["per_example"] = values
+    return result | {k: v / num_batches for k, v in counts.items()}  # per batch: a solver's steps serve a batch

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import io
 import os
 
@@ -34,7 +35,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax import lax
 
-from vdm import paths
+from vdm import metrics, paths
 
 URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 SIZE = 299  # input side of the network
@@ -321,8 +322,6 @@ def weights_problem(path: str) -> str | None:
 
 
 def _has_torch() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("torch") is not None
 
 
@@ -334,7 +333,7 @@ def load_weights(path: str) -> Weights:
     raw = paths.path(path).read_bytes()
     try:
         if os.fspath(path).endswith(".pth"):
-            import torch
+            import torch  # optional: only a .pth needs it (not a dependency of vdm)
 
             loaded = torch.load(io.BytesIO(raw), map_location="cpu")
             state_dict = {k: v.numpy() for k, v in loaded.items() if hasattr(v, "numpy")}
@@ -388,8 +387,6 @@ def features(net: FIDInceptionV3, images, *, batch_size: int = 100, max_value: f
     (read a batch at a time). Every batch is padded to ``batch_size``: one compilation per size.
     ``progress_title``: print it, then a progress bar over the batches (``vdm.metrics.Progress``).
     """
-    from vdm import metrics
-
     graphdef, state = nnx.split(net)
     n = len(images)
     num_batches = -(-n // batch_size)

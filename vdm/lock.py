@@ -10,10 +10,15 @@ Cloud workdirs (``gs://...``) have no file locks; there the lock is a no-op and 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from vdm import paths
 
@@ -40,8 +45,6 @@ class WorkdirLock:
         """Take the lock (process 0 only: ``is_main``), or raise WorkdirBusy naming the holder."""
         if not (is_main and self.supported):
             return self
-        import fcntl
-
         try:
             os.makedirs(self.workdir, exist_ok=True)
             f = open(self.path, "a+")
@@ -64,8 +67,6 @@ class WorkdirLock:
 
     def release(self) -> None:
         if self._file is not None:
-            import fcntl
-
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
@@ -75,6 +76,20 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def acquire_everywhere(lock: WorkdirLock) -> None:
+    """Process 0 takes the workdir lock; every process learns whether it got it (WorkdirBusy on all if not)."""
+    try:
+        lock.acquire(is_main=jax.process_index() == 0)
+        busy = None
+    except WorkdirBusy as e:
+        busy = e
+    if jax.process_count() > 1:
+        if int(multihost_utils.broadcast_one_to_all(np.int32(busy is not None))) and busy is None:
+            busy = WorkdirBusy(f"{lock.workdir} is in use by another training run (see process 0)")
+    if busy is not None:
+        raise busy
 
 
 def _describe(text: str) -> str:

@@ -22,6 +22,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vdm import configs  # light, as all this module imports: the rest of vdm (jax) only after flag parsing
+
 MODES = ("train", "eval", "sample")
 
 
@@ -54,8 +56,6 @@ class _ShippedConfigs(flags.ArgumentParser):
         self.file_parser = file_parser
 
     def parse(self, spec):
-        from vdm import configs
-
         return self.file_parser.parse(configs.locate(spec))
 
     def flag_type(self):
@@ -119,7 +119,7 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
     Raises CommandLineError when the config file could not be loaded (ml_collections reports
     that only when the config is first used).
     """
-    from vdm import configlib
+    from vdm import configlib  # after flag parsing: keep --help fast
 
     config = flag_values["config"].value
     try:
@@ -136,7 +136,7 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
 
 def input_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input: reported as one ``error:`` line with exit code 2."""
-    from vdm import checkpoint, configlib, data, inception, lock, parallel
+    from vdm import checkpoint, configlib, data, inception, lock, parallel  # after flag parsing: keep --help fast
 
     return (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
             parallel.DistributedError, lock.WorkdirError, inception.WeightsError)
@@ -146,7 +146,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from vdm import metrics, train  # after flag parsing: keep --help fast
+    from vdm import health, metrics, signals, train  # after flag parsing: keep --help fast
 
     modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint}
     try:
@@ -157,10 +157,10 @@ def main(argv):
     except input_errors() as e:
         print(f"error: {e}", file=sys.stderr)  # bad input: one line, no traceback
         return 2
-    except train.NonFiniteError as e:
+    except health.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)  # training diverged: one line, exit code 3
         return 3
-    except train.Interrupted as e:
+    except signals.Interrupted as e:
         print(f"stopped by {e.signal_name}", file=sys.stderr)
         return e.exit_code
     if "bpd" in result:

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
+import jax
 import numpy as np
 
 from vdm import paths
@@ -37,8 +38,6 @@ def strict(values: Mapping[str, Any]) -> dict:
 
 
 def _default_is_main() -> bool:
-    import jax  # local import: only needed when the caller did not decide
-
     return jax.process_index() == 0
 
 
@@ -86,7 +85,7 @@ class MetricWriter:
         paths.path(self.workdir).mkdir(parents=True, exist_ok=True)
         self._open = True
         if enable_tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # lazily (0.5 s): only a writer with TensorBoard files needs it
 
             if not paths.is_local(self.tensorboard_dir):
                 _register_epath_event_writer(self.tensorboard_dir.split("://")[0])
@@ -295,7 +294,7 @@ class Progress:
         last = step >= self.total_steps
         if self.notebook:
             if self._bar is None:
-                from tqdm.auto import tqdm
+                from tqdm.auto import tqdm  # lazily: only a notebook's progress bar needs it
 
                 self._bar = tqdm(total=self.total_steps, initial=self.initial_step, unit=self.unit, file=self.stream)
             if scalars:
@@ -371,6 +370,6 @@ class _EpathEventWriterFactory:
 
 
 def _register_epath_event_writer(scheme: str) -> None:
-    from tensorboardX import record_writer
+    from tensorboardX import record_writer  # lazily, as SummaryWriter above
 
     record_writer.register_writer_factory(scheme, _EpathEventWriterFactory())

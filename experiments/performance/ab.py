@@ -60,7 +60,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from vdm import configlib, configs, data as data_lib, objective as objective_lib, train
+    from vdm import configlib, configs, data as data_lib, objective as objective_lib, optimizer, steps
     from vdm.nets import layers
 
     base, _ = configlib.override(configs.get(args.config), common.overrides(args.override))
@@ -71,10 +71,12 @@ def main() -> None:
     compiled, states = {}, {}
     for name, conv, wgrad, options, overrides in variants:
         config, _ = configlib.override(base, overrides)
-        graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
-        tx = train.make_optimizer(config, decay_mask)
-        states[name] = train.initial_state(config, init(config.seed), tx, objective_lib.Objective.from_config(config))
-        step = train.make_train_step(graphdef, tx, config)  # a new function: JAX caches traces per function
+        graphdef, init, decay_mask = steps.model_initializer(config, dataset.info)
+        tx = optimizer.make_optimizer(config, decay_mask)
+        objective = objective_lib.Objective.from_config(config)
+        states[name] = steps.initial_state(config.seed, init(config.seed), tx, objective)
+        # a new function: JAX caches traces per function
+        step = steps.make_train_step(graphdef, tx, objective, config.train.ema_decay)
         began = time.perf_counter()
         with layers.convolution_gradient(conv), layers.weight_gradient_form(wgrad):
             compiled[name] = jax.jit(step).lower(states[name], batch).compile(compiler_options=options or None)

@@ -23,11 +23,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-# Run in the child: only APIs every measured commit has (Trainer-free, as vdm.bench's setup).
+# Run in the child: only APIs every measured commit has (Trainer-free, as vdm.bench's setup), from where each has them.
 CHILD = r"""
 import ast, json, os, resource, sys, time
 import jax, numpy as np
-from vdm import configlib, data as data_lib, objective as objective_lib, train
+from vdm import configlib, data as data_lib
 try:
     from vdm import configs
     config = configs.get(sys.argv[1])
@@ -36,13 +36,27 @@ except ImportError:
 overrides = json.loads(sys.argv[2])
 config, _ = configlib.override(config, overrides)
 dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
-graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
-tx = train.make_optimizer(config, decay_mask)
-state = train.initial_state(config, init(config.seed), tx, objective_lib.Objective.from_config(config))
+try:  # the objective in a module of its own
+    from vdm import objective as objective_lib
+except ImportError:  # older commits: in vdm.model
+    from vdm import model as objective_lib
+objective = objective_lib.Objective.from_config(config)
+try:  # the trainer's pieces in modules of their own
+    from vdm import optimizer, steps
+    graphdef, init, decay_mask = steps.model_initializer(config, dataset.info)
+    tx = optimizer.make_optimizer(config, decay_mask)
+    state = steps.initial_state(config.seed, init(config.seed), tx, objective)
+    train_step = steps.make_train_step(graphdef, tx, objective, config.train.ema_decay)
+except ImportError:  # older commits: all of them in vdm.train
+    from vdm import train
+    graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
+    tx = train.make_optimizer(config, decay_mask)
+    state = train.initial_state(config, init(config.seed), tx, objective)
+    train_step = train.make_train_step(graphdef, tx, config)
 rows = data_lib.train_batch(dataset.train, config.train.batch_size, seed=0, step=0, process_index=0, process_count=1)
 batch = jax.device_put({k: np.stack([v] * config.train.steps_per_call) for k, v in rows.items()})
 began = time.perf_counter()
-step = jax.jit(train.make_train_step(graphdef, tx, config), donate_argnums=0).lower(state, batch).compile()
+step = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
 compile_s = time.perf_counter() - began
 for _ in range(2):
     state, _ = step(state, batch)

