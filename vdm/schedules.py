@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import registry
+from vdm import options, registry
 
 
 class ScheduleEndpoint(nnx.Param):
@@ -48,16 +48,22 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
+def check_endpoints(gamma_min: float, gamma_max: float) -> None:
+    """The one check of a schedule's range: gamma_min < gamma_max (``vdm.options.OptionError`` if not).
+
+    Every schedule runs it (through ``_Endpoints``), ``vdm.configlib.validate`` asks it for
+    ``config.model.gamma_min`` / ``gamma_max``, and the networks, which normalise gamma by the
+    same range, run it when built directly.
+    """
     if not gamma_min < gamma_max:
-        raise ValueError(f"schedule needs gamma_min < gamma_max, got gamma_min={gamma_min}, gamma_max={gamma_max}")
+        raise options.OptionError("gamma_min", gamma_min, f"must be below gamma_max={gamma_max}")
 
 
 class _Endpoints(nnx.Module):
     """gamma_min and gamma_max, fixed numbers or learned with gamma_max > gamma_min kept."""
 
     def __init__(self, gamma_min: float, gamma_max: float, learned: bool):
-        _check_endpoints(gamma_min, gamma_max)
+        check_endpoints(gamma_min, gamma_max)
         self.learned = learned
         if learned:
             self.low = ScheduleEndpoint(jnp.asarray(gamma_min, jnp.float32))
@@ -194,7 +200,6 @@ SCHEDULES = {
 def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | None = None, **kwargs) -> nnx.Module:
     """The schedule called ``name`` with endpoints [gamma_min, gamma_max]."""
     cls = registry.lookup(SCHEDULES, name, "schedule")
-    _check_endpoints(gamma_min, gamma_max)
     if rngs is None:
         rngs = nnx.Rngs(0)
     try:
