@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import io
 import lzma
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
 
-from vdm import data
+from vdm import data, options
 from vdm.data import tfds as tfds_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -484,6 +485,37 @@ def test_npz_missing_and_not_npz(tmp_path):
 # ----------------------------------------------------------------------------
 # Table and array-backed sources
 # ----------------------------------------------------------------------------
+
+
+def test_every_option_of_every_source_has_its_check():
+    for name, loader in data.SOURCES.items():
+        params = inspect.signature(loader).parameters.values()
+        taken = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
+        assert taken <= set(data.OPTIONS), name
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"vocab_size": 300}, "vocab_size=300: must be an integer in 2..256"),
+    ({"vocab_size": "17"}, "vocab_size='17': must be an integer in 2..256"),
+    ({"path": 3}, "path=3: must be a path"),
+    ({"path": ""}, "path='': must be a path"),
+    ({"data_dir": 3}, "data_dir=3: must be a path or None"),
+    ({"download": "yes"}, "download='yes': must be True or False"),
+    ({"dataset": ""}, "dataset='': must be a non-empty string"),
+    ({"split_names": {"test": 3}}, "split_names={'test': 3}: must map split names to the source's split names (strings)"),
+    ({"num_examples": 0}, "num_examples=0: must be an integer >= 1"),
+    ({"noise": -0.1}, "noise=-0.1: must be a finite number >= 0"),
+])
+def test_bad_source_options_are_one_line_naming_the_option_before_any_file_is_read(tmp_path, kwargs, message):
+    with pytest.raises(options.OptionError) as error:
+        data.check_options(kwargs)
+    assert str(error.value) == message
+    # load checks them first: a missing directory is not what it reports.
+    with pytest.raises(data.DataError) as error:
+        data.load("npz", "train", **{"path": tmp_path / "absent"} | kwargs)
+    assert str(error.value) == f"data source 'npz': {message}"
+    data.check_options({"path": tmp_path, "data_dir": None, "vocab_size": 17, "download": False,
+                        "split_names": {"test": "validation"}, "noise": 0})
 
 
 def test_unknown_source_and_split():

@@ -231,9 +231,13 @@ def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     (["--config.sample.sampler=ddim", "--config.sample.sampler_kwargs.eta=2.0"],
      "config.sample.sampler_kwargs.eta=2.0: must be in [0, 1]"),
     (["--config.sample.sampler=ode", "--config.sample.sampler_kwargs.solver=euler"],
-     "config.sample.sampler_kwargs.solver='euler': valid values: tsit5, dopri5"),
+     "config.sample.sampler_kwargs.solver='euler': valid names: tsit5, dopri5"),
     (["--config.sample.sampler=dpm_solver_2m", "--config.sample.sampler_kwargs.spacing=cubic"],
-     "config.sample.sampler_kwargs.spacing='cubic': valid values: time, logsnr"),
+     "config.sample.sampler_kwargs.spacing='cubic': valid names: time, logsnr"),
+    (["--config.sample.sampler=ode", "--config.sample.sampler_kwargs.atol=nan"],
+     "config.sample.sampler_kwargs.atol='nan': must be a finite number > 0"),
+    (["--config.model.num_classes=10", "--config.sample.labels=abc"],
+     "config.sample.labels=('abc',): must be class indices, integers in 0..9"),
 ])
 def test_sampler_options_are_checked_before_compiling(args, message):
     config, *_ = _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x", *args])

@@ -1,4 +1,5 @@
 """The probability-flow ODE likelihood and the discrete bounds, against closed forms."""
+import inspect
 import math
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from vdm import analytic, likelihood, schedules
+from vdm import analytic, configlib, likelihood, options, schedules
 
 COV = np.array([[0.30, 0.18], [0.18, 0.20]])
 DATA = analytic.CorrelatedGaussianData(COV)
@@ -86,10 +87,30 @@ def test_truncated_normal_dequantization_density_integrates_to_one():
 
 
 def test_unknown_options_are_named():
-    with pytest.raises(ValueError, match="divergence='trace': valid values: hutchinson, exact"):
+    with pytest.raises(options.OptionError, match="^divergence='trace': valid names: hutchinson, exact$"):
         likelihood.ode_log_likelihood(None, jnp.zeros((1, 2)), SCHED, DATA.eps_fn, divergence="trace")
-    with pytest.raises(ValueError, match="dequantization='gauss': valid values: uniform, truncated_normal"):
+    with pytest.raises(ValueError, match="^unknown dequantization 'gauss'; valid names: uniform, truncated_normal$"):
         likelihood.dequantize(None, jnp.zeros((1, 2), jnp.int32), 16, "gauss")
+    with pytest.raises(options.OptionError, match="^rtol='abc': must be a finite number > 0$"):
+        likelihood.ode_log_likelihood(None, jnp.zeros((1, 2)), SCHED, DATA.eps_fn, rtol="abc")
+    with pytest.raises(options.OptionError, match="^num_probes=0: must be an integer >= 1$"):
+        likelihood.ode_log_likelihood(None, jnp.zeros((1, 2)), SCHED, DATA.eps_fn, num_probes=0)
+    with pytest.raises(options.OptionError, match="^num_samples=1.5: must be an integer >= 1$"):
+        likelihood.discrete_nll(None, jnp.zeros((1, 2), jnp.int32), 16, None, num_samples=1.5)
+    with pytest.raises(options.OptionError, match="^dequantization='gauss': valid names: uniform, truncated_normal$"):
+        likelihood.discrete_nll(None, jnp.zeros((1, 2), jnp.int32), 16, None, dequantization="gauss")
+
+
+def test_one_check_covers_every_option_of_the_ode_likelihood_and_of_config_eval_ode():
+    """check_options is the one check: each keyword option of the two entry points and each
+    field of config.eval.ode has its entry, and the names come from the registries."""
+    taken = {name for fn in (likelihood.ode_log_likelihood, likelihood.discrete_nll)
+             for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    assert taken - {"cond", "gamma_0"} == set(likelihood.OPTIONS)
+    assert set(configlib.base_config().eval.ode) <= set(likelihood.OPTIONS)
+    assert set(likelihood.DIVERGENCES) == {"hutchinson", "exact"}
+    assert set(likelihood.DEQUANTIZATIONS) == {"uniform", "truncated_normal"}
+    likelihood.check_options(configlib.base_config().eval.ode.to_dict())  # the defaults pass
 
 
 def test_on_a_network_hutchinson_agrees_with_the_exact_divergence_and_eval_reports_both_bounds(tmp_path):

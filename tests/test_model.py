@@ -8,7 +8,7 @@ import pytest
 from conftest import load_config
 from flax import nnx
 
-from vdm import data, diffusion, evaluation, schedules, train, weightings
+from vdm import configlib, data, diffusion, evaluation, nets, options, schedules, train, weightings
 from vdm import model as model_lib
 from vdm import objective as objective_lib
 
@@ -204,6 +204,42 @@ def test_spread_labels():
     np.testing.assert_array_equal(np.asarray(model_lib.spread_labels(5, 10, (7, 2))), [7, 2, 7, 2, 7])
     with pytest.raises(ValueError, match="0..9"):
         model_lib.spread_labels(4, 10, (10,))
+    np.testing.assert_array_equal(np.asarray(model_lib.spread_labels(3, 10, np.array([4, 1]))), [4, 1, 4])
+    np.testing.assert_array_equal(np.asarray(model_lib.spread_labels(3, 10, jnp.array([4, 1]))), [4, 1, 4])
+    for labels in [(10,), (-1,), (2.0,), ("abc",), (True,), 3]:
+        with pytest.raises(options.OptionError) as info:
+            model_lib.spread_labels(4, 10, labels)
+        assert str(info.value) == f"labels={labels!r}: must be class indices, integers in 0..9"
+    with pytest.raises(options.OptionError, match=r"^labels=\(\): needs a class-conditional model \(num_classes > 0\)$"):
+        model_lib.spread_labels(4, 0)
+    assert model_lib.check_labels((np.int64(3), 1), 10) == (3, 1)
+
+
+def test_the_arguments_vdm_passes_its_pieces_are_declared_once(monkeypatch):
+    """VDM gives the schedule exactly ScheduleArguments and the network exactly NetworkArguments
+    (besides their kwargs): configlib reads those declarations to know what the kwargs cannot set."""
+    given = {}
+
+    def recorder(kind, piece):
+        def build(*args, **kwargs):
+            given[kind] = set(kwargs)
+            return piece(*args, **kwargs)
+        return build
+
+    monkeypatch.setattr(schedules, "build", recorder("schedule", schedules.build))
+
+    class Recording(nets.NETWORKS["mlp"]):
+        def __init__(self, **kwargs):
+            given["network"] = set(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setitem(nets.NETWORKS, "mlp", Recording)
+    _model()
+    assert given["schedule"] == set(model_lib.ScheduleArguments._fields) | {"hidden"}
+    assert given["network"] == set(model_lib.NetworkArguments._fields) | {"hidden", "depth"}
+    pieces = {piece.kind: piece.set_by_vdm for piece in configlib.PIECES}
+    assert pieces["schedule"] == model_lib.ScheduleArguments._fields
+    assert pieces["network"] == model_lib.NetworkArguments._fields
 
 
 def _pixels(source):

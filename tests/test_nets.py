@@ -19,6 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
+from vdm import options
 from vdm.nets import MLP, NETWORKS, MultiResUNet, ScoreUNet, build, fourier_features, layers, timestep_embedding
 from vdm.nets.layers import conv_general_dilated, normalize_gamma, num_groups
 
@@ -457,6 +458,13 @@ def test_num_groups():
 def test_normalize_gamma():
     g = jnp.array([GAMMA_MIN, (GAMMA_MIN + GAMMA_MAX) / 2, GAMMA_MAX])
     np.testing.assert_allclose(np.asarray(normalize_gamma(g, GAMMA_MIN, GAMMA_MAX)), [0.0, 0.5, 1.0], atol=1e-6)
+
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_a_network_built_directly_checks_its_gamma_range_as_the_schedule_does(name):
+    with pytest.raises(options.OptionError, match="^gamma_min=5.0: must be below gamma_max=5.0$"):
+        make(name, gamma_min=5.0, gamma_max=5.0)
 
 
 # ---------------------------------------------------------------------------

@@ -167,6 +167,48 @@ def test_surprising_values_are_one_line(field, value, message):
     assert str(info.value).startswith(f"config.{field}={value}: {message}")
 
 
+ODE, DDIM, CLASSES = {"sample.sampler": "ode"}, {"sample.sampler": "ddim"}, {"model.num_classes": 10}
+
+
+@pytest.mark.parametrize("overrides,field,message", [
+    # Values the command line cannot parse as numbers arrive as strings (--config.sample.sampler_kwargs.atol=nan).
+    (ODE | {"sample.sampler_kwargs.atol": "nan"}, "sample.sampler_kwargs.atol", "must be a finite number > 0"),
+    (ODE | {"sample.sampler_kwargs.atol": "inf"}, "sample.sampler_kwargs.atol", "must be a finite number > 0"),
+    (ODE | {"sample.sampler_kwargs.rtol": "abc"}, "sample.sampler_kwargs.rtol", "must be a finite number > 0"),
+    (ODE | {"sample.sampler_kwargs.rtol": -1e-3}, "sample.sampler_kwargs.rtol", "must be a finite number > 0"),
+    (ODE | {"sample.sampler_kwargs.segments": 0}, "sample.sampler_kwargs.segments", "must be an integer >= 1"),
+    (ODE | {"sample.sampler_kwargs.segments": 1.5}, "sample.sampler_kwargs.segments", "must be an integer >= 1"),
+    (ODE | {"sample.sampler_kwargs.max_steps": 0}, "sample.sampler_kwargs.max_steps", "must be an integer >= 1"),
+    (ODE | {"sample.sampler_kwargs.solver": "rk4"}, "sample.sampler_kwargs.solver", "valid names: tsit5, dopri5"),
+    (DDIM | {"sample.sampler_kwargs.eta": "nan"}, "sample.sampler_kwargs.eta",
+     "must be in [0, 1] (0: deterministic, 1: ancestral)"),
+    (DDIM | {"sample.sampler_kwargs.eta": 1.5}, "sample.sampler_kwargs.eta",
+     "must be in [0, 1] (0: deterministic, 1: ancestral)"),
+    (DDIM | {"sample.sampler_kwargs.spacing": "cubic"}, "sample.sampler_kwargs.spacing", "valid names: time, logsnr"),
+    (CLASSES | {"sample.labels": ("abc",)}, "sample.labels", "must be class indices, integers in 0..9"),
+    (CLASSES | {"sample.labels": (3, 10)}, "sample.labels", "must be class indices, integers in 0..9"),
+    (CLASSES | {"sample.labels": (-1,)}, "sample.labels", "must be class indices, integers in 0..9"),
+    (CLASSES | {"sample.labels": (2.5,)}, "sample.labels", "must be class indices, integers in 0..9"),
+    ({"sample.labels": (3,)}, "sample.labels", "needs a class-conditional model (num_classes > 0)"),
+    ({"eval.ode.solver": "rk4"}, "eval.ode.solver", "valid names: tsit5, dopri5"),
+    ({"eval.ode.divergence": "trace"}, "eval.ode.divergence", "valid names: hutchinson, exact"),
+    ({"eval.ode.dequantization": "gauss"}, "eval.ode.dequantization", "valid names: uniform, truncated_normal"),
+    ({"eval.ode.rtol": 0.0}, "eval.ode.rtol", "must be a finite number > 0"),
+    ({"eval.ode.num_probes": 0}, "eval.ode.num_probes", "must be an integer >= 1"),
+    ({"eval.ode.num_samples": 0}, "eval.ode.num_samples", "must be an integer >= 1"),
+    ({"model.gamma_min": 6.0}, "model.gamma_min", "must be below gamma_max=5.0"),
+    ({"data.source": "npz", "data.kwargs.path": "/x", "data.kwargs.vocab_size": 300}, "data.kwargs.vocab_size",
+     "must be an integer in 2..256"),
+    ({"data.source": "npz", "data.kwargs.path": 3}, "data.kwargs.path", "must be a path"),
+])
+def test_bad_piece_options_are_one_line_naming_the_field(overrides, field, message):
+    """Each piece checks its own options; validate asks it, before anything is compiled, and names the field."""
+    config, _ = configlib.override(load_config("test"), overrides)
+    with pytest.raises(configlib.ConfigError) as info:
+        configlib.validate(config)
+    assert str(info.value) == f"config.{field}={overrides[field]!r}: {message}"
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 

@@ -5,12 +5,15 @@ with v = alpha^2 s^2 + sigma^2, and the probability-flow ODE is linear: it maps 
 z_0 = z_1 sqrt(v(gamma_0) / v(gamma_1)) exactly. The deterministic samplers are checked
 against that map (and their order of convergence), the stochastic ones against the marginal.
 """
+import inspect
+
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import analytic, diffusion, samplers, schedules
+from vdm import analytic, diffusion, options, samplers, schedules
 
 DATA = analytic.GaussianData(dim=2, scale=0.5)
 G0, G1 = -8.0, 8.0
@@ -122,7 +125,7 @@ def test_generate_shapes_and_range_and_unknown_sampler():
     assert int(x.min()) >= 0 and int(x.max()) <= 16
     with pytest.raises(ValueError, match="valid names: ancestral, ddim, dpm_solver_2m, ode"):
         samplers.build("euler")
-    with pytest.raises(ValueError, match="spacing='cubic': valid values: time, logsnr"):
+    with pytest.raises(options.OptionError, match="^spacing='cubic': valid names: time, logsnr$"):
         samplers.ddim(None, DATA.eps_fn, sched, jnp.zeros((2, 2)), num_steps=2, spacing="cubic")
 
 
@@ -162,6 +165,43 @@ def test_a_plan_run_in_chunks_gives_what_one_call_gives(name, kwargs):
     assert int(chunked_nfe) == int(nfe)
 
 
+def test_every_option_of_every_sampler_has_its_check_and_the_registries_hold_the_pieces():
+    for name, sampler in samplers.SAMPLERS.items():
+        params = inspect.signature(sampler).parameters.values()
+        taken = {p.name for p in params if p.kind == p.KEYWORD_ONLY} - {"num_steps"}
+        assert taken <= set(samplers.OPTIONS), name
+    assert all(issubclass(cls, diffrax.AbstractSolver) for cls in samplers.SOLVERS.values())
+    assert list(samplers.SPACINGS) == ["time", "logsnr"]
+    sched = schedules.build("fixed_linear", gamma_min=G0, gamma_max=G1)
+    # "logsnr" spaces gamma evenly; for the linear schedule "time" does too.
+    np.testing.assert_allclose(samplers.gamma_grid(sched, 1, 4, "logsnr")[:, 0], np.linspace(G1, G0, 5), atol=1e-5)
+    np.testing.assert_allclose(samplers.gamma_grid(sched, 1, 4, "time")[:, 0], np.linspace(G1, G0, 5), atol=1e-5)
+    with pytest.raises(ValueError, match="^unknown spacing 'cubic'; valid names: time, logsnr$"):
+        samplers.gamma_grid(sched, 1, 4, "cubic")
+    with pytest.raises(ValueError, match="^unknown ODE solver 'rk4'; valid names: tsit5, dopri5$"):
+        samplers.solve_ode(lambda g, y: y, jnp.zeros(2), 0.0, 1.0, rtol=1e-3, atol=1e-3, solver="rk4")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"eta": 1.5}, "eta=1.5: must be in [0, 1] (0: deterministic, 1: ancestral)"),
+    ({"eta": "nan"}, "eta='nan': must be in [0, 1] (0: deterministic, 1: ancestral)"),
+    ({"eta": float("nan")}, "eta=nan: must be in [0, 1] (0: deterministic, 1: ancestral)"),
+    ({"spacing": 1}, "spacing=1: valid names: time, logsnr"),
+    ({"solver": "rk4"}, "solver='rk4': valid names: tsit5, dopri5"),
+    ({"rtol": 0.0}, "rtol=0.0: must be a finite number > 0"),
+    ({"atol": float("inf")}, "atol=inf: must be a finite number > 0"),
+    ({"atol": "1e-3"}, "atol='1e-3': must be a finite number > 0"),
+    ({"segments": 1.5}, "segments=1.5: must be an integer >= 1"),
+    ({"segments": True}, "segments=True: must be an integer >= 1"),
+    ({"max_steps": 0}, "max_steps=0: must be an integer >= 1"),
+])
+def test_bad_sampler_options_are_one_line_naming_the_option(kwargs, message):
+    with pytest.raises(options.OptionError) as info:
+        samplers.check_options(kwargs)
+    assert str(info.value) == message
+    samplers.check_options({"eta": 1, "spacing": "logsnr", "rtol": 1e-3, "atol": np.float32(1e-3), "segments": 2})
+
+
 def test_ode_in_segments_still_solves_the_flow():
     """Segments restart the step size at each boundary: same map within tolerance, a few more calls."""
     z1 = jax.random.normal(jax.random.PRNGKey(0), (16, 2)) * np.sqrt(v(G1))
@@ -169,7 +209,7 @@ def test_ode_in_segments_still_solves_the_flow():
     err_four, nfe_four = _flow_map_error("ode", 0, z1, rtol=1e-5, atol=1e-5, segments=4)
     assert err_one < 1e-3 and err_four < 1e-3
     assert nfe_one < nfe_four < 2 * nfe_one + 40
-    with pytest.raises(ValueError, match="segments=0: must be at least 1"):
+    with pytest.raises(options.OptionError, match="^segments=0: must be an integer >= 1$"):
         samplers.ode(None, DATA.eps_fn, schedules.build("cosine", gamma_min=G0, gamma_max=G1), z1, segments=0)
 
 

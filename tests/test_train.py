@@ -154,7 +154,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ({"model.schedule": "quadratic"}, "config.model.schedule='quadratic': valid names:"),
-    ({"model.gamma_min": 6.0}, "config.model.gamma_min=6.0: must be below model.gamma_max=5.0"),
+    ({"model.gamma_min": 6.0}, "config.model.gamma_min=6.0: must be below gamma_max=5.0"),
     ({"loss.weighting": "sigmoid", "loss.num_steps": 10}, "discrete time"),
     ({"train.log_every": 3, "train.steps_per_call": 2}, "multiple of train.steps_per_call=2"),
     ({"data.source": "mnist_idx", "data.kwargs": {"path": "/nonexistent/mnist"}}, "/nonexistent/mnist"),

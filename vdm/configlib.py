@@ -3,7 +3,10 @@
 Each file in ``vdm/configs/`` starts from ``base_config()`` and sets what its setup needs, so
 the fields, their types and their documentation live in one place while each config
 file stays a complete description of one experiment. ``validate`` checks a config before
-anything is compiled and raises ``ConfigError`` with one line naming the bad field.
+anything is compiled and raises ``ConfigError`` with one line naming the bad field. The
+values of a piece's options are the piece's to check (``vdm.options``): ``validate`` asks it
+(``samplers.check_options``, ``likelihood.check_options``, ``schedules.check_endpoints``,
+``model.check_labels``, ``data.check_options``) and names the field of the option it rejects.
 
 The config is locked (a misspelt field is an error) except for the keyword arguments of
 the pieces chosen by name (``PIECES``): ``model.schedule_kwargs``, ``model.network_kwargs``,
@@ -28,8 +31,9 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import (diffusion, evaluation, likelihood, nets, objective, optimizer, registry, samplers, schedules,
+from vdm import (diffusion, evaluation, likelihood, nets, objective, optimizer, options, registry, samplers, schedules,
                  time_sampling, weightings)
+from vdm import model as model_lib
 
 
 class ConfigError(ValueError):
@@ -73,10 +77,8 @@ COMPUTE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}  # config.model.
 
 PIECES = (
     Piece("schedule", "model.schedule", "model.schedule_kwargs",
-          lambda name: registry.lookup(schedules.SCHEDULES, name, "schedule"),
-          ("gamma_min", "gamma_max", "rngs", "data_shape")),
-    Piece("network", "model.network", "model.network_kwargs", nets.lookup,
-          ("in_channels", "gamma_min", "gamma_max", "num_classes", "dtype", "remat", "gamma_map", "rngs")),
+          lambda name: registry.lookup(schedules.SCHEDULES, name, "schedule"), model_lib.ScheduleArguments._fields),
+    Piece("network", "model.network", "model.network_kwargs", nets.lookup, model_lib.NetworkArguments._fields),
     Piece("weighting", "loss.weighting", "loss.weighting_kwargs",
           lambda name: registry.lookup(weightings.WEIGHTINGS, name, "weighting").fn, ("logsnr",)),
     Piece("data source", "data.source", "data.kwargs", _source, ("split",)),
@@ -255,6 +257,14 @@ def _fail(field: str, value, problem: str):
     raise ConfigError(f"config.{field}={value!r}: {problem}")
 
 
+def _ask(prefix: str, check: Callable, *args) -> None:
+    """Run a piece's own check of its options; the option it rejects is the field ``prefix.<option>``."""
+    try:
+        check(*args)
+    except options.OptionError as e:
+        _fail(f"{prefix}.{e.option}", e.value, e.problem)
+
+
 def _choice(field: str, value, table) -> None:
     try:
         registry.lookup(table, value, field)
@@ -312,26 +322,15 @@ def validate(config) -> None:
     _choice("loss.weighting", loss.weighting, weightings.WEIGHTINGS)
     _choice("loss.time_sampler", loss.time_sampler, time_sampling.TIME_SAMPLERS)
     _choice("sample.sampler", config.sample.sampler, samplers.SAMPLERS)
-    sk = config.sample.sampler_kwargs
-    if "spacing" in sk and sk.spacing not in samplers.SPACINGS:
-        _fail("sample.sampler_kwargs.spacing", sk.spacing, f"valid values: {', '.join(samplers.SPACINGS)}")
-    if "solver" in sk and sk.solver not in samplers.SOLVERS:
-        _fail("sample.sampler_kwargs.solver", sk.solver, f"valid values: {', '.join(samplers.SOLVERS)}")
-    if "eta" in sk and not 0.0 <= sk.eta <= 1.0:
-        _fail("sample.sampler_kwargs.eta", sk.eta, "must be in [0, 1] (0: deterministic, 1: ancestral)")
-    for key in ("rtol", "atol"):
-        if key in sk and not sk[key] > 0:
-            _fail(f"sample.sampler_kwargs.{key}", sk[key], "must be positive")
-    if "segments" in sk and not (isinstance(sk.segments, int) and sk.segments >= 1):
-        _fail("sample.sampler_kwargs.segments", sk.segments, "must be a positive integer")
     if loss.importance_sampling:
         _choice("loss.importance_sampling", loss.importance_sampling, time_sampling.DENSITIES)
     from vdm import data  # the data package pulls in grain; import it only when asked
 
     _choice("data.source", config.data.source, data.SOURCES)
     _check_kwargs(config)
-    if not model.gamma_min < model.gamma_max:
-        _fail("model.gamma_min", model.gamma_min, f"must be below model.gamma_max={model.gamma_max}")
+    _ask("sample.sampler_kwargs", samplers.check_options, config.sample.sampler_kwargs.to_dict())
+    _ask("data.kwargs", data.check_options, config.data.kwargs.to_dict())
+    _ask("model", schedules.check_endpoints, model.gamma_min, model.gamma_max)
     try:
         weightings.build(loss.weighting, **dict(loss.weighting_kwargs))
     except ValueError as e:
@@ -348,11 +347,8 @@ def validate(config) -> None:
         _fail("sample.guidance", config.sample.guidance, "must be >= 0 (0 = no guidance)")
     if config.sample.guidance and not model.num_classes:
         _fail("sample.guidance", config.sample.guidance, "needs a class-conditional model (model.num_classes > 0)")
-    labels = tuple(config.sample.labels)
-    if labels and not model.num_classes:
-        _fail("sample.labels", labels, "needs a class-conditional model (model.num_classes > 0)")
-    if any(not 0 <= int(y) < model.num_classes for y in labels):
-        _fail("sample.labels", labels, f"must lie in 0..{model.num_classes - 1}")
+    if config.sample.labels:
+        _ask("sample", model_lib.check_labels, config.sample.labels, model.num_classes)
     for name in ("num_steps", "batch_size", "steps_per_call", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints"):
         if int(opt[name]) < 1:
@@ -370,16 +366,7 @@ def validate(config) -> None:
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", config.eval.batch_size, "must be >= 1")
     _choice("eval.method", config.eval.method, evaluation.EVALUATIONS)
-    ode = config.eval.ode
-    _choice("eval.ode.solver", ode.solver, {k: 0 for k in samplers.SOLVERS})
-    _choice("eval.ode.divergence", ode.divergence, {k: 0 for k in likelihood.DIVERGENCES})
-    _choice("eval.ode.dequantization", ode.dequantization, {k: 0 for k in likelihood.DEQUANTIZATIONS})
-    for key in ("rtol", "atol"):
-        if not ode[key] > 0:
-            _fail(f"eval.ode.{key}", ode[key], "must be positive")
-    for key in ("num_probes", "num_samples"):
-        if ode[key] < 1:
-            _fail(f"eval.ode.{key}", ode[key], "must be >= 1")
+    _ask("eval.ode", likelihood.check_options, config.eval.ode.to_dict())
     if config.eval.inception_weights:
         from vdm import inception
 

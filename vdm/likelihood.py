@@ -24,20 +24,22 @@ in ScoreFlow (Song et al. 2021) and Flow++. ``truncated_normal``: q = N(centre, 
 to the bin in each dimension with s = sigma_0 / alpha_0 = exp(gamma_0 / 2), the model's own
 noise at t = 0 (after i-DODE, Zheng et al. 2023), which puts the dequantised points where the
 model has seen data.
+
+The estimators and dequantisations are registries, ``DIVERGENCES`` and ``DEQUANTIZATIONS``;
+the options (``config.eval.ode``) are checked in one place, :func:`check_options`.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
 
-from vdm import diffusion, samplers
-
-DIVERGENCES = ("hutchinson", "exact")
-DEQUANTIZATIONS = ("uniform", "truncated_normal")
+from vdm import diffusion, options, registry, samplers
 
 
 class OdeLikelihood(NamedTuple):
@@ -45,11 +47,30 @@ class OdeLikelihood(NamedTuple):
     nfe: jax.Array  # int32: network evaluations of the solve (each also costs a jvp)
 
 
-def _divergence(fn: Callable, z: jax.Array, method: str, probe: jax.Array | None):
-    """(fn(z), per-example divergence of fn at z) for a batched fn: [B, ...] -> [B, ...]."""
-    if method == "hutchinson":
-        out, jv = jax.jvp(fn, (z,), (probe,))
-        return out, jnp.sum(jnp.reshape(probe * jv, (z.shape[0], -1)), axis=-1)
+class Divergence(NamedTuple):
+    """A divergence estimator for a batched fn: [B, ...] -> [B, ...]. ``probe(key, f)`` draws its
+    randomness once per solve (or returns None); ``estimate(fn, z, probe)`` -> (fn(z), div fn at z [B])."""
+
+    probe: Callable
+    estimate: Callable
+
+
+def _rademacher_probe(key: jax.Array, f: jax.Array) -> jax.Array:
+    return jax.random.rademacher(key, f.shape, f.dtype)
+
+
+def _no_probe(key: jax.Array, f: jax.Array) -> None:
+    return None
+
+
+def _hutchinson_divergence(fn: Callable, z: jax.Array, probe: jax.Array):
+    """Hutchinson's estimate probe^T (dfn/dz) probe: one jvp."""
+    out, jv = jax.jvp(fn, (z,), (probe,))
+    return out, jnp.sum(jnp.reshape(probe * jv, (z.shape[0], -1)), axis=-1)
+
+
+def _exact_divergence(fn: Callable, z: jax.Array, probe: None):
+    """The trace of dfn/dz, one jvp per dimension."""
     dims = math.prod(z.shape[1:])
     basis = jnp.eye(dims, dtype=z.dtype).reshape((dims, 1) + z.shape[1:])
 
@@ -60,22 +81,29 @@ def _divergence(fn: Callable, z: jax.Array, method: str, probe: jax.Array | None
     return fn(z), jnp.sum(jax.lax.map(column, basis), axis=0)
 
 
+DIVERGENCES = {
+    "hutchinson": Divergence(_rademacher_probe, _hutchinson_divergence),
+    "exact": Divergence(_no_probe, _exact_divergence),
+}
+
+
 def ode_log_likelihood(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, cond=None,
                        rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "hutchinson", num_probes: int = 1,
                        solver: str = "tsit5", max_steps: int = 4096) -> OdeLikelihood:
     """log p_0(f) per example [B] under the model's probability-flow ODE (see the module's formula)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r}: valid values: {', '.join(DIVERGENCES)}")
+    check_options(dict(rtol=rtol, atol=atol, divergence=divergence, num_probes=num_probes, solver=solver,
+                       max_steps=max_steps))
+    estimator = registry.lookup(DIVERGENCES, divergence, "divergence")
     batch = f.shape[0]
     drift = samplers.pf_ode_drift(eps_fn, gamma_fn, cond)
     dims = math.prod(f.shape[1:])
 
     def one_solve(key):
-        probe = jax.random.rademacher(key, f.shape, f.dtype) if divergence == "hutchinson" else None
+        probe = estimator.probe(key, f)
 
         def field(t, state):
             z, _ = state
-            dz, div = _divergence(lambda y: drift(t, y), z, divergence, probe)
+            dz, div = estimator.estimate(lambda y: drift(t, y), z, probe)
             return dz, div
 
         (z1, integral), nfe = samplers.solve_ode(field, (f, jnp.zeros((batch,), f.dtype)), 0.0, 1.0, rtol=rtol,
@@ -91,20 +119,31 @@ def dequantize(rng: jax.Array, x: jax.Array, vocab_size: int, method: str = "uni
                gamma_0: float | jax.Array = 0.0) -> tuple[jax.Array, jax.Array]:
     """(f, log q) for one draw: continuous points f in the bins of x (in ``diffusion.encode``'s
     units, bins of width 2 / V) and their dequantisation log-density per example [B], in f units."""
-    if method not in DEQUANTIZATIONS:
-        raise ValueError(f"dequantization={method!r}: valid values: {', '.join(DEQUANTIZATIONS)}")
-    centre = diffusion.encode(x, vocab_size)
+    offset, log_q = registry.lookup(DEQUANTIZATIONS, method, "dequantization")(rng, x, vocab_size, gamma_0)
+    return diffusion.encode(x, vocab_size) + offset, log_q
+
+
+def _uniform(rng: jax.Array, x: jax.Array, vocab_size: int, gamma_0) -> tuple[jax.Array, jax.Array]:
+    """q uniform on the bin: (offset from the bin's centre, log q = d log(V / 2) per example)."""
     half = 1.0 / vocab_size
     dims = math.prod(x.shape[1:])
-    if method == "uniform":
-        offset = jax.random.uniform(rng, x.shape, minval=-half, maxval=half)
-        log_q = jnp.full((x.shape[0],), dims * math.log(vocab_size / 2.0))
-        return centre + offset, log_q
+    offset = jax.random.uniform(rng, x.shape, minval=-half, maxval=half)
+    log_q = jnp.full((x.shape[0],), dims * math.log(vocab_size / 2.0))
+    return offset, log_q
+
+
+def _truncated_normal(rng: jax.Array, x: jax.Array, vocab_size: int, gamma_0) -> tuple[jax.Array, jax.Array]:
+    """q = N(centre, s^2) truncated to the bin, s = exp(gamma_0 / 2): (offset from the centre, log q per example)."""
+    half = 1.0 / vocab_size
     scale = jnp.exp(0.5 * jnp.asarray(gamma_0, jnp.float32))
     offset = scale * jax.random.truncated_normal(rng, -half / scale, half / scale, x.shape)
     mass = norm.cdf(half / scale) - norm.cdf(-half / scale)
     log_q = norm.logpdf(offset / scale) - jnp.log(scale) - jnp.log(mass)
-    return centre + offset, jnp.sum(jnp.reshape(log_q, (x.shape[0], -1)), axis=-1)
+    return offset, jnp.sum(jnp.reshape(log_q, (x.shape[0], -1)), axis=-1)
+
+
+# name -> (rng, x, vocab_size, gamma_0) -> (offset from the bin's centre, log q per example)
+DEQUANTIZATIONS = {"uniform": _uniform, "truncated_normal": _truncated_normal}
 
 
 def discrete_nll(rng: jax.Array, x: jax.Array, vocab_size: int, log_density: Callable, *,
@@ -115,6 +154,8 @@ def discrete_nll(rng: jax.Array, x: jax.Array, vocab_size: int, log_density: Cal
     ``log_density(rng, f) -> (log p_0 [B], nfe)`` is the density of continuous points (e.g.
     ``ode_log_likelihood``); the evaluations of all samples are summed.
     """
+    check_options(dict(dequantization=dequantization, num_samples=num_samples))
+
     def one(key):
         k_dequant, k_density = jax.random.split(key)
         f, log_q = dequantize(k_dequant, x, vocab_size, dequantization, gamma_0)
@@ -123,3 +164,25 @@ def discrete_nll(rng: jax.Array, x: jax.Array, vocab_size: int, log_density: Cal
 
     log_weights, nfes = jax.lax.map(one, jax.random.split(rng, num_samples))  # [K, B], [K]
     return -(jax.nn.logsumexp(log_weights, axis=0) - math.log(num_samples)), jnp.sum(nfes)
+
+
+# Option name -> check(name, value): the options of ``config.eval.ode`` (and ``max_steps``).
+OPTIONS = {
+    "rtol": options.positive,
+    "atol": options.positive,
+    "solver": functools.partial(options.choice, table=samplers.SOLVERS),
+    "divergence": functools.partial(options.choice, table=DIVERGENCES),
+    "num_probes": options.positive_int,
+    "max_steps": options.positive_int,
+    "dequantization": functools.partial(options.choice, table=DEQUANTIZATIONS),
+    "num_samples": options.positive_int,
+}
+
+
+def check_options(kwargs: Mapping) -> None:
+    """Check the ODE likelihood's options (``config.eval.ode``): type, finiteness and range of each.
+
+    Raises ``vdm.options.OptionError`` naming the option; ``ode_log_likelihood`` and ``discrete_nll``
+    check their own, and ``vdm.configlib.validate`` asks it before anything is compiled.
+    """
+    options.check_all(OPTIONS, kwargs)

@@ -20,13 +20,40 @@ the conditional one, -log p(x | y).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import operator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, nets, samplers, schedules
+from vdm import diffusion, nets, options, samplers, schedules
+
+
+class ScheduleArguments(NamedTuple):
+    """What VDM passes every schedule itself; ``config.model.schedule_kwargs`` cannot set these."""
+
+    gamma_min: float
+    gamma_max: float
+    rngs: nnx.Rngs
+    data_shape: tuple  # the shape of one example: ``vdm.schedules.build`` passes it to schedules per element only
+
+
+class NetworkArguments(NamedTuple):
+    """What VDM passes every network itself; ``config.model.network_kwargs`` cannot set these.
+
+    Every argument VDM gives a network is a field here (``vdm.configlib`` reads the fields), so a
+    new one is a field here and its value in ``VDM.__init__``.
+    """
+
+    in_channels: int
+    gamma_min: float
+    gamma_max: float
+    num_classes: int
+    dtype: Any
+    remat: bool
+    gamma_map: bool  # the schedule is per element: take the gamma map as input channels too
+    rngs: nnx.Rngs
 
 
 class VDM(nnx.Module):
@@ -40,15 +67,15 @@ class VDM(nnx.Module):
         self.vocab_size = int(vocab_size)
         self.prediction = prediction
         self.num_classes = int(num_classes)
-        self.schedule = schedules.build(schedule, gamma_min=gamma_min, gamma_max=gamma_max, rngs=rngs,
-                                        data_shape=self.image_shape, **(schedule_kwargs or {}))
+        arguments = ScheduleArguments(gamma_min, gamma_max, rngs, self.image_shape)
+        self.schedule = schedules.build(schedule, **arguments._asdict(), **(schedule_kwargs or {}))
         network_cls = nets.lookup(network)
         self.flatten = network_cls.input_rank == 2  # the network takes vectors [B, D], not images
         in_channels = math.prod(self.image_shape) if self.flatten else self.image_shape[-1]
-        gamma_map = {"gamma_map": True} if self.elementwise else {}
-        self.network = network_cls(in_channels=in_channels, gamma_min=gamma_min, gamma_max=gamma_max,
-                                   num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat, rngs=rngs,
-                                   **gamma_map, **(network_kwargs or {}))
+        given = NetworkArguments(in_channels=in_channels, gamma_min=gamma_min, gamma_max=gamma_max,
+                                 num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat,
+                                 gamma_map=self.elementwise, rngs=rngs)
+        self.network = network_cls(**given._asdict(), **(network_kwargs or {}))
 
     @property
     def elementwise(self) -> bool:
@@ -133,13 +160,32 @@ def pure_functions(model: VDM, guidance: float | jax.Array = 0.0):
 # --------------------------------------------------------------------------------------
 
 
+def _class_index(y) -> int | None:
+    """``y`` as a Python int if it is an integer (not a bool), else None."""
+    try:
+        return None if isinstance(y, bool) else operator.index(y)
+    except TypeError:
+        return None
+
+
+def check_labels(labels, num_classes: int) -> tuple[int, ...]:
+    """The classes to sample (``config.sample.labels``) as a tuple of ints, after the one check of them
+    (for ``vdm.configlib`` and :func:`spread_labels`): integers in 0..num_classes-1 of a class-conditional
+    model. Raises ``vdm.options.OptionError``."""
+    if num_classes < 1:
+        raise options.OptionError("labels", labels, "needs a class-conditional model (num_classes > 0)")
+    try:
+        values = tuple(_class_index(y) for y in labels)
+    except TypeError:  # not a sequence
+        values = (None,)
+    if not all(y is not None and 0 <= y < num_classes for y in values):
+        raise options.OptionError("labels", labels, f"must be class indices, integers in 0..{num_classes - 1}")
+    return values
+
+
 def spread_labels(num_images: int, num_classes: int, labels=()) -> jax.Array:
     """The classes of ``num_images`` samples: ``labels`` repeated to fill, or an even spread 0, 1, ..., K-1, 0, ..."""
-    if num_classes < 1:
-        raise ValueError("labels need a class-conditional model (num_classes > 0)")
-    pattern = jnp.asarray(tuple(labels) or tuple(range(num_classes)), jnp.int32)
-    if jnp.any((pattern < 0) | (pattern >= num_classes)):
-        raise ValueError(f"labels {tuple(int(v) for v in pattern)} must lie in 0..{num_classes - 1}")
+    pattern = jnp.asarray(check_labels(labels, num_classes) or tuple(range(num_classes)), jnp.int32)
     return jnp.resize(pattern, (num_images,))
 
 

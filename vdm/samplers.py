@@ -12,7 +12,12 @@ Each sampler is written as a loop, a :class:`Plan` (``init``, ``step(i, carry)``
 one-call sampler above of it and keeps the plan as ``sampler.plan``. The trainer runs a plan
 in chunks of steps, one compiled call each (:func:`advance`), so a long sampling shows
 progress and stops promptly on a signal; chunks give the same z_0 as one call. A new sampler
-is one such function here plus its entry in ``SAMPLERS``.
+is one such function here plus its entry in ``SAMPLERS``, and any new option its check in ``OPTIONS``.
+
+Options (``config.sample.sampler_kwargs``) are checked in one place, :func:`check_options`: an
+option means the same in every sampler that takes it, so ``OPTIONS`` holds one check per option
+name (type, finiteness, range). Every sampler runs it on its keyword arguments (:func:`stepped`),
+and ``vdm.configlib.validate`` asks it before anything is compiled.
 
 Conventions (those of ``vdm.diffusion``): alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 =
 sigmoid(gamma_t), SNR = exp(-gamma), x_hat = (z_t - sigma_t eps_hat) / alpha_t, all element-wise,
@@ -32,19 +37,20 @@ works too, and gamma'(t) comes from ``jax.jvp`` of the schedule as in the loss).
 | ``ode`` | the PF-ODE solved adaptively by diffrax (Tsit5 or Dopri5, PID step-size control) | decided by rtol/atol |
 
 The fixed-step samplers take ``spacing``: ``"time"`` (t uniform, the schedule's own
-spacing: the default) or ``"logsnr"`` (uniform in gamma between the endpoints, per element).
+spacing: the default) or ``"logsnr"`` (uniform in gamma between the endpoints, per element): ``SPACINGS``.
+The adaptive solvers are ``SOLVERS`` (name -> diffrax solver class).
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
+import diffrax
 import jax
 import jax.numpy as jnp
 
-from vdm import diffusion, registry
-
-SPACINGS = ("time", "logsnr")
+from vdm import diffusion, options, registry
 
 
 class Plan(NamedTuple):
@@ -75,25 +81,41 @@ def _fixed_steps(num_steps: int, step: Callable) -> Plan:
 
 def stepped(plan_fn: Callable[..., Plan]) -> Callable:
     """The sampler ``(rng, eps_fn, gamma_fn, z_1, cond=None, **kwargs) -> (z_0, nfe)`` that runs
-    ``plan_fn(rng, eps_fn, gamma_fn, batch, cond, **kwargs)`` in one call; ``sampler.plan`` is ``plan_fn``."""
+    ``plan_fn(rng, eps_fn, gamma_fn, batch, cond, **kwargs)`` in one call; ``sampler.plan`` is
+    ``plan_fn``. Both check the options ``kwargs`` first (:func:`check_options`): the samplers
+    themselves never re-check them."""
+    @functools.wraps(plan_fn)
+    def plan(rng, eps_fn, gamma_fn, batch, cond=None, **kwargs):
+        check_options(kwargs)
+        return plan_fn(rng, eps_fn, gamma_fn, batch, cond, **kwargs)
+
     @functools.wraps(plan_fn)
     def sampler(rng, eps_fn, gamma_fn, z_1, cond=None, **kwargs):
-        return run(plan_fn(rng, eps_fn, gamma_fn, z_1.shape[0], cond, **kwargs), z_1)
+        return run(plan(rng, eps_fn, gamma_fn, z_1.shape[0], cond, **kwargs), z_1)
 
-    sampler.plan = plan_fn
+    sampler.plan = plan
     return sampler
+
+
+def _time_spacing(gamma_fn: Callable, batch: int, t: jax.Array) -> jax.Array:
+    """gamma(t) at the grid times: the schedule's own spacing."""
+    return jax.vmap(lambda ti: gamma_fn(jnp.full((batch,), ti)))(t)
+
+
+def _logsnr_spacing(gamma_fn: Callable, batch: int, t: jax.Array) -> jax.Array:
+    """gamma uniform between the endpoints (per element, for a schedule per element): gamma(0) + t (gamma(1) - gamma(0))."""
+    g1, g0 = gamma_fn(jnp.ones((batch,))), gamma_fn(jnp.zeros((batch,)))
+    return g0[None] + jnp.reshape(t, (-1,) + (1,) * g0.ndim) * (g1 - g0)[None]
+
+
+SPACINGS = {"time": _time_spacing, "logsnr": _logsnr_spacing}  # name -> (gamma_fn, batch, t [T + 1]) -> gamma grid
 
 
 def gamma_grid(gamma_fn: Callable, batch: int, num_steps: int, spacing: str = "time") -> jax.Array:
     """gamma at the num_steps + 1 grid points from t = 1 down to t = 0, each [batch] (or per element):
     shape [T + 1, batch, ...]."""
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing={spacing!r}: valid values: {', '.join(SPACINGS)}")
     t = jnp.linspace(1.0, 0.0, num_steps + 1)
-    if spacing == "time":
-        return jax.vmap(lambda ti: gamma_fn(jnp.full((batch,), ti)))(t)
-    g1, g0 = gamma_fn(jnp.ones((batch,))), gamma_fn(jnp.zeros((batch,)))
-    return g0[None] + jnp.reshape(t, (-1,) + (1,) * g0.ndim) * (g1 - g0)[None]
+    return registry.lookup(SPACINGS, spacing, "spacing")(gamma_fn, batch, t)
 
 
 def _x_hat(z, g, eps_hat):
@@ -223,7 +245,7 @@ def pf_ode_drift(eps_fn: Callable, gamma_fn: Callable, cond=None) -> Callable:
     return drift
 
 
-SOLVERS = ("tsit5", "dopri5")
+SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}  # name -> diffrax solver class
 
 
 def solve_ode(vector_field: Callable, y0, t_start: jax.Array, t_end: jax.Array, *, rtol: float,
@@ -233,11 +255,7 @@ def solve_ode(vector_field: Callable, y0, t_start: jax.Array, t_end: jax.Array, 
     Returns (y at t_end, network evaluations). Tsit5 and Dopri5 are 7-stage methods whose
     last stage is the next step's first (FSAL): 6 new evaluations per attempted step plus one.
     """
-    import diffrax
-
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r}: valid values: {', '.join(SOLVERS)}")
-    method = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}[solver]()
+    method = registry.lookup(SOLVERS, solver, "ODE solver")()
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), method, t0=t_start, t1=t_end,
         dt0=None, y0=y0, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
@@ -258,8 +276,6 @@ def ode(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=N
     few more evaluations): the trainer then shows progress and can stop between them.
     """
     del rng, num_steps
-    if segments < 1:
-        raise ValueError(f"segments={segments}: must be at least 1")
     edges = jnp.linspace(1.0, 0.0, segments + 1)
     drift = pf_ode_drift(eps_fn, gamma_fn, cond)
 
@@ -277,6 +293,27 @@ SAMPLERS = {
     "dpm_solver_2m": dpm_solver_2m,
     "ode": ode,
 }
+
+
+# Option name -> check(name, value), for every keyword option of every sampler but num_steps (the caller's).
+OPTIONS = {
+    "eta": functools.partial(options.in_range, low=0.0, high=1.0, meaning="(0: deterministic, 1: ancestral)"),
+    "spacing": functools.partial(options.choice, table=SPACINGS),
+    "solver": functools.partial(options.choice, table=SOLVERS),
+    "rtol": options.positive,
+    "atol": options.positive,
+    "max_steps": options.positive_int,
+    "segments": options.positive_int,
+}
+
+
+def check_options(kwargs: Mapping) -> None:
+    """Check sampler options (``config.sample.sampler_kwargs``): type, finiteness and range of each.
+
+    Raises ``vdm.options.OptionError`` naming the option. Options that no sampler takes are left
+    to the call (and to ``vdm.configlib``, which checks them against the sampler's signature).
+    """
+    options.check_all(OPTIONS, kwargs)
 
 
 def build(name: str):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import registry
+from vdm import options, registry
 
 
 class ScheduleEndpoint(nnx.Param):
@@ -52,9 +52,15 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
+def check_endpoints(gamma_min: float, gamma_max: float) -> None:
+    """The one check of a schedule's range: gamma_min < gamma_max (``vdm.options.OptionError`` if not).
+
+    Every schedule runs it (through ``_Endpoints``), ``vdm.configlib.validate`` asks it for
+    ``config.model.gamma_min`` / ``gamma_max``, and the networks, which normalise gamma by the
+    same range, run it when built directly.
+    """
     if not gamma_min < gamma_max:
-        raise ValueError(f"schedule needs gamma_min < gamma_max, got gamma_min={gamma_min}, gamma_max={gamma_max}")
+        raise options.OptionError("gamma_min", gamma_min, f"must be below gamma_max={gamma_max}")
 
 
 class _Endpoints(nnx.Module):
@@ -62,7 +68,7 @@ class _Endpoints(nnx.Module):
     per element of ``shape`` (then returned as [1, *shape], the broadcast shape of ``vdm.diffusion``)."""
 
     def __init__(self, gamma_min: float, gamma_max: float, learned: bool, shape: tuple = ()):
-        _check_endpoints(gamma_min, gamma_max)
+        check_endpoints(gamma_min, gamma_max)
         self.learned = learned
         self.shape = tuple(shape)
         if learned:
@@ -258,7 +264,6 @@ def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | Non
     """The schedule called ``name`` with endpoints [gamma_min, gamma_max]; an element-wise one (``elementwise``)
     gets ``data_shape``, the shape of one example."""
     cls = registry.lookup(SCHEDULES, name, "schedule")
-    _check_endpoints(gamma_min, gamma_max)
     if rngs is None:
         rngs = nnx.Rngs(0)
     if getattr(cls, "elementwise", False):

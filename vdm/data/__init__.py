@@ -45,6 +45,9 @@ the split, negative seed or step, bad process index, empty split) and bad data
 raise :class:`DataError` with a one-line message; data that names a file names
 the path and the problem; a missing file raises :class:`DataNotFoundError`
 (also a ``FileNotFoundError``). An unknown source name lists the valid names.
+A source's options (``path``, ``vocab_size``, ...) are checked, as far as they
+can be without reading a file, by :func:`check_options` (:data:`OPTIONS`), which
+:func:`load` and ``vdm.configlib`` run first.
 
 Sources
 -------
@@ -68,9 +71,10 @@ Sources
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from vdm import options
 from vdm.data.cifar import decode_cifar_binary, decode_cifar_pickle, load_cifar10_files
 from vdm.data.core import (
     KINDS,
@@ -82,6 +86,9 @@ from vdm.data.core import (
     DatasetInfo,
     Source,
     check_name,
+    check_path,
+    check_split_names,
+    check_vocab_size,
     make_split,
     stratified_test_mask,
 )
@@ -116,6 +123,28 @@ SOURCES: dict[str, Callable[..., Source]] = {
 }
 """Source name -> ``loader(split, **kwargs) -> Source``."""
 
+OPTIONS: dict[str, Callable[[str, Any], None]] = {
+    "path": check_path,
+    "data_dir": functools.partial(check_path, optional=True),
+    "vocab_size": check_vocab_size,
+    "dataset": options.text,
+    "download": options.flag,
+    "image_key": options.text,
+    "label_key": options.text,
+    "split_names": check_split_names,
+    "num_examples": options.positive_int,
+    "noise": options.nonnegative,
+}
+"""Option name -> ``check(name, value)``: every keyword option of the sources, checked without reading a file."""
+
+
+def check_options(kwargs: Mapping[str, Any]) -> None:
+    """Check a source's options (``config.data.kwargs``) as far as that needs no file: type and range.
+
+    Raises ``vdm.options.OptionError`` naming the option; files are checked when read.
+    """
+    options.check_all(OPTIONS, kwargs)
+
 
 def load(name: str, split: str = "train", **kwargs: Any) -> Source:
     """Split ``split`` of the source ``name`` from :data:`SOURCES`, as a random-access source.
@@ -123,7 +152,12 @@ def load(name: str, split: str = "train", **kwargs: Any) -> Source:
     ``kwargs`` go to the source (e.g. ``path=`` for local files,
     ``dataset=``/``data_dir=`` for ``tfds``).
     """
-    return SOURCES[check_name(name, sorted(SOURCES), "data source")](split, **kwargs)
+    loader = SOURCES[check_name(name, sorted(SOURCES), "data source")]
+    try:
+        check_options(kwargs)
+    except options.OptionError as e:
+        raise DataError(f"data source {name!r}: {e}") from None
+    return loader(split, **kwargs)
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
@@ -148,6 +182,7 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
 
 __all__ = [
     "KINDS",
+    "OPTIONS",
     "SOURCES",
     "SPLITS",
     "ArraySource",
@@ -158,6 +193,7 @@ __all__ = [
     "Source",
     "TfdsSource",
     "batch_indices",
+    "check_options",
     "decode_cifar_binary",
     "decode_cifar_pickle",
     "eval_batches",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import gzip
+import numbers
 import os
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vdm import registry
+from vdm.options import OptionError
 
 SPLITS = ("train", "test")
 """Split names understood by every source (``tfds`` also passes others on)."""
@@ -47,6 +49,36 @@ def check_name(name: str, valid: Iterable[str], what: str) -> str:
     """Return ``name`` if it is one of ``valid``, else raise the "unknown name; valid names" error."""
     registry.lookup(dict.fromkeys(valid), name, what, DataError)
     return name
+
+
+def check_vocab_size(option: str, value: Any) -> None:
+    """The pixel levels of a source: an integer in 2..256 (``vdm.options.OptionError`` if not)."""
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and 2 <= value <= 256):
+        raise OptionError(option, value, "must be an integer in 2..256")
+
+
+def check_path(option: str, value: Any, *, optional: bool = False) -> None:
+    """A file or directory option: a string or ``os.PathLike`` (or None where ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise OptionError(option, value, "must be a path" + (" or None" if optional else ""))
+
+
+def check_split_names(option: str, value: Any) -> None:
+    """None, or a mapping of split names to the source's own (``{"test": "validation"}``), strings."""
+    if value is None:
+        return
+    if not (hasattr(value, "items") and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items())):
+        raise OptionError(option, value, "must map split names to the source's split names (strings)")
+
+
+def check_vocab(vocab_size: Any, origin: object) -> None:
+    """:func:`check_vocab_size` as a :class:`DataError` naming ``origin``."""
+    try:
+        check_vocab_size("vocab_size", vocab_size)
+    except OptionError as e:
+        raise fail(origin, str(e)) from None
 
 
 def check_split(split: str) -> str:
@@ -217,8 +249,7 @@ def make_split(
         raise fail(origin, f"images have shape {images.shape}, expected [N, H, W] or [N, H, W, C]")
     if images.shape[0] == 0 or 0 in images.shape[1:]:
         raise fail(origin, f"images have shape {images.shape}, which holds no pixels")
-    if not 2 <= vocab_size <= 256:
-        raise fail(origin, f"vocab_size {vocab_size} is outside 2..256")
+    check_vocab(vocab_size, origin)
     top = int(images.max())
     if top >= vocab_size:
         raise fail(origin, f"pixel value {top} is out of range for vocab_size {vocab_size}")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vdm.data.core import PathLike, Source, fail, make_split
+from vdm.data.core import PathLike, Source, check_vocab, fail, make_split
 
 
 def _import_tfds() -> Any:
@@ -69,8 +69,7 @@ class TfdsSource(Source):
         vocab_size: int = 256,
         num_classes: int = 0,
     ):
-        if not 2 <= vocab_size <= 256:
-            raise fail(origin, f"vocab_size {vocab_size} is outside 2..256")
+        check_vocab(vocab_size, origin)
         self._source, self.origin = source, origin
         self._image_key, self._label_key = image_key, label_key
         self.vocab_size, self.num_classes = vocab_size, num_classes

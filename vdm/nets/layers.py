@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from vdm import schedules
+
 Array = jax.Array
 DType = jnp.dtype | type
 
@@ -52,10 +54,9 @@ def normalize_gamma(gamma: Array, gamma_min: float, gamma_max: float) -> Array:
       gamma_max: upper end of the schedule's gamma range (e.g. 5.0).
 
     Returns:
-      Array of the same shape with values in ``[0, 1]`` for in-range gammas.
+      Array of the same shape with values in ``[0, 1]`` for in-range gammas. The range is
+      checked where it is set (``vdm.schedules.check_endpoints``), not on every call.
     """
-    if not gamma_max > gamma_min:
-        raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
     return (gamma - gamma_min) / (gamma_max - gamma_min)
 
 
@@ -448,8 +449,7 @@ class NoiseConditioning(nnx.Module):
 
     def __init__(self, embed_dim: int, out_dim: int, *, gamma_min: float, gamma_max: float, num_classes: int = 0,
                  dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        if not gamma_max > gamma_min:
-            raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=} {gamma_max=}")
+        schedules.check_endpoints(gamma_min, gamma_max)
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.embed_dim = embed_dim
