@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, load_config
 
 from vdm import checkpoint, compilation, configlib, health, metrics, train
-from vdm import model as model_lib
+from vdm import objective as objective_lib
 from vdm.signals import Interrupted, Signals
 
 
@@ -52,12 +52,12 @@ def test_health_record_follows_the_non_finite_steps():
 @pytest.fixture
 def poisoned(monkeypatch):
     """``poisoned(steps)``: training's gradients become NaN at those (1-based) steps, nothing else changes."""
-    original = model_lib.loss_and_grads
+    original = objective_lib.loss_and_grads
 
     def poison(steps, seed=0):
         monkeypatch.setattr(compilation, "_COMPILED", {})  # the (un)poisoned step must be compiled anew
         if not steps:
-            monkeypatch.setattr(model_lib, "loss_and_grads", original)
+            monkeypatch.setattr(objective_lib, "loss_and_grads", original)
             return
         keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed), s - 1) for s in steps])
 
@@ -66,7 +66,7 @@ def poisoned(monkeypatch):
             hit = jnp.any(jnp.all(keys == rng, axis=1))
             return loss, jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads), terms
 
-        monkeypatch.setattr(model_lib, "loss_and_grads", loss_and_grads)
+        monkeypatch.setattr(objective_lib, "loss_and_grads", loss_and_grads)
 
     return poison
 
