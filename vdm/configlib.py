@@ -29,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from vdm import diffusion, likelihood, nets, registry, samplers, schedules, time_sampling, weightings
+from vdm.nets import kernels
 
 
 class ConfigError(ValueError):
@@ -74,7 +75,7 @@ PIECES = (
     Piece("schedule", "model.schedule", "model.schedule_kwargs",
           lambda name: registry.lookup(schedules.SCHEDULES, name, "schedule"), ("gamma_min", "gamma_max", "rngs")),
     Piece("network", "model.network", "model.network_kwargs", nets.lookup,
-          ("in_channels", "gamma_min", "gamma_max", "num_classes", "dtype", "remat", "rngs")),
+          ("in_channels", "gamma_min", "gamma_max", "num_classes", "dtype", "remat", "convolutions", "rngs")),
     Piece("weighting", "loss.weighting", "loss.weighting_kwargs",
           lambda name: registry.lookup(weightings.WEIGHTINGS, name, "weighting").fn, ("logsnr",)),
     Piece("data source", "data.source", "data.kwargs", _source, ("split",)),
@@ -171,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # > 0: class-conditional (the data must have labels 0..num_classes-1)
     c.model.dtype = "float32"  # compute dtype of the network: float32 | bfloat16 (parameters stay float32)
     c.model.remat = False  # rematerialise each network block in the backward pass: less memory, ~1/3 more compute
+    # How the convolutions are differentiated (vdm.nets.kernels; speed only, the same values and parameters):
+    c.model.convolution_gradient = "auto"  # auto (custom on the CPU, XLA's own elsewhere) | custom | plain
+    c.model.weight_gradient = "auto"  # the custom weight gradient's form: auto | conv | matmul
 
     # Loss: what is trained. Evaluation always reports the true VLB.
     c.loss = ml_collections.ConfigDict()
@@ -350,6 +354,8 @@ def validate(config) -> None:
         if loss.num_steps or loss.importance_sampling or not weighting.is_elbo:
             _fail("loss.variance_schedule_grad", True, "applies to the continuous-time elbo with uniform t only")
     _choice("model.dtype", model.dtype, COMPUTE_DTYPES)
+    _choice("model.convolution_gradient", model.convolution_gradient, {k: 0 for k in kernels.GRADIENTS})
+    _choice("model.weight_gradient", model.weight_gradient, {k: 0 for k in kernels.WEIGHT_GRADIENTS})
     if model.num_classes < 0:
         _fail("model.num_classes", model.num_classes, "must be >= 0 (0 = unconditional)")
     if not 0.0 <= loss.label_dropout <= 1.0:

@@ -34,15 +34,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdm import diffusion, likelihood, nets, samplers, schedules, time_sampling, weightings
-from vdm.nets import layers
+from vdm.nets import kernels
 
 
 class VDM(nnx.Module):
-    """Schedule + denoising network for data of shape ``image_shape`` with ``vocab_size`` values."""
+    """Schedule + denoising network for data of shape ``image_shape`` with ``vocab_size`` values.
+
+    ``convolution_gradient`` and ``weight_gradient`` choose how the network's convolutions are
+    differentiated (``vdm.nets.kernels.Convolutions``): speed only, never values or parameters.
+    """
 
     def __init__(self, *, image_shape: tuple, vocab_size: int, schedule: str, gamma_min: float,
                  gamma_max: float, network: str, prediction: str = "eps", num_classes: int = 0,
-                 dtype: str = "float32", remat: bool = False, schedule_kwargs: dict | None = None,
+                 dtype: str = "float32", remat: bool = False, convolution_gradient: str = "auto",
+                 weight_gradient: str = "auto", schedule_kwargs: dict | None = None,
                  network_kwargs: dict | None = None, rngs: nnx.Rngs):
         self.image_shape = tuple(int(d) for d in image_shape)
         self.vocab_size = int(vocab_size)
@@ -53,16 +58,18 @@ class VDM(nnx.Module):
         network_cls = nets.lookup(network)
         self.flatten = network_cls.input_rank == 2  # the network takes vectors [B, D], not images
         in_channels = math.prod(self.image_shape) if self.flatten else self.image_shape[-1]
+        convolutions = kernels.Convolutions(gradient=convolution_gradient, weight_gradient=weight_gradient)
         self.network = network_cls(in_channels=in_channels, gamma_min=gamma_min, gamma_max=gamma_max,
-                                   num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat, rngs=rngs,
-                                   **(network_kwargs or {}))
+                                   num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat,
+                                   convolutions=convolutions, rngs=rngs, **(network_kwargs or {}))
 
     @classmethod
     def from_config(cls, config, *, image_shape: tuple, vocab_size: int, rngs: nnx.Rngs) -> "VDM":
         c = config.model
         return cls(image_shape=image_shape, vocab_size=vocab_size, schedule=c.schedule, gamma_min=c.gamma_min,
                    gamma_max=c.gamma_max, network=c.network, prediction=c.prediction, num_classes=c.num_classes,
-                   dtype=c.dtype, remat=c.remat, schedule_kwargs=dict(c.schedule_kwargs), network_kwargs=dict(c.network_kwargs), rngs=rngs)
+                   dtype=c.dtype, remat=c.remat, convolution_gradient=c.convolution_gradient,
+                   weight_gradient=c.weight_gradient, schedule_kwargs=dict(c.schedule_kwargs), network_kwargs=dict(c.network_kwargs), rngs=rngs)
 
     @property
     def num_dims(self) -> int:
@@ -328,10 +335,9 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
                                                divergence=divergence, num_probes=num_probes, solver=solver)
         return result.log_prob, result.nfe
 
-    with layers.plain_convolutions():  # the divergence differentiates the network in forward mode
-        return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
-                                       dequantization=dequantization, num_samples=num_samples,
-                                       gamma_0=gamma_fn(jnp.zeros((1,)))[0])
+    return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
+                                   dequantization=dequantization, num_samples=num_samples,
+                                   gamma_0=gamma_fn(jnp.zeros((1,)))[0])
 
 
 # --------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from vdm import configlib, data as data_lib, inception, lock as lock_lib, metric
 from vdm import diffusion as diffusion_lib
 from vdm import model as model_lib
 from vdm import samplers as samplers_lib
-from vdm.nets.layers import Kernel
+from vdm import weight_decay
 
 # --------------------------------------------------------------------------------------
 # State
@@ -128,7 +128,7 @@ class TrainState:
 
 def model_initializer(config, info: data_lib.DatasetInfo):
     """(graphdef, init, decay_mask): the static structure, ``init(seed) -> params`` (a pure dict),
-    and which parameters get weight decay (the networks' ``Kernel`` parameters, by type).
+    and which parameters get weight decay (``vdm.weight_decay.decay_mask``: the weight matrices).
 
     ``init`` runs the initialisers inside one ``jax.jit`` (one compilation instead of one
     per parameter shape, which is what makes eager NNX construction slow on CPU); the
@@ -138,11 +138,11 @@ def model_initializer(config, info: data_lib.DatasetInfo):
         return model_lib.VDM.from_config(config, image_shape=info.shape, vocab_size=info.vocab_size,
                                          rngs=nnx.Rngs(key))
 
-    graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))), nnx.Param, ...)
+    abstract = nnx.eval_shape(lambda: make(jax.random.key(0)))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree_util.tree_leaves(rest):
         raise configlib.ConfigError(f"model holds non-parameter state {list(nnx.to_pure_dict(rest))}")
-    decay_mask = nnx.to_pure_dict(jax.tree.map(lambda v: isinstance(v, Kernel), abstract,
-                                               is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    decay_mask = weight_decay.decay_mask(abstract)
     # Run once per process: on the CPU, LLVM's level-1 optimisation compiles it twice as fast as the default
     # (3.2 s -> 1.6 s for configs/mnist.py) and gave bitwise the same parameters for every shipped config (jax 0.12).
     options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
@@ -427,7 +427,7 @@ def _data_identity(info: data_lib.DatasetInfo) -> dict:
 
 
 # Model fields that change no parameter: a checkpoint may be resumed with other values.
-_COMPATIBLE_MODEL_FIELDS = {"dtype", "remat"}
+_COMPATIBLE_MODEL_FIELDS = {"dtype", "remat", "convolution_gradient", "weight_gradient"}
 
 
 def _model_differences(meta: dict, config: dict, data_identity: dict) -> list[str]:
