@@ -18,13 +18,20 @@ For ``y = x (*) w`` (cross-correlation, 'SAME', stride 1) and an output cotangen
 * stride 2: the stride-1 convolution read at every second pixel from an offset, so its
   derivatives are the stride-1 ones of ``g`` spread onto that grid (zeros between).
 
-Both modes of differentiation work. The fast convolution is a ``jax.custom_jvp`` whose tangent
-is ``B_x^T dx + B_w^T dw``, the linear transposes of the two backward maps ``B_x: g -> dx`` and
-``B_w: g -> dw`` above (JAX builds them with ``jax.linear_transpose``). Forward mode (``jax.jvp``,
-the ODE likelihood's divergence) evaluates these transposes, which are the ordinary forward
-convolutions in other words; reverse mode (``jax.grad``) transposes them back, so the backward
-pass holds exactly ``B_x`` and ``B_w``. A tangent that is known to be zero (the parameters' in a
-divergence, the data's in a gradient) costs nothing.
+Both modes of differentiation work: the fast convolution is a ``jax.custom_jvp``. Its tangent is
+
+* ``B_x^T dx + B_w^T dw``, the linear transposes of the two backward maps ``B_x: g -> dx`` and
+  ``B_w: g -> dw`` above (built by ``jax.linear_transpose``, rematerialised so that the residuals
+  are ``x`` and ``w``). ``jax.grad`` transposes them back, so the backward pass holds exactly
+  ``B_x`` and ``B_w``: the canonical convolutions of a hand-written VJP;
+* the convolution itself, ``dx (*) w``, when the kernel's tangent is known to be zero (a
+  derivative in the input alone: the ODE likelihood's divergence, any ``jax.jvp`` in the data):
+  one canonical convolution, as ``lax``'s own jvp. (``B_x^T dx`` is the same map, but it reads the
+  kernel with in and out swapped, which XLA:CPU runs on its slow generic kernel inside loops:
+  6.8x slower for a scanned U-Net.) Under ``jax.grad`` in the input alone, which the trainer
+  never takes, its transpose is XLA's own input gradient: right, not fast.
+
+A tangent known to be zero (the data's in a gradient) costs nothing.
 
 Which gradient is taken is a setting of the network, fixed when it is built: a
 :class:`Convolutions` value (frozen, hashable) is the ``conv_general_dilated`` of every
@@ -93,12 +100,13 @@ def _weight_gradient(x: Array, g: Array, kernel_shape, precision, form: str) -> 
 def _spread(g: Array, x_shape, kernel_shape) -> Array:
     """A stride-2 'SAME' output (cotangent) onto the input's grid: ``g`` at every second pixel from
     the offset ``kernel // 2 - low`` (``low``: the strided padding's low side), zeros between."""
-    config = [(0, 0, 0)]
+    offsets = []
     for size, k, out in zip(x_shape[1:3], kernel_shape[:2], g.shape[1:3]):
         low = max((out - 1) * 2 + k - size, 0) // 2
-        offset = k // 2 - low
-        config.append((offset, size - offset - 2 * (out - 1) - 1, 1))
-    return lax.pad(g, jnp.zeros((), g.dtype), config + [(0, 0, 0)])
+        offsets.append(k // 2 - low)
+    # A scatter, not lax.pad's interior padding: XLA folds the latter into the convolution's padding,
+    # which changes the float rounding of the gradient.
+    return jnp.zeros(tuple(x_shape[:3]) + g.shape[-1:], g.dtype).at[:, offsets[0]::2, offsets[1]::2].set(g)
 
 
 def _backward(x: Array, w: Array, g: Array, stride: int, precision, form: str) -> tuple[Array, Array]:
@@ -108,11 +116,16 @@ def _backward(x: Array, w: Array, g: Array, stride: int, precision, form: str) -
     return _input_gradient(w, g, precision), _weight_gradient(x, g, w.shape, precision, form).astype(w.dtype)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _fast_conv(x: Array, w: Array, stride: int, precision, form: str) -> Array:
-    """The 'SAME' NHWC/HWIO convolution of stride 1 or 2 with the derivatives of ``_backward``."""
+def _forward(x: Array, w: Array, stride: int, precision) -> Array:
+    """The 'SAME' NHWC/HWIO convolution of stride 1 or 2 (one canonical convolution)."""
     padding = _same_padding(w.shape) if stride == 1 else "SAME"
     return _nhwc_conv(x, w, padding, precision, (stride, stride))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _fast_conv(x: Array, w: Array, stride: int, precision, form: str) -> Array:
+    """:func:`_forward`, whose derivatives are the canonical convolutions of :func:`_backward`."""
+    return _forward(x, w, stride, precision)
 
 
 @partial(_fast_conv.defjvp, symbolic_zeros=True)
@@ -120,13 +133,20 @@ def _fast_conv_jvp(stride, precision, form, primals, tangents):
     x, w = primals
     dx, dw = tangents
     y = _fast_conv(x, w, stride, precision, form)
+    if isinstance(dw, SymbolicZero):  # in the input alone: the convolution itself (see the module's docstring)
+        return y, _forward(dx, w, stride, precision)
     out = jax.ShapeDtypeStruct(y.shape, y.dtype)
-    terms = []
-    if not isinstance(dx, SymbolicZero):  # B_x^T dx
-        terms.append(jax.linear_transpose(lambda g: _backward(x, w, g, stride, precision, form)[0], out)(dx)[0])
-    if not isinstance(dw, SymbolicZero):  # B_w^T dw
-        terms.append(jax.linear_transpose(lambda g: _backward(x, w, g, stride, precision, form)[1], out)(dw)[0])
-    return y, sum(terms[1:], terms[0])
+    nonzero = (not isinstance(dx, SymbolicZero), True)
+
+    # B_x^T dx + B_w^T dw, rematerialised: under jax.grad the residuals are x and w alone, and the
+    # kernel flips and input transposes of B_x, B_w happen in the backward pass, as in a hand-written VJP.
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    def tangent(x, w, *ts):
+        maps = [lambda g, i=i: _backward(x, w, g, stride, precision, form)[i] for i in (0, 1) if nonzero[i]]
+        terms = [jax.linear_transpose(b, out)(t)[0] for b, t in zip(maps, ts)]
+        return sum(terms[1:], terms[0])
+
+    return y, tangent(x, w, *(t for t, n in zip(tangents, nonzero) if n))
 
 
 @dataclasses.dataclass(frozen=True)
