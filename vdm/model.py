@@ -69,7 +69,8 @@ class VDM(nnx.Module):
         return cls(image_shape=image_shape, vocab_size=vocab_size, schedule=c.schedule, gamma_min=c.gamma_min,
                    gamma_max=c.gamma_max, network=c.network, prediction=c.prediction, num_classes=c.num_classes,
                    dtype=c.dtype, remat=c.remat, convolution_gradient=c.convolution_gradient,
-                   weight_gradient=c.weight_gradient, schedule_kwargs=dict(c.schedule_kwargs), network_kwargs=dict(c.network_kwargs), rngs=rngs)
+                   weight_gradient=c.weight_gradient, schedule_kwargs=dict(c.schedule_kwargs),
+                   network_kwargs=dict(c.network_kwargs), rngs=rngs)
 
     @property
     def num_dims(self) -> int:
