@@ -139,6 +139,19 @@ def test_a_swapped_schedule_keeps_the_expected_bound_and_changes_only_its_varian
     assert variances["cosine"] > 2 * variances["fixed_linear"]
 
 
+def test_the_ode_likelihood_differentiates_a_convolutional_network_through_its_custom_convolutions():
+    """ode_nll takes the network's jvp (the divergence) with whatever convolution derivatives the network
+    was built with, knowing nothing of them: here the custom ones (stride 1 and 2) trace in forward mode.
+    That this jvp equals XLA's own: tests/test_nets.py; traced, not compiled, to stay quick."""
+    kw = dict(network="multires_unet", network_kwargs={"channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
+                                                       "mid_attention": False, "with_fourier_features": False})
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _model(convolution_gradient="custom", **kw)))
+    nll = jax.make_jaxpr(lambda state, b: evaluation.ode_nll(nnx.merge(graphdef, state), b, jax.random.PRNGKey(1)))(
+        state, _batch(4))
+    assert "custom_jvp_call" in str(nll) and str(nll).count("conv_general_dilated") >= 2 * 15
+    assert nll.out_avals[0].shape == (4,)
+
+
 def test_label_dropout_one_is_the_unconditional_model():
     """With every label dropped to the null class (whose embedding is zero here), a conditional model
     computes exactly the unconditional model's loss and gradients, whatever the labels."""

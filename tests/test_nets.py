@@ -9,6 +9,7 @@ are pytrees in NNX), so identical network structures reuse compilations.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -20,8 +21,9 @@ import pytest
 from flax import nnx
 
 from vdm import options
-from vdm.nets import MLP, NETWORKS, MultiResUNet, ScoreUNet, build, fourier_features, layers, timestep_embedding
-from vdm.nets.layers import conv_general_dilated, normalize_gamma, num_groups
+from vdm.nets import MLP, NETWORKS, MultiResUNet, ScoreUNet, build, fourier_features, kernels, timestep_embedding
+from vdm.nets.kernels import Convolutions
+from vdm.nets.layers import normalize_gamma, num_groups
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 
@@ -377,77 +379,186 @@ def test_timestep_embedding_matches_numpy(dim):
     np.testing.assert_allclose(got, expected, atol=5e-4)
 
 
-@pytest.mark.parametrize(
-    "shape, kernel, strides, padding",
-    [
-        ((2, 6, 5, 3), (3, 3, 3, 4), (1, 1), "SAME"),  # custom-VJP path
-        ((2, 6, 5, 3), (1, 3, 3, 4), (1, 1), ((0, 0), (1, 1))),  # custom-VJP path, explicit padding
-        ((1, 28, 28, 128), (3, 3, 128, 128), (1, 1), "SAME"),  # custom VJP, weight gradient by matmuls on CPU
-        ((1, 28, 30, 128), (1, 3, 128, 128), (1, 1), ((0, 0), (1, 1))),  # the same, 1 x 3 kernel
-        ((2, 6, 6, 3), (3, 3, 3, 4), (2, 2), "SAME"),  # custom VJP, stride 2 (even size: padding (0, 1))
-        ((2, 7, 5, 3), (3, 3, 3, 4), (2, 2), "SAME"),  # custom VJP, stride 2 (odd sizes: padding (1, 1))
-        ((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), "VALID"),  # forwarded to lax
-    ],
-)
+NHWC = ("NHWC", "HWIO", "NHWC")
+CONV_CASES = [
+    ((2, 6, 5, 3), (3, 3, 3, 4), (1, 1), "SAME"),  # custom-derivative path
+    ((2, 6, 5, 3), (1, 3, 3, 4), (1, 1), ((0, 0), (1, 1))),  # custom-derivative path, explicit padding
+    ((1, 28, 28, 128), (3, 3, 128, 128), (1, 1), "SAME"),  # custom, weight gradient by matmuls on CPU ("auto")
+    ((1, 28, 30, 128), (1, 3, 128, 128), (1, 1), ((0, 0), (1, 1))),  # the same, 1 x 3 kernel
+    ((2, 6, 6, 3), (3, 3, 3, 4), (2, 2), "SAME"),  # custom, stride 2 (even size: padding (0, 1))
+    ((2, 7, 5, 3), (3, 3, 3, 4), (2, 2), "SAME"),  # custom, stride 2 (odd sizes: padding (1, 1))
+    ((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), "VALID"),  # forwarded to lax
+]
+
+
+def conv_case(shape, kernel, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal(shape), jnp.float32), jnp.asarray(rng.standard_normal(kernel), jnp.float32))
+
+
+@pytest.mark.parametrize("shape, kernel, strides, padding", CONV_CASES)
 def test_conv_matches_lax_with_gradients(shape, kernel, strides, padding):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    w = jnp.asarray(rng.standard_normal(kernel), jnp.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
+    x, w = conv_case(shape, kernel)
 
     def loss(conv, x, w):
-        y = conv(x, w, strides, padding, dimension_numbers=dn)
+        y = conv(x, w, strides, padding, dimension_numbers=NHWC)
         return jnp.sum(jnp.sin(y)), y
 
-    (_, y1), g1 = jax.value_and_grad(partial(loss, conv_general_dilated), argnums=(0, 1), has_aux=True)(x, w)
+    (_, y1), g1 = jax.value_and_grad(partial(loss, Convolutions()), argnums=(0, 1), has_aux=True)(x, w)
     (_, y2), g2 = jax.value_and_grad(partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1), has_aux=True)(x, w)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), atol=1e-5)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
+def conv_ops(jaxpr) -> list:
+    """Every ``conv_general_dilated`` equation of a jaxpr, sub-jaxprs (scan, jit, ...) included."""
+    found = []
+    for eqn in (jaxpr if hasattr(jaxpr, "eqns") else jaxpr.jaxpr).eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append(eqn)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    found += conv_ops(sub)
+    return found
+
+
+def is_canonical(eqn) -> bool:
+    """NHWC/HWIO/NHWC without dilation: the layout XLA:CPU's fast convolution kernels take."""
+    p = eqn.params
+    want = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), NHWC)
+    return p["dimension_numbers"] == want and set(p["lhs_dilation"]) == {1} and set(p["rhs_dilation"]) == {1}
+
+
+@pytest.mark.parametrize("form", ["conv", "matmul"])
+@pytest.mark.parametrize("shape, kernel, strides, padding", [CONV_CASES[i] for i in (0, 1, 4, 5)])
+def test_custom_derivatives_of_both_forms_in_both_modes(shape, kernel, strides, padding, form):
+    """Gradient (reverse mode) and jvp (forward mode) of the custom convolution equal lax's, for each
+    weight-gradient form and stride; the backward pass holds canonical convolutions only, lax's does not."""
+    x, w = conv_case(shape, kernel)
+    dx, dw = conv_case(shape, kernel, seed=1)
+    custom = Convolutions("custom", form)
+
+    def conv(fn):
+        return lambda x, w: fn(x, w, strides, padding, dimension_numbers=NHWC)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(conv(fn)(x, w)))
+
+    for a, b in zip(jax.grad(loss(custom), (0, 1))(x, w), jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+    for tangents in ((dx, dw), (dx, jnp.zeros_like(w)), (jnp.zeros_like(x), dw)):
+        got = jax.jvp(conv(custom), (x, w), tangents)
+        want = jax.jvp(conv(jax.lax.conv_general_dilated), (x, w), tangents)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+    backward = conv_ops(jax.make_jaxpr(jax.grad(loss(custom), (0, 1)))(x, w))
+    assert len(backward) == (3 if form == "conv" else 2) and all(map(is_canonical, backward))
+    assert not all(map(is_canonical, conv_ops(jax.make_jaxpr(jax.grad(loss(jax.lax.conv_general_dilated), (0, 1)))(x, w))))
+    # Forward mode in the input alone (the ODE likelihood's divergence): canonical convolutions as well.
+    forward = conv_ops(jax.make_jaxpr(lambda x, v: jax.jvp(lambda x: conv(custom)(x, w), (x,), (v,)))(x, dx))
+    assert len(forward) == 2 and all(map(is_canonical, forward))
+
+
 def test_conv_gradient_inside_scan_matches_lax():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
     ws = jnp.asarray(0.3 * rng.standard_normal((3, 3, 3, 4, 4)), jnp.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
 
     def loss(conv, x, ws):
         def body(h, w):
-            return h + jax.nn.swish(conv(h, w, (1, 1), "SAME", dimension_numbers=dn)), None
+            return h + jax.nn.swish(conv(h, w, (1, 1), "SAME", dimension_numbers=NHWC)), None
 
         return jnp.sum(jax.lax.scan(body, x, ws)[0] ** 2)
 
-    g1 = jax.jit(jax.grad(partial(loss, conv_general_dilated), argnums=(0, 1)))(x, ws)
+    g1 = jax.jit(jax.grad(partial(loss, Convolutions()), argnums=(0, 1)))(x, ws)
     g2 = jax.jit(jax.grad(partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1)))(x, ws)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
 def test_the_custom_conv_gradient_is_taken_on_the_cpu_only_unless_asked_for(monkeypatch):
-    """``auto`` takes the custom VJP where it was measured to win (the CPU) and XLA's own gradient on
-    other backends; ``convolution_gradient`` forces either, and ``plain_convolutions`` nests inside."""
+    """``auto`` takes the custom derivatives where they were measured to win (the CPU) and XLA's own on
+    other backends; ``custom`` and ``plain`` force either; a bad name is a one-line error."""
     x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
 
-    def custom_vjp_in_gradient() -> bool:
-        f = lambda w: jnp.sum(conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-        return "custom_vjp" in str(jax.make_jaxpr(jax.grad(f))(w))
+    def takes_custom_derivatives(conv) -> bool:
+        f = lambda w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC))
+        return "custom_jvp" in str(jax.make_jaxpr(f)(w))
 
-    assert layers.uses_custom_gradient("cpu") and not layers.uses_custom_gradient("gpu")
-    assert not layers.uses_custom_gradient("tpu")
-    assert custom_vjp_in_gradient()  # this test runs on the CPU
-    with layers.plain_convolutions():
-        assert not custom_vjp_in_gradient()
+    assert Convolutions().uses_custom_gradient("cpu") and not Convolutions().uses_custom_gradient("gpu")
+    assert not Convolutions().uses_custom_gradient("tpu")
+    assert takes_custom_derivatives(Convolutions())  # this test runs on the CPU
+    assert not takes_custom_derivatives(Convolutions("plain"))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not custom_vjp_in_gradient()
-    with layers.convolution_gradient("custom"):
-        assert custom_vjp_in_gradient()
-        with layers.plain_convolutions():
-            assert not custom_vjp_in_gradient()
-        assert custom_vjp_in_gradient()
-    with pytest.raises(ValueError, match="convolution gradient 'fast'"):
-        with layers.convolution_gradient("fast"):
-            pass
+    assert not takes_custom_derivatives(Convolutions())
+    assert takes_custom_derivatives(Convolutions("custom"))
+    assert not takes_custom_derivatives(Convolutions("plain"))
+    with pytest.raises(ValueError, match="convolution gradient 'fast': auto, custom, plain"):
+        Convolutions("fast")
+    with pytest.raises(ValueError, match="weight gradient 'dot': auto, conv, matmul"):
+        Convolutions(weight_gradient="dot")
+
+
+def test_the_convolution_setting_is_a_value_of_the_network_not_state():
+    """No module-level mutable state: the setting is a frozen, hashable value that every ``nnx.Conv``
+    of a network holds in its graphdef; two settings used side by side keep their own."""
+    assert not [name for name, value in vars(kernels).items()
+                if not name.startswith("__") and isinstance(value, (list, dict, set, bytearray))]
+    setting = Convolutions("plain", "matmul")
+    assert setting == Convolutions("plain", "matmul") and hash(setting) == hash(Convolutions("plain", "matmul"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setting.gradient = "custom"
+    for name in ("unet", "multires_unet"):
+        net = nnx.eval_shape(lambda: make(name, convolutions=setting))
+        convs = [node for _, node in nnx.iter_graph(net) if isinstance(node, nnx.Conv)]
+        assert convs and all(c.conv_general_dilated is setting for c in convs)
+        # In the graphdef (static): equal settings give equal graphdefs (one compilation), others do not.
+        assert nnx.graphdef(net) == nnx.graphdef(nnx.eval_shape(lambda: make(name, convolutions=setting)))
+        assert nnx.graphdef(net) != nnx.graphdef(nnx.eval_shape(lambda: make(name)))
+    z, _ = inputs("unet")
+    plain, custom = (nnx.eval_shape(lambda g=g: make("unet", convolutions=Convolutions(g))) for g in ("plain", "custom"))
+    assert not takes_custom(plain, z) and takes_custom(custom, z) and not takes_custom(plain, z)
+
+
+def takes_custom(net, z) -> bool:
+    """Whether ``net`` (concrete or abstract) computes its convolutions with the custom derivatives."""
+    graphdef, state = nnx.split(net)
+    call = lambda state, z: nnx.merge(graphdef, state)(z, jnp.zeros((z.shape[0],)))
+    return "custom_jvp" in str(jax.make_jaxpr(call)(state, z))
+
+
+def test_network_derivatives_with_custom_convolutions_equal_plain(nets):
+    """A network (the scanned, rematerialised U-Net) has the same jvp in z (the ODE likelihood's
+    divergence) and the same parameter gradients with the custom convolution derivatives as with
+    XLA's own; with the custom ones both hold canonical convolutions only, inside the scan too
+    (XLA:CPU's fast kernels). The stride-2 convolution in a network: test_model's ODE likelihood."""
+    name = "unet"
+    _, custom = nets[name]  # built with the default setting: the custom derivatives on this CPU
+    plain = nnx.eval_shape(lambda: make(name, convolutions=Convolutions("plain")))
+    nnx.update(plain, nnx.state(custom))
+    z, gamma = inputs(name)
+    v = jax.random.normal(jax.random.key(5), z.shape)
+
+    def derivatives(params, graphdef):
+        out = lambda params, z: nnx.merge(graphdef, params)(z, gamma)
+        return jax.jvp(lambda z: out(params, z), (z,), (v,)), jax.grad(lambda p: jnp.sum(jnp.sin(out(p, z))))(params)
+
+    results = []
+    for net in (custom, plain):
+        graphdef, params = nnx.split(net, nnx.Param)
+        if net is custom:
+            assert takes_custom(net, z) and all(map(is_canonical, conv_ops(jax.make_jaxpr(derivatives, static_argnums=1)(
+                params, graphdef))))
+        quick = {"xla_backend_optimization_level": 0}  # compiles in half the time; values are all that is compared
+        results.append(jax.jit(derivatives, static_argnums=1).lower(params, graphdef).compile(quick)(params))
+    (jvp_custom, g_custom), (jvp_plain, g_plain) = results
+    assert np.abs(np.asarray(jvp_custom[1])).max() > 1e-3
+    for a, b in zip(jvp_custom, jvp_plain):  # float32 sums in another order: relative to the largest entry
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * np.abs(np.asarray(b)).max())
+    g_custom, g_plain = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in (g_custom, g_plain))
+    assert np.linalg.norm(g_custom - g_plain) <= 1e-5 * np.linalg.norm(g_plain)
 
 
 def test_num_groups():
@@ -490,11 +601,14 @@ def test_declared_input_rank_matches_what_the_network_takes(nets, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_remat_changes_memory_not_the_function(name):
-    """Rematerialisation recomputes activations in the backward pass: same outputs, same gradients."""
+    """Rematerialisation recomputes activations in the backward pass: same outputs, same gradients.
+
+    With plain convolutions: the custom ones rematerialise a piece of their own (``vdm.nets.kernels``),
+    which would hide whether the blocks are."""
     z, gamma = inputs(name)
     results, checkpointed = [], []
     for remat in (False, True):
-        net = perturb(make(name, remat=remat), 11)
+        net = perturb(make(name, remat=remat, convolutions=Convolutions("plain")), 11)
         graphdef, params = nnx.split(net, nnx.Param)
 
         def loss(params, graphdef=graphdef):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, compile_count, config_names, free_port, load_config as _config, run_python as _run
 
-from vdm import checkpoint, configlib, data, metrics, optimizer, steps, train
+from vdm import checkpoint, configlib, data, metrics, optimizer, resume, steps, train
 
 
 @pytest.mark.slow
@@ -326,6 +326,32 @@ def test_dtype_and_remat_reach_the_network():
     config.model.dtype = "float16"
     with pytest.raises(configlib.ConfigError, match="config.model.dtype='float16': valid names: float32, bfloat16"):
         configlib.validate(config)
+
+
+def test_convolution_settings_reach_every_convolution_change_no_parameter_and_resume_old_checkpoints():
+    from flax import nnx
+
+    from vdm.model import VDM
+    from vdm.nets.kernels import Convolutions
+
+    config = _config()
+    config.model.convolution_gradient, config.model.weight_gradient = "plain", "matmul"
+    info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10)
+    models = [nnx.eval_shape(lambda c=c: VDM.from_config(c, image_shape=info.shape, vocab_size=17, rngs=nnx.Rngs(0)))
+              for c in (config, _config())]
+    convs = [node for _, node in nnx.iter_graph(models[0]) if isinstance(node, nnx.Conv)]
+    assert convs and all(c.conv_general_dilated == Convolutions("plain", "matmul") for c in convs)
+    shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(nnx.state(m, nnx.Param))) for m in models]
+    assert shapes[0] == shapes[1]
+    # A checkpoint written before these fields existed (or with other values) resumes.
+    old = {k: v for k, v in _config().model.to_dict().items() if k not in ("convolution_gradient", "weight_gradient")}
+    identity = {"name": "x"}
+    assert resume._model_differences({"config": {"model": old}, "data": identity}, config.to_dict(), identity) == []
+    for field, names in (("convolution_gradient", "auto, custom, plain"), ("weight_gradient", "auto, conv, matmul")):
+        bad = _config()
+        bad.model[field] = "fast"
+        with pytest.raises(configlib.ConfigError, match=f"^config.model.{field}='fast': valid names: {names}$"):
+            configlib.validate(bad)
 
 
 def test_python_entry_point_takes_a_shipped_config_by_name_with_overrides(tmp_path, capsys):

@@ -34,6 +34,7 @@ from flax import nnx
 from vdm import (diffusion, evaluation, likelihood, nets, objective, optimizer, options, registry, samplers, schedules,
                  time_sampling, weightings)
 from vdm import model as model_lib
+from vdm.nets import kernels
 
 
 class ConfigError(ValueError):
@@ -175,6 +176,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # > 0: class-conditional (the data must have labels 0..num_classes-1)
     c.model.dtype = "float32"  # compute dtype of the network: float32 | bfloat16 (parameters stay float32)
     c.model.remat = False  # rematerialise each network block in the backward pass: less memory, ~1/3 more compute
+    # How the convolutions are differentiated (vdm.nets.kernels; speed only, the same values and parameters):
+    c.model.convolution_gradient = "auto"  # auto (custom on the CPU, XLA's own elsewhere) | custom | plain
+    c.model.weight_gradient = "auto"  # the custom weight gradient's form: auto | conv | matmul
 
     # Loss: what is trained. Evaluation always reports the true VLB.
     c.loss = ml_collections.ConfigDict()
@@ -341,6 +345,8 @@ def validate(config) -> None:
     except objective.ObjectiveError as e:
         _fail(e.field, e.value, e.problem)
     _choice("model.dtype", model.dtype, COMPUTE_DTYPES)
+    _ask("model", lambda: kernels.check_options(convolution_gradient=model.convolution_gradient,
+                                                weight_gradient=model.weight_gradient))
     if model.num_classes < 0:
         _fail("model.num_classes", model.num_classes, "must be >= 0 (0 = unconditional)")
     if config.sample.guidance < 0:

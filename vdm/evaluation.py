@@ -30,7 +30,6 @@ from flax import nnx
 
 from vdm import data as data_lib, diffusion, likelihood, metrics as metrics_lib, objective, parallel, registry
 from vdm.model import VDM, pure_functions
-from vdm.nets import layers
 
 
 class Evaluated(NamedTuple):
@@ -60,10 +59,9 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
                                                divergence=divergence, num_probes=num_probes, solver=solver)
         return result.log_prob, result.nfe
 
-    with layers.plain_convolutions():  # the divergence differentiates the network in forward mode
-        return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
-                                       dequantization=dequantization, num_samples=num_samples,
-                                       gamma_0=diffusion.schedule_endpoints(model.schedule)[0])
+    return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
+                                   dequantization=dequantization, num_samples=num_samples,
+                                   gamma_0=diffusion.schedule_endpoints(model.schedule)[0])
 
 
 def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:

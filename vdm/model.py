@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdm import diffusion, nets, options, samplers, schedules
+from vdm.nets import kernels
 
 
 class ScheduleArguments(NamedTuple):
@@ -53,15 +54,21 @@ class NetworkArguments(NamedTuple):
     dtype: Any
     remat: bool
     gamma_map: bool  # the schedule is per element: take the gamma map as input channels too
+    convolutions: kernels.Convolutions  # the convolution kernel's setting (model.convolution_gradient, weight_gradient)
     rngs: nnx.Rngs
 
 
 class VDM(nnx.Module):
-    """Schedule + denoising network for data of shape ``image_shape`` with ``vocab_size`` values."""
+    """Schedule + denoising network for data of shape ``image_shape`` with ``vocab_size`` values.
+
+    ``convolution_gradient`` and ``weight_gradient`` choose how the network's convolutions are
+    differentiated (``vdm.nets.kernels.Convolutions``): speed only, never values or parameters.
+    """
 
     def __init__(self, *, image_shape: tuple, vocab_size: int, schedule: str, gamma_min: float,
                  gamma_max: float, network: str, prediction: str = "eps", num_classes: int = 0,
-                 dtype: str = "float32", remat: bool = False, schedule_kwargs: dict | None = None,
+                 dtype: str = "float32", remat: bool = False, convolution_gradient: str = "auto",
+                 weight_gradient: str = "auto", schedule_kwargs: dict | None = None,
                  network_kwargs: dict | None = None, rngs: nnx.Rngs):
         self.image_shape = tuple(int(d) for d in image_shape)
         self.vocab_size = int(vocab_size)
@@ -72,9 +79,10 @@ class VDM(nnx.Module):
         network_cls = nets.lookup(network)
         self.flatten = network_cls.input_rank == 2  # the network takes vectors [B, D], not images
         in_channels = math.prod(self.image_shape) if self.flatten else self.image_shape[-1]
+        convolutions = kernels.Convolutions(gradient=convolution_gradient, weight_gradient=weight_gradient)
         given = NetworkArguments(in_channels=in_channels, gamma_min=gamma_min, gamma_max=gamma_max,
                                  num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat,
-                                 gamma_map=self.elementwise, rngs=rngs)
+                                 gamma_map=self.elementwise, convolutions=convolutions, rngs=rngs)
         self.network = network_cls(**given._asdict(), **(network_kwargs or {}))
 
     @property
@@ -87,7 +95,9 @@ class VDM(nnx.Module):
         c = config.model
         return cls(image_shape=image_shape, vocab_size=vocab_size, schedule=c.schedule, gamma_min=c.gamma_min,
                    gamma_max=c.gamma_max, network=c.network, prediction=c.prediction, num_classes=c.num_classes,
-                   dtype=c.dtype, remat=c.remat, schedule_kwargs=dict(c.schedule_kwargs), network_kwargs=dict(c.network_kwargs), rngs=rngs)
+                   dtype=c.dtype, remat=c.remat, convolution_gradient=c.convolution_gradient,
+                   weight_gradient=c.weight_gradient, schedule_kwargs=dict(c.schedule_kwargs),
+                   network_kwargs=dict(c.network_kwargs), rngs=rngs)
 
     @property
     def num_dims(self) -> int:

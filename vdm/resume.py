@@ -16,7 +16,7 @@ import jax
 from vdm import checkpoint as ckpt_lib, configlib, data as data_lib
 
 # Model fields that change no parameter: a checkpoint may be resumed with other values.
-_COMPATIBLE_MODEL_FIELDS = {"dtype", "remat"}
+_COMPATIBLE_MODEL_FIELDS = {"dtype", "remat", "convolution_gradient", "weight_gradient"}
 
 
 def _data_identity(info: data_lib.DatasetInfo) -> dict:

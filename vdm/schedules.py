@@ -23,7 +23,7 @@ the normalised interior, for the variance-minimising gradient of VDM App. I.2).
 
 Learned parameters are typed so that filters can pick them out: ``ScheduleEndpoint``
 for g0 and g1, ``ScheduleShape`` for the interiors of ``monotone_net`` and ``per_pixel_polynomial``. Both subclass
-``nnx.Param`` (not ``vdm.nets.layers.Kernel``, the only type that gets weight decay),
+``nnx.Param`` (weight decay, ``vdm.weight_decay``, is for dense and convolution kernels only),
 and the variance-minimising gradient (``vdm.model``, through
 ``diffusion.value_and_grad_with_schedule_variance``) treats ``ScheduleShape`` as the
 interior. A new schedule is one class here plus its entry in ``SCHEDULES``.

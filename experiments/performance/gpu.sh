@@ -7,7 +7,7 @@
 # 1. `vdm.bench` on the paper's CIFAR-10 configuration (32 blocks x 128 channels) at batch 128:
 #    bfloat16 (the 40%-MFU target), float32, and bfloat16 with rematerialised blocks at batch 256;
 #    and on the demo's config (configs/mnist.py) as it ships.
-# 2. `ab.py`: the custom-gradient convolution against XLA's own gradient (`conv=custom|plain`), on
+# 2. `ab.py`: the custom-gradient convolution against XLA's own gradient (`model.convolution_gradient`), on
 #    the paper network in bfloat16 and on the demo network; scanned against unrolled blocks at
 #    4 blocks (the depth up to which `scan_blocks="auto"` unrolls).
 # 3. `scaling.py`: images/s on 1, 2, 4, 8 GPUs at a fixed global batch (counts above the number

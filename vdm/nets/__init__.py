@@ -1,7 +1,8 @@
 """Denoising networks for Variational Diffusion Models.
 
 Every network is a Flax NNX module constructed as
-``Net(in_channels, ..., gamma_min=..., gamma_max=..., num_classes=0, rngs=nnx.Rngs(seed))``
+``Net(in_channels, ..., gamma_min=..., gamma_max=..., num_classes=0, remat=False,
+convolutions=kernels.Convolutions(), dtype=..., rngs=nnx.Rngs(seed))``
 and called as ``out = net(z, gamma, cond=None, *, dropout_rng=None)``:
 
 * ``z``: ``[B, H, W, C]`` images or ``[B, D]`` vectors; the class attribute
@@ -15,7 +16,13 @@ and called as ``out = net(z, gamma, cond=None, *, dropout_rng=None)``:
   means the null class of classifier-free guidance) or ``{"label": int32 [B]}``;
 * ``out``: float32 with the shape of ``z``, exactly zero at initialisation; an eps-,
   x- or v-prediction as the model's ``prediction`` says (``vdm.diffusion.to_eps``);
-* dropout is active if and only if a PRNG key ``dropout_rng`` is given.
+* dropout is active if and only if a PRNG key ``dropout_rng`` is given;
+* ``convolutions`` (:class:`vdm.nets.kernels.Convolutions`) computes every convolution
+  (``nnx.Conv(..., conv_general_dilated=convolutions)``): it chooses the derivatives
+  (fast custom ones on the CPU), never the values; a network without convolutions
+  takes it and ignores it;
+* weight decay falls on the ``kernel`` of every ``nnx.Linear`` and ``nnx.Conv`` the
+  network holds, however built (``vdm.weight_decay``), and on nothing else.
 
 Networks (:data:`NETWORKS`): ``"unet"`` (the VDM full-resolution U-Net, Kingma et al.
 2021, arXiv:2107.00630), ``"multires_unet"`` (DDPM-style multi-resolution U-Net) and
@@ -30,6 +37,7 @@ from typing import Any
 from flax import nnx
 
 from vdm import registry
+from vdm.nets.kernels import Convolutions
 from vdm.nets.layers import fourier_features, timestep_embedding
 from vdm.nets.mlp import MLP
 from vdm.nets.unet import MultiResUNet, ScoreUNet
@@ -56,6 +64,7 @@ def build(name: str, **kwargs: Any) -> nnx.Module:
 
 __all__ = [
     "MLP",
+    "Convolutions",
     "NETWORKS",
     "MultiResUNet",
     "ScoreUNet",

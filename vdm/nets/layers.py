@@ -15,20 +15,21 @@ Conventions used throughout ``vdm.nets``:
   storage dtype of the parameters (``float32`` by default).
 * Dropout is applied if and only if a PRNG key is passed; without a key every
   layer is deterministic.
+* Convolutions are computed by the network's ``convolutions`` setting, a
+  :class:`vdm.nets.kernels.Convolutions` fixed when the network is built (fast
+  gradients on the CPU); layers are plain ``nnx.Linear`` / ``nnx.Conv``, whose
+  ``kernel`` is what weight decay falls on (``vdm.weight_decay``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Sequence
-from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
+
+from vdm.nets.kernels import Convolutions
 
 from vdm import schedules
 
@@ -178,259 +179,35 @@ def group_norm(channels: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rng
     )
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _same_padding(kernel_shape: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    kh, kw = kernel_shape[:2]
-    return ((kh // 2, kh // 2), (kw // 2, kw // 2))
-
-
-def _nhwc_conv(x: Array, w: Array, padding, precision) -> Array:
-    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC, precision=precision)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _same_conv(x: Array, w: Array, precision) -> Array:
-    return _nhwc_conv(x, w, _same_padding(w.shape), precision)
-
-
-def _same_conv_fwd(x: Array, w: Array, precision):
-    return _same_conv(x, w, precision), (x, w)
-
-
-def _same_conv_bwd(precision, residuals, g):
-    x, w = residuals
-    pad = _same_padding(w.shape)
-    # d/dx: correlate g with the spatially flipped kernel, in/out channels swapped.
-    dx = _nhwc_conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3), pad, precision)
-    return dx, _weight_gradient(x, g, w.shape, precision).astype(w.dtype)
-
-
-def _weight_gradient(x: Array, g: Array, kernel_shape, precision) -> Array:
-    """d/dw of a 'SAME' convolution: [kh, kw, C_in, C_out] from the input x and the output's gradient g.
-
-    Two forms of the same sum over batch and pixels: a "convolution" with the input channels as
-    batch and the batch as features ([C_in, H, W, B] (*) [H, W, B, C_out]), or one matrix product
-    per kernel tap, x^T [C_in, B H W] times the shifted g. ``auto`` takes the products on the CPU
-    for images of at least 28 x 28 pixels and 32 channels, where they measured faster in the train
-    step (0.76x the step time of the paper's CIFAR-10 net at 4 blocks, 0.96x at 32 channels on
-    MNIST) and the convolution elsewhere (the demo's 14 x 14 levels: 1.15x slower as products);
-    see experiments/performance/README.md.
-    """
-    kh, kw = kernel_shape[:2]
-    (b, h, w_, c), o = x.shape, g.shape[-1]
-    form = _WEIGHT_GRADIENT[0]
-    if form == "auto":
-        form = "matmul" if jax.default_backend() == "cpu" and min(c, o) >= 32 and h * w_ >= 28 * 28 else "conv"
-    if form == "matmul":
-        ph, pw = kh // 2, kw // 2
-        gp = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-        xt = x.reshape(-1, c).T
-        taps = [lax.dot(xt, gp[:, 2 * ph - i:2 * ph - i + h, 2 * pw - j:2 * pw - j + w_, :].reshape(-1, o),
-                        precision=precision) for i in range(kh) for j in range(kw)]
-        return jnp.stack(taps).reshape(kh, kw, c, o)
-    # [C_in, H, W, B] (*) [H, W, B, C_out] -> [C_in, kh, kw, C_out].
-    dw = _nhwc_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), _same_padding(kernel_shape), precision)
-    return dw.transpose(1, 2, 0, 3)
-
-
-_same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _same_conv_stride2(x: Array, w: Array, precision) -> Array:
-    return lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=_NHWC, precision=precision)
-
-
-def _same_conv_stride2_fwd(x: Array, w: Array, precision):
-    return _same_conv_stride2(x, w, precision), (x, w)
-
-
-def _same_conv_stride2_bwd(precision, residuals, g):
-    """A stride-2 'SAME' convolution is the stride-1 one read at every second pixel, from an offset
-    (kernel // 2 minus the strided padding's low side): so its gradients are the stride-1 ones of
-    g spread onto that grid (zeros between), in the canonical layout of ``_same_conv_bwd``."""
-    x, w = residuals
-    offsets = []
-    for size, k, out in zip(x.shape[1:3], w.shape[:2], g.shape[1:3]):
-        low = max((out - 1) * 2 + k - size, 0) // 2
-        offsets.append(k // 2 - low)
-    spread = jnp.zeros(x.shape[:3] + g.shape[-1:], g.dtype).at[:, offsets[0]::2, offsets[1]::2].set(g)
-    return _same_conv_bwd(precision, residuals, spread)
-
-
-_same_conv_stride2.defvjp(_same_conv_stride2_fwd, _same_conv_stride2_bwd)
-
-
-_WEIGHT_GRADIENT = ["auto"]  # the form of _weight_gradient: auto | conv | matmul (see weight_gradient_form)
-_CONV_GRADIENT = ["auto"]  # whose gradient the 3x3 convolutions take: auto | custom | plain (see convolution_gradient)
-
-# Backends on which "auto" takes the custom VJP: measured 8 to 14x faster than XLA's own gradient
-# convolutions in the CPU train step (experiments/performance/README.md). Elsewhere (GPU, TPU) the
-# reason for it, XLA:CPU's slow generic kernel, does not exist, and the stride-2 gradient costs 4x
-# the FLOPs of XLA's: so those take XLA's own gradient until a measurement says otherwise
-# (``experiments/performance/ab.py --variant custom=conv=custom --variant plain=conv=plain``).
-CUSTOM_GRADIENT_BACKENDS = ("cpu",)
-
-
-@contextlib.contextmanager
-def _setting(cell: list, what: str, value: str, allowed: tuple[str, ...]):
-    """Set ``cell[0] = value`` inside the block (restored after it), once ``value`` is allowed."""
-    if value not in allowed:
-        raise ValueError(f"{what} {value!r}: {', '.join(allowed)}")
-    previous, cell[0] = cell[0], value
-    try:
-        yield
-    finally:
-        cell[0] = previous
-
-
-def weight_gradient_form(form: str):
-    """Trace the custom VJP's weight gradients in ``form`` (``conv``, ``matmul`` or ``auto``, the
-    default) inside this block: for measuring the two forms against each other."""
-    return _setting(_WEIGHT_GRADIENT, "weight gradient form", form, ("auto", "conv", "matmul"))
-
-
-def convolution_gradient(form: str):
-    """Trace :func:`conv_general_dilated` with ``form``'s gradient inside this block: ``custom``
-    (the custom VJP on every backend), ``plain`` (``lax.conv_general_dilated`` and XLA's own
-    gradient) or ``auto`` (the default: custom on ``CUSTOM_GRADIENT_BACKENDS``, plain elsewhere)."""
-    return _setting(_CONV_GRADIENT, "convolution gradient", form, ("auto", "custom", "plain"))
-
-
-def plain_convolutions():
-    """Trace the networks' convolutions as plain ``lax.conv_general_dilated`` inside this block.
-
-    A custom VJP cannot be differentiated in forward mode (``jax.jvp``), which the probability-
-    flow ODE likelihood needs for its divergence; there the CPU-gradient fast path of
-    ``conv_general_dilated`` is not wanted anyway (the likelihood takes no gradients).
-    """
-    return convolution_gradient("plain")
-
-
-def uses_custom_gradient(backend: str | None = None) -> bool:
-    """Whether :func:`conv_general_dilated` traced now takes the custom VJP on ``backend``
-    (default: JAX's default backend), under the innermost :func:`convolution_gradient` block."""
-    form = _CONV_GRADIENT[0]
-    if form == "auto":
-        return (backend or jax.default_backend()) in CUSTOM_GRADIENT_BACKENDS
-    return form == "custom"
-
-
-def conv_general_dilated(
-    lhs: Array,
-    rhs: Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    out_sharding: Any = None,
-) -> Array:
-    """Drop-in ``lax.conv_general_dilated`` whose gradient is fast on the CPU.
-
-    XLA:CPU only rewrites convolutions into the layout its fast (Eigen)
-    kernels support in the top-level computation. The gradient convolutions
-    JAX emits for a convolution inside ``lax.scan`` (as in the scanned
-    ``ScoreUNet`` stages) are left with transposed dimension labels and run on
-    a slow generic kernel: about 30x slower for a 3x3 conv on 28x28 images.
-    For the case the score networks use -- NHWC/HWIO, stride 1, no dilation,
-    no groups, 'SAME' padding with an odd kernel -- this function uses a
-    custom VJP that writes both gradient convolutions in the canonical
-    NHWC/HWIO form with explicit transposes (mathematically the same
-    gradient); stride 2 with 'SAME' padding (the down-sampling convolutions)
-    reuses it on the gradient spread onto the full-resolution grid. Every other configuration is forwarded to
-    ``lax.conv_general_dilated`` unchanged, and so is everything on backends outside
-    ``CUSTOM_GRADIENT_BACKENDS`` (see :func:`convolution_gradient`). Pass it to ``nnx.Conv(...,
-    conv_general_dilated=conv_general_dilated)``.
-    """
-    kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
-    canonical = (
-        lhs.ndim == 4
-        and rhs.ndim == 4
-        and kh % 2 == 1
-        and kw % 2 == 1
-        and all(d == 1 for d in (lhs_dilation or ()))
-        and all(d == 1 for d in (rhs_dilation or ()))
-        and feature_group_count == 1
-        and batch_group_count == 1
-        and preferred_element_type is None
-        and out_sharding is None
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    )
-    strides = tuple(window_strides)
-    simple = canonical and strides == (1, 1) and (
-        padding == "SAME" or tuple(map(tuple, padding)) == _same_padding(rhs.shape))
-    strided_simple = canonical and strides == (2, 2) and padding == "SAME"
-    if (simple or strided_simple) and uses_custom_gradient():
-        return (_same_conv if simple else _same_conv_stride2)(lhs, rhs, precision)
-    return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-        out_sharding=out_sharding,
-    )
-
-
 def conv3x3(
     in_channels: int,
     out_channels: int,
     *,
     stride: int = 1,
     zero_init: bool = False,
+    convolutions: Convolutions,
     dtype: DType,
     param_dtype: DType,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """3x3 'SAME' convolution (optionally stride 2 / zero-initialised kernel).
+    """3x3 'SAME' convolution (optionally stride 2 / zero-initialised kernel) computed by ``convolutions``.
 
-    Uses :func:`conv_general_dilated`, so its gradient is fast inside ``nnx.scan`` on CPU.
+    ``convolutions`` (:class:`vdm.nets.kernels.Convolutions`) is the network's convolution
+    setting: with it the gradient is fast on the CPU, inside ``lax.scan`` too.
     """
     kwargs = {"kernel_init": zeros_init} if zero_init else {}
-    conv = nnx.Conv(
+    return nnx.Conv(
         in_channels,
         out_channels,
         kernel_size=(3, 3),
         strides=(stride, stride),
         padding="SAME",
-        conv_general_dilated=conv_general_dilated,
+        conv_general_dilated=convolutions,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
         **kwargs,
     )
-    conv.kernel = Kernel(conv.kernel[...])
-    return conv
-
-
-class Kernel(nnx.Param):
-    """A weight matrix or convolution kernel: the parameters that get weight decay.
-
-    Every dense and convolution layer of ``vdm.nets`` stores its kernel as this type
-    (biases, norm scales, embeddings and the noise schedule stay plain ``nnx.Param``), so
-    the optimizer chooses weight decay by type, whatever the path or the rank of the array.
-    """
-
-
-def dense(in_features: int, out_features: int, **kwargs) -> nnx.Linear:
-    """``nnx.Linear`` whose kernel is a :class:`Kernel`."""
-    layer = nnx.Linear(in_features, out_features, **kwargs)
-    layer.kernel = Kernel(layer.kernel[...])
-    return layer
 
 
 class NoiseConditioning(nnx.Module):
@@ -455,8 +232,8 @@ class NoiseConditioning(nnx.Module):
         self.embed_dim = embed_dim
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
         self.num_classes = num_classes
-        self.dense0 = dense(embed_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense1 = dense(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense0 = nnx.Linear(embed_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense1 = nnx.Linear(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.label_embedding = (
             nnx.Embed(num_classes + 1, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if num_classes else None
         )
@@ -501,6 +278,8 @@ class ResnetBlock(nnx.Module):
     As in the VDM code the conditioning projection has no bias and is
     zero-initialised, so every block is the identity at initialisation.
 
+    ``convolutions`` computes the 3x3 convolutions (see :func:`conv3x3`).
+
     Call: ``x [B, H, W, in_channels]``, ``cond [B, cond_dim]``, optional
     ``dropout_rng`` -> ``[B, H, W, out_channels]``.
     """
@@ -512,18 +291,19 @@ class ResnetBlock(nnx.Module):
         cond_dim: int,
         *,
         dropout: float,
+        convolutions: Convolutions,
         dtype: DType,
         param_dtype: DType,
         rngs: nnx.Rngs,
     ):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = group_norm(in_channels, **common)
-        self.conv1 = conv3x3(in_channels, out_channels, **common)
-        self.cond_proj = dense(cond_dim, out_channels, use_bias=False, kernel_init=zeros_init, **common)
+        self.conv1 = conv3x3(in_channels, out_channels, convolutions=convolutions, **common)
+        self.cond_proj = nnx.Linear(cond_dim, out_channels, use_bias=False, kernel_init=zeros_init, **common)
         self.norm2 = group_norm(out_channels, **common)
         self.dropout = nnx.Dropout(dropout)
-        self.conv2 = conv3x3(out_channels, out_channels, zero_init=True, **common)
-        self.nin_shortcut = dense(in_channels, out_channels, **common) if in_channels != out_channels else None
+        self.conv2 = conv3x3(out_channels, out_channels, zero_init=True, convolutions=convolutions, **common)
+        self.nin_shortcut = nnx.Linear(in_channels, out_channels, **common) if in_channels != out_channels else None
 
     def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
         h = self.conv1(jax.nn.swish(self.norm1(x)))
@@ -549,10 +329,10 @@ class AttnBlock(nnx.Module):
     def __init__(self, channels: int, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = group_norm(channels, **common)
-        self.q = dense(channels, channels, **common)
-        self.k = dense(channels, channels, **common)
-        self.v = dense(channels, channels, **common)
-        self.proj_out = dense(channels, channels, kernel_init=zeros_init, **common)
+        self.q = nnx.Linear(channels, channels, **common)
+        self.k = nnx.Linear(channels, channels, **common)
+        self.v = nnx.Linear(channels, channels, **common)
+        self.proj_out = nnx.Linear(channels, channels, kernel_init=zeros_init, **common)
 
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets.layers import Array, DType, NoiseConditioning, call_block, dense, gamma_map, zeros_init
+from vdm.nets.kernels import Convolutions
+from vdm.nets.layers import Array, DType, NoiseConditioning, call_block, gamma_map, zeros_init
 
 
 class ResidualDenseBlock(nnx.Module):
@@ -24,10 +25,10 @@ class ResidualDenseBlock(nnx.Module):
     def __init__(self, hidden: int, cond_dim: int, *, dropout: float, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = nnx.LayerNorm(hidden, **common)
-        self.dense1 = dense(hidden, hidden, **common)
-        self.cond_proj = dense(cond_dim, hidden, use_bias=False, **common)
+        self.dense1 = nnx.Linear(hidden, hidden, **common)
+        self.cond_proj = nnx.Linear(cond_dim, hidden, use_bias=False, **common)
         self.dropout = nnx.Dropout(dropout)
-        self.dense2 = dense(hidden, hidden, **common)
+        self.dense2 = nnx.Linear(hidden, hidden, **common)
 
     def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
         h = jax.nn.swish(self.dense1(self.norm(x)) + self.cond_proj(cond))
@@ -54,6 +55,8 @@ class MLP(nnx.Module):
       gamma_map: also take the normalised gamma per element (``[B, D]``) beside ``z``, for schedules whose
         gamma differs per element; the embedding sees its per-example mean.
       remat: rematerialise each residual block in the backward pass.
+      convolutions: the networks' convolution setting (:class:`vdm.nets.kernels.Convolutions`);
+        taken for the common interface, unused (an MLP has no convolutions).
       dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for parameter initialisation.
@@ -76,6 +79,7 @@ class MLP(nnx.Module):
         num_classes: int = 0,
         gamma_map: bool = False,
         remat: bool = False,
+        convolutions: Convolutions = Convolutions(),
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -89,12 +93,12 @@ class MLP(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conditioning = NoiseConditioning(hidden, hidden, gamma_min=gamma_min, gamma_max=gamma_max,
                                               num_classes=num_classes, **common)
-        self.dense_in = dense(in_channels * (2 if gamma_map else 1), hidden, **common)
+        self.dense_in = nnx.Linear(in_channels * (2 if gamma_map else 1), hidden, **common)
         self.blocks = nnx.List(
             [ResidualDenseBlock(hidden, hidden, dropout=dropout, **common) for _ in range(depth)]
         )
         self.norm_out = nnx.LayerNorm(hidden, **common)
-        self.dense_out = dense(hidden, in_channels, kernel_init=zeros_init, **common)
+        self.dense_out = nnx.Linear(hidden, in_channels, kernel_init=zeros_init, **common)
 
     def __call__(self, z: Array, gamma: Array, cond: dict | None = None, *, dropout_rng: Array | None = None) -> Array:
         """Predicts the noise ``eps`` from ``z [B, D]``, ``gamma [B]`` and ``cond``; returns float32 ``[B, D]``."""

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vdm.nets.kernels import Convolutions
 from vdm.nets.layers import (
     Array,
     AttnBlock,
@@ -56,12 +57,14 @@ class ResAttnStage(nnx.Module):
         *,
         attention: bool,
         dropout: float,
+        convolutions: Convolutions,
         dtype: DType,
         param_dtype: DType,
         rngs: nnx.Rngs,
     ):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.block = ResnetBlock(in_channels, out_channels, cond_dim, dropout=dropout, **common)
+        self.block = ResnetBlock(in_channels, out_channels, cond_dim, dropout=dropout, convolutions=convolutions,
+                                 **common)
         self.attn = AttnBlock(out_channels, **common) if attention else None
 
     def __call__(self, x: Array, cond: Array, dropout_rng: Array | None = None) -> Array:
@@ -110,9 +113,10 @@ class ScoreUNet(nnx.Module):
     independent stages; both variants compute the same function of the same
     parameters (stage ``i`` of the list = slice ``i`` of the stack), including
     the dropout masks. ``remat=True`` rematerialises each stage in the backward
-    pass (``nnx.remat``), trading compute for memory. The 3x3 convolutions use
-    :func:`vdm.nets.layers.conv_general_dilated`, whose gradient avoids XLA:CPU's
-    slow path for convolutions inside loops, so scanning costs little on CPU too.
+    pass (``nnx.remat``), trading compute for memory. The 3x3 convolutions are
+    computed by ``convolutions`` (:class:`vdm.nets.kernels.Convolutions`), whose
+    gradient avoids XLA:CPU's slow path for convolutions inside loops, so scanning
+    costs little on CPU too.
 
     Args:
       in_channels: ``C``, channels of ``z``.
@@ -131,6 +135,8 @@ class ScoreUNet(nnx.Module):
         default): scan above ``UNROLL_MAX_BLOCKS`` blocks, unrolled up to it. Depends on the depth
         only, never the backend, so a checkpoint's layout is the same on every machine.
       remat: rematerialise (gradient-checkpoint) each stage.
+      convolutions: how the convolutions and their derivatives are computed
+        (:class:`vdm.nets.kernels.Convolutions`; changes speed, not values or parameters).
       dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for parameter initialisation.
@@ -159,6 +165,7 @@ class ScoreUNet(nnx.Module):
         gamma_map: bool = False,
         scan_blocks: bool | str = "auto",
         remat: bool = False,
+        convolutions: Convolutions = Convolutions(),
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -186,10 +193,11 @@ class ScoreUNet(nnx.Module):
                                               num_classes=num_classes, **common, rngs=rngs)
         conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
             in_channels if gamma_map else 0)
-        self.conv_in = conv3x3(conv_in_channels, channels, **common, rngs=rngs)
+        self.conv_in = conv3x3(conv_in_channels, channels, convolutions=convolutions, **common, rngs=rngs)
 
         def make_stage(rngs: nnx.Rngs, in_ch: int, attn: bool) -> ResAttnStage:
-            return ResAttnStage(in_ch, channels, cond_dim, attention=attn, dropout=dropout, **common, rngs=rngs)
+            return ResAttnStage(in_ch, channels, cond_dim, attention=attn, dropout=dropout, convolutions=convolutions,
+                                **common, rngs=rngs)
 
         def make_stack(num: int, in_ch: int) -> ResAttnStage | nnx.List:
             if not scan_blocks:
@@ -203,12 +211,13 @@ class ScoreUNet(nnx.Module):
             return make_stacked(rngs)
 
         self.down = make_stack(num_blocks, channels)
-        self.mid_block1 = ResnetBlock(channels, channels, cond_dim, dropout=dropout, **common, rngs=rngs)
+        block = dict(dropout=dropout, convolutions=convolutions, **common, rngs=rngs)
+        self.mid_block1 = ResnetBlock(channels, channels, cond_dim, **block)
         self.mid_attn = AttnBlock(channels, **common, rngs=rngs)
-        self.mid_block2 = ResnetBlock(channels, channels, cond_dim, dropout=dropout, **common, rngs=rngs)
+        self.mid_block2 = ResnetBlock(channels, channels, cond_dim, **block)
         self.up = make_stack(num_blocks + 1, 2 * channels)
         self.norm_out = group_norm(channels, **common, rngs=rngs)
-        self.conv_out = conv3x3(channels, in_channels, zero_init=True, **common, rngs=rngs)
+        self.conv_out = conv3x3(channels, in_channels, zero_init=True, convolutions=convolutions, **common, rngs=rngs)
 
     def _scan(self, stack: ResAttnStage, body, carry: Array, xs):
         """``jax.lax.scan`` of ``body(stage, carry, x)`` over the stacked stages.
@@ -307,9 +316,11 @@ class Downsample(nnx.Module):
     Call: ``x [B, H, W, C]`` with even ``H, W`` -> ``[B, H/2, W/2, C]``.
     """
 
-    def __init__(self, channels: int, *, with_conv: bool, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, with_conv: bool, convolutions: Convolutions, dtype: DType,
+                 param_dtype: DType, rngs: nnx.Rngs):
         self.conv = (
-            conv3x3(channels, channels, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            conv3x3(channels, channels, stride=2, convolutions=convolutions, dtype=dtype, param_dtype=param_dtype,
+                    rngs=rngs)
             if with_conv
             else None
         )
@@ -327,9 +338,12 @@ class Upsample(nnx.Module):
     Call: ``x [B, H, W, C]`` -> ``[B, 2H, 2W, C]``.
     """
 
-    def __init__(self, channels: int, *, with_conv: bool, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, with_conv: bool, convolutions: Convolutions, dtype: DType,
+                 param_dtype: DType, rngs: nnx.Rngs):
         self.conv = (
-            conv3x3(channels, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if with_conv else None
+            conv3x3(channels, channels, convolutions=convolutions, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if with_conv
+            else None
         )
 
     def __call__(self, x: Array) -> Array:
@@ -365,7 +379,7 @@ class MultiResUNet(nnx.Module):
       resample_with_conv: strided conv / conv after nearest upsampling (else
         average pooling / plain nearest upsampling).
       with_fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
-      num_classes, gamma_map, remat, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
+      num_classes, gamma_map, remat, convolutions, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
       rematerialises each residual block).
 
     Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
@@ -395,6 +409,7 @@ class MultiResUNet(nnx.Module):
         num_classes: int = 0,
         gamma_map: bool = False,
         remat: bool = False,
+        convolutions: Convolutions = Convolutions(),
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -425,7 +440,7 @@ class MultiResUNet(nnx.Module):
         num_levels = len(channel_mult)
 
         def res(in_ch: int, out_ch: int) -> ResnetBlock:
-            return ResnetBlock(in_ch, out_ch, cond_dim, dropout=dropout, **common)
+            return ResnetBlock(in_ch, out_ch, cond_dim, dropout=dropout, convolutions=convolutions, **common)
 
         def attn(ch: int, level: int) -> AttnBlock | None:
             return AttnBlock(ch, **common) if level in attention_levels else None
@@ -434,7 +449,7 @@ class MultiResUNet(nnx.Module):
                                               num_classes=num_classes, **common)
         conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
             in_channels if gamma_map else 0)
-        self.conv_in = conv3x3(conv_in_channels * patch_size**2, channels, **common)
+        self.conv_in = conv3x3(conv_in_channels * patch_size**2, channels, convolutions=convolutions, **common)
 
         # Down path; ``skip_channels`` records the width of every skip tensor.
         ch = channels
@@ -448,7 +463,7 @@ class MultiResUNet(nnx.Module):
                 ch = out_ch
                 skip_channels.append(ch)
             if level != num_levels - 1:
-                downsamples.append(Downsample(ch, with_conv=resample_with_conv, **common))
+                downsamples.append(Downsample(ch, with_conv=resample_with_conv, convolutions=convolutions, **common))
                 skip_channels.append(ch)
         self.down_blocks = nnx.List(down_blocks)
         self.down_attns = nnx.List(down_attns)
@@ -466,14 +481,14 @@ class MultiResUNet(nnx.Module):
                 up_attns.append(attn(out_ch, level))
                 ch = out_ch
             if level != 0:
-                upsamples.append(Upsample(ch, with_conv=resample_with_conv, **common))
+                upsamples.append(Upsample(ch, with_conv=resample_with_conv, convolutions=convolutions, **common))
         assert not skip_channels
         self.up_blocks = nnx.List(up_blocks)
         self.up_attns = nnx.List(up_attns)
         self.upsamples = nnx.List(upsamples)
 
         self.norm_out = group_norm(ch, **common)
-        self.conv_out = conv3x3(ch, in_channels * patch_size**2, zero_init=True, **common)
+        self.conv_out = conv3x3(ch, in_channels * patch_size**2, zero_init=True, convolutions=convolutions, **common)
 
     def __call__(self, z: Array, gamma: Array, cond: dict | None = None, *,
                  dropout_rng: Array | None = None) -> Array:
