@@ -122,7 +122,7 @@ def test_on_a_network_hutchinson_agrees_with_the_exact_divergence_and_eval_repor
     sys.path.insert(0, "tests")
     from conftest import load_config
 
-    from vdm import evaluation, train
+    from vdm import configlib, evaluation, train
     from vdm import model as model_lib
 
     config = load_config("test")
@@ -140,15 +140,23 @@ def test_on_a_network_hutchinson_agrees_with_the_exact_divergence_and_eval_repor
     se = hutch.std(ddof=1) / math.sqrt(len(hutch))
     assert abs(hutch.mean() - exact.mean()) < 4 * se + 1e-3 and int(nfe) > 0
 
-    config.train.num_steps = 2
-    config.eval.num_examples = 16
-    config.eval.method = "both"
-    config.sample.num_images = 2
-    config.sample.num_steps = 2
+    # The trainer's evaluation of both bounds, with the learned schedule per pixel (issue: the proof that a
+    # per-element schedule goes through training, the VLB and the ODE): as --config.model.schedule=... sets it.
+    config, _ = configlib.override(config, {"model.schedule": "per_pixel_polynomial", "train.num_steps": 2,
+                                            "eval.num_examples": 16, "eval.method": "both", "sample.num_images": 2,
+                                            "sample.num_steps": 2})
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     for name in ("bpd", "bpd_ode"):
         assert np.isfinite(result[name]) and 0 < result[f"{name}_se"] < result[name], name
     assert result["ode_nfe"] > 6 and result["count"] == 16
+    trainer = train.Trainer(config, str(tmp_path / "run"), must_exist=True)
+    try:
+        trainer.restore_latest()
+        endpoints = trainer.state.params["schedule"]["endpoints"]
+    finally:
+        trainer.close()
+    assert endpoints["low"].shape == (8, 8, 1)  # one schedule per pixel of the 8x8 digits, and training moved them apart
+    assert np.ptp(np.asarray(endpoints["low"])) > 0 and np.ptp(np.asarray(endpoints["width"])) > 0
 
 
 def test_with_a_schedule_per_element_the_flow_density_is_its_closed_form():

@@ -40,7 +40,8 @@ from vdm import registry
 from vdm.nets.kernels import Convolutions
 from vdm.nets.layers import fourier_features, timestep_embedding
 from vdm.nets.mlp import MLP
-from vdm.nets.unet import MultiResUNet, ScoreUNet
+from vdm.nets.multires_unet import MultiResUNet
+from vdm.nets.unet import ScoreUNet
 
 NETWORKS: dict[str, type[nnx.Module]] = {
     "unet": ScoreUNet,

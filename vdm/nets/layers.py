@@ -250,6 +250,13 @@ class NoiseConditioning(nnx.Module):
         return h + self.label_embedding(labels)
 
 
+def split_or_none(rng: Array | None, index: int, num: int) -> Array | None:
+    """``num`` dropout keys derived from ``fold_in(rng, index)``, or ``None`` without ``rng``."""
+    if rng is None:
+        return None
+    return jax.random.split(jax.random.fold_in(rng, index), num)
+
+
 def call_block(block: nnx.Module, h: Array, cond: Array, dropout_rng: Array | None) -> Array:
     """``block(h, cond, dropout_rng)`` as a function of the module, for ``nnx.remat(call_block)``."""
     return block(h, cond, dropout_rng)
