@@ -31,8 +31,8 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import (diffusion, evaluation, likelihood, nets, objective, optimizer, options, registry, samplers, schedules,
-                 time_sampling, weightings)
+from vdm import (data, diffusion, evaluation, inception, likelihood, nets, objective, optimizer, options, registry,
+                 samplers, schedules, time_sampling, weightings)
 from vdm import model as model_lib
 from vdm.nets import kernels
 
@@ -68,8 +68,6 @@ class Piece:
 
 
 def _source(name):
-    from vdm import data  # the data package pulls in grain; import it only when asked
-
     return registry.lookup(data.SOURCES, name, "data source")
 
 
@@ -328,8 +326,6 @@ def validate(config) -> None:
     _choice("sample.sampler", config.sample.sampler, samplers.SAMPLERS)
     if loss.importance_sampling:
         _choice("loss.importance_sampling", loss.importance_sampling, time_sampling.DENSITIES)
-    from vdm import data  # the data package pulls in grain; import it only when asked
-
     _choice("data.source", config.data.source, data.SOURCES)
     _check_kwargs(config)
     _ask("sample.sampler_kwargs", samplers.check_options, config.sample.sampler_kwargs.to_dict())
@@ -374,8 +370,6 @@ def validate(config) -> None:
     _choice("eval.method", config.eval.method, evaluation.EVALUATIONS)
     _ask("eval.ode", likelihood.check_options, config.eval.ode.to_dict())
     if config.eval.inception_weights:
-        from vdm import inception
-
         problem = inception.weights_problem(config.eval.inception_weights)
         if problem is not None:
             _fail("eval.inception_weights", config.eval.inception_weights, problem)
