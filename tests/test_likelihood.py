@@ -175,3 +175,25 @@ def test_with_a_schedule_per_element_the_flow_density_is_its_closed_form():
     # A scalar schedule with the mean endpoints is a different model: the per-element endpoints are what count.
     assert np.max(np.abs(data.flow_log_density(np.asarray(f), g0.mean(), g1.mean())
                          - data.flow_log_density(np.asarray(f), g0, g1))) > 0.05
+
+
+def test_every_evaluation_method_keeps_its_contract():
+    """Each EVALUATIONS entry returns Evaluated: bounds and parts per example [B] in nats, keyed by the names the
+    trainer reports them under (bpd...), counts as scalars, no name twice (traced only: no compilation)."""
+    from flax import nnx
+
+    from vdm import configlib, evaluation
+    from vdm import model as model_lib
+
+    config = configlib.base_config()
+    model = model_lib.VDM(image_shape=(4, 4, 1), vocab_size=17, schedule="fixed_linear", gamma_min=-8.0,
+                          gamma_max=5.0, network="mlp", network_kwargs={"hidden": 8, "depth": 1}, rngs=nnx.Rngs(0))
+    batch = {"image": jnp.zeros((3, 4, 4, 1), jnp.int32)}
+    for name, method in evaluation.EVALUATIONS.items():
+        out = jax.eval_shape(lambda b, method=method: method(model, b, jax.random.PRNGKey(0), config.eval.to_dict()),
+                             batch)
+        assert isinstance(out, evaluation.Evaluated) and out.bounds, name
+        for key, value in (out.bounds | out.parts).items():
+            assert key.startswith("bpd") and value.shape == (3,), (name, key, value.shape)
+        assert all(v.shape == () for v in out.counts.values()), name
+        assert len({*out.bounds, *out.parts, *out.counts}) == len(out.bounds) + len(out.parts) + len(out.counts)

@@ -265,3 +265,20 @@ def test_progress_in_a_notebook_draws_tqdm_below_the_start_up_lines():
     last = out.rstrip("\n").split("\r")[-1]
     assert last.startswith("100%|") and " 100/100 " in last and "step/s, loss=1.235, bpd=2.5]" in last
     assert "\rstep 100: test bpd 2.5\n" in out  # tqdm.write: the bar cleared, the line printed, the bar redrawn
+
+
+def test_sample_pictures_of_any_channel_count_are_grey_or_rgb():
+    """The grid of samples: grey and RGB images as they are; any other channel count shows each channel as a
+    grey image side by side (TensorBoard and PNG take only grey, RGB or RGBA)."""
+    from vdm import pictures
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 17, (4, 3, 5, 1))
+    grid = pictures.draw_samples(grey, 17, "image", columns=2)
+    assert grid.shape == (2 * 5 + 2, 2 * 7 + 2)
+    np.testing.assert_array_equal(grid[2:5, 2:7], np.round(grey[0, ..., 0] * 255 / 16))
+    two = rng.integers(0, 17, (4, 3, 5, 2))
+    grid = pictures.draw_samples(two, 17, "image", columns=2)
+    assert grid.shape == (2 * 5 + 2, 2 * 12 + 2)  # each image 5 + 5 wide: its two channels
+    np.testing.assert_array_equal(grid[2:5, 2:12], np.round(np.concatenate([two[0, ..., 0], two[0, ..., 1]], 1) * 255 / 16))
+    assert pictures.draw_samples(rng.integers(0, 17, (4, 3, 5, 3)), 17, "image").shape[-1] == 3

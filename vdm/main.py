@@ -172,6 +172,9 @@ def main(argv):
         print(f"test bits/dim by the probability-flow ODE: {result['bpd_ode']:.4f} +- {result['bpd_ode_se']:.4f} "
               f"({ode.dequantization} dequantisation x {ode.num_samples}, {ode.divergence} divergence, "
               f"{result['ode_nfe']:.0f} network evaluations per batch; {int(result['count'])} images)")
+    for name in [k for k in result if f"{k}_se" in result and k not in ("bpd", "bpd_ode")]:  # other methods' bounds
+        print(f"test {name}: {result[name]:.4f} +- {result[f'{name}_se']:.4f} ({config.eval.method}; "
+              f"{int(result['count'])} images)")
     if "samples" in result:
         print(f"samples: {result['samples']} ({result['nfe']} network evaluations, {config.sample.sampler} sampler)")
     if "fd_mnist" in result:

@@ -13,9 +13,13 @@ def draw_samples(images: np.ndarray, vocab_size: int, kind: str, columns: int | 
     """A uint8 picture of integer samples [N, H, W, C] in {0..V-1}, as the data set's ``kind`` asks.
 
     ``"image"``: a grid with a 2-pixel border, values scaled to 0..255, ``columns`` wide
-    (default: about square). ``"points"`` (2-D data, [N, 1, 1, 2]): a V x V scatter plot.
+    (default: about square); images whose channels are not grey or RGB show each channel as a grey
+    image, side by side. ``"points"`` (2-D data, [N, 1, 1, 2]): a V x V scatter plot.
     """
     n, h, w, c = images.shape
+    if kind != "points" and c not in (1, 3):
+        images = np.concatenate(np.split(images, c, axis=-1), axis=2)  # [N, H, W C, 1]
+        n, h, w, c = images.shape
     if kind == "points":
         canvas = np.full((vocab_size, vocab_size), 255, np.uint8)
         xy = images.reshape(n, 2).astype(np.int64)

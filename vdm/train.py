@@ -300,7 +300,8 @@ def _train_loop(trainer: Trainer, writer, progress, start: int, signals: Signals
             result = trainer.evaluate(stop=lambda: signals.requested)
             if result is not None:  # None: a signal came during the evaluation
                 writer.write(step, {f"eval_{k}": v for k, v in result.items()})
-                progress.log(f"step {step}: test bpd {result.get('bpd', result.get('bpd_ode')):.4f}")
+                bounds = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if f"{k}_se" in result)
+                progress.log(f"step {step}: test {bounds}")
         if step % opt.checkpoint_every == 0 or step >= opt.num_steps or signals.requested:
             trainer.save()
         if signals.requested:
