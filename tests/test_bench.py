@@ -63,3 +63,22 @@ def test_the_command_line_reports_bad_input_in_one_line():
     out = run_python(["-m", "vdm.bench", "--config", "configs/test.py", "--samplers", "ancestral,euler"])
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: --samplers: unknown sampler 'euler'")
+
+
+def test_flops_are_counted_after_compiling_where_the_backend_counts_none_before():
+    """XLA:GPU's lowered program has no cost analysis (jax 0.11.2, H200): the count comes from the
+    compiled program, which on this CPU must agree with the lowered count of a plain matmul."""
+    import jax
+    import jax.numpy as jnp
+
+    lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16)))
+
+    class CountsNothingBeforeCompiling:
+        def cost_analysis(self):
+            return None
+
+        def compile(self):
+            return lowered.compile()
+
+    assert bench.program_flops(lowered) == 2 * 64 * 32 * 16
+    assert bench.program_flops(CountsNothingBeforeCompiling()) == 2 * 64 * 32 * 16

@@ -92,9 +92,18 @@ def flops_per_image(config, info, mesh) -> float:
     batch = {"image": jax.ShapeDtypeStruct((1, c.train.batch_size) + tuple(info.shape), jax.numpy.int32)}
     if c.model.num_classes:
         batch["label"] = jax.ShapeDtypeStruct((1, c.train.batch_size), jax.numpy.int32)
-    cost = compiled.train_step.lower(state, batch).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) * mesh.size / c.train.batch_size  # the cost of one device's program
+    return program_flops(compiled.train_step.lower(state, batch)) * mesh.size / c.train.batch_size
+
+
+def program_flops(lowered) -> float:
+    """FLOPs of one device's program by XLA's cost analysis: of the lowered HLO where the backend
+    counts it (CPU, TPU), else of the compiled program (XLA:GPU counts nothing before compiling:
+    seen with jax 0.11.2 on an H200, 2026-12-04)."""
+    def flops(cost):
+        cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+        return None if not cost or "flops" not in cost else float(cost["flops"])
+    counted = flops(lowered.cost_analysis())
+    return counted if counted is not None else flops(lowered.compile().cost_analysis())
 
 
 def peak_memory() -> tuple[int, str]:
