@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import free_port
+from conftest import free_port, xla_flags
 
 from vdm.checkpoint import Checkpointer, CheckpointError, abstract_like
 
@@ -231,7 +231,7 @@ print("OK")
 @pytest.mark.slow
 def test_restore_onto_a_mesh(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(MESH_CODE.replace("__DIR__", str(tmp_path / "m")))],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -281,7 +281,7 @@ def test_two_process_save_and_restore(tmp_path):
     for pid in range(2):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
         env.update(
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
             JAX_PLATFORMS="cpu",
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",

@@ -199,7 +199,20 @@ def test_a_config_file_that_fails_is_one_line_naming_the_file_and_line(tmp_path,
     assert str(info.value) == f"--config={path}, {message}"
 
 
+def _train_only(config, workdir):
+    """config.train.num_steps steps and a checkpoint: what the script needs (the trainer's evaluation and
+    sampling are tested with the CLI commands)."""
+    trainer = train.Trainer(config, workdir, exclusive=True)
+    try:
+        for step in range(0, config.train.num_steps, config.train.steps_per_call):
+            trainer.state, _ = trainer.train_step(trainer.state, trainer.train_batch(step))
+        trainer.save()
+    finally:
+        trainer.close()
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("class_accuracy")  # one worker: commands of one config share its compiled functions
 @pytest.mark.parametrize("where,argv", SCRIPT, ids=[f"{w}:{' '.join(a)[:60]}" for w, a in SCRIPT])
 def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     script = _load_script()
@@ -216,7 +229,7 @@ def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     guidance = [float(w) for w in fv["guidance"].value]
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
         script.class_accuracy(config, workdir, guidance, num_images=10)
-    train.train_and_evaluate(config, workdir)
+    _train_only(config, workdir)
     result = script.class_accuracy(config, workdir, guidance, num_images=10)
     assert result["step"] == 2 and result["chance"] == 0.1
     # The judge: a logistic regression on pixels recognises 8x8 digits ~96%, MNIST ~90% (known results).

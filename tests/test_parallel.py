@@ -15,7 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 120
@@ -24,7 +24,7 @@ TIMEOUT_S = 120
 def _env(n_devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+        XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={n_devices}"),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
     )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, xla_flags
 
 from vdm import checkpoint, compilation, configlib, health, metrics, train
 from vdm import objective as objective_lib
@@ -474,7 +474,7 @@ def test_resuming_on_another_number_of_devices_works_and_says_so(trained, tmp_pa
     proc = subprocess.run([sys.executable, "-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir,
                            "--config.train.num_steps=6", *MLP], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                   XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("checkpoint step 4 was written on 1 device(s); continuing on 8 (the batches are a function of seed and "
             "step: the same data)") in proc.stderr

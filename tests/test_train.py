@@ -8,7 +8,8 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, compile_count, config_names, free_port, load_config as _config, run_python as _run
+from conftest import (ROOT, compile_count, config_names, free_port, load_config as _config, run_python as _run,
+                      xla_flags)
 
 from vdm import checkpoint, configlib, data, metrics, optimizer, resume, steps, train
 
@@ -108,7 +109,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def _device_run(tmp_path, devices, name, extra_env=None):
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} | (extra_env or {})
+    env = {"XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}")} | (extra_env or {})
     out = _run(["-c", DEVICE_SCRIPT, str(tmp_path / name)], env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,7 +131,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
     port = free_port()
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         procs.append(subprocess.Popen([sys.executable, "-c", DEVICE_SCRIPT, str(tmp_path / "shared")], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -173,7 +174,7 @@ def test_bad_config_fails_with_one_line_before_compiling(tmp_path, override, mes
 @pytest.mark.slow
 def test_cli_reports_bad_input_as_one_line(tmp_path):
     out = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
-                "--config.train.batch_size=12"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                "--config.train.batch_size=12"], env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: train.batch_size=12 is not divisible by the 8 devices"
     typo = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
