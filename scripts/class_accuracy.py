@@ -84,6 +84,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_logs()
     try:
         config, workdir, _, notes = cli.resolve(flag_values)
         for note in notes:

@@ -89,3 +89,9 @@ def tfds(monkeypatch):
 
     monkeypatch.setattr(mocking, "_getitems", getitems)
     return tfds
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (stable otherwise). pytest-xdist hands out tests in this order, so the longest
+    start early and the suite does not end with one worker on a long test while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

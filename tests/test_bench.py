@@ -33,6 +33,7 @@ def test_flops_per_image_of_an_mlp_block_match_the_closed_form():
     assert (four - two) / 2 == pytest.approx(18 * hidden**2, rel=0.02)
 
 
+@pytest.mark.slow
 def test_every_figure_is_produced(tmp_path):
     c = load_config("test")
     c.model.network, c.model.network_kwargs = "mlp", {"hidden": 32, "depth": 1}  # compiles in seconds

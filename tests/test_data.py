@@ -407,6 +407,11 @@ def test_a_missing_cifar_batch_is_an_error(tmp_path, cifar_arrays):
     with pytest.raises(data.DataError) as error:
         data.load("cifar10_files", "train", path=directory)
     assert_one_line_naming(error, directory, "data_batch_1, 2, 4, 5 but not data_batch_3", "incomplete")
+    for k in (4, 5):  # the last ones missing: the batches present are consecutive, still not the release
+        (directory / f"data_batch_{k}").unlink()
+    with pytest.raises(data.DataError) as error:
+        data.load("cifar10_files", "train", path=directory)
+    assert_one_line_naming(error, directory, "data_batch_1, 2 but not data_batch_3, 4, 5", "incomplete")
 
 
 class _Exploit:
@@ -575,8 +580,8 @@ def _source_inputs(name, tmp_path, request):
             write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), True)
         return {"path": tmp_path}, None
     if name == "cifar10_files":
-        batches = [rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
-        labels = [rng.integers(0, 10, 2) for _ in range(2)]
+        batches = [rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(5)]
+        labels = [rng.integers(0, 10, 2) for _ in range(5)]
         test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
         directory = write_cifar_python(tmp_path / "cifar-10-batches-py", batches, labels, test, np.arange(3))
         return {"path": directory}, None

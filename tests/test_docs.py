@@ -83,8 +83,8 @@ def files(tmp_path_factory):
     """Small stand-ins for the data the docs point at."""
     tmp = tmp_path_factory.mktemp("docs")
     rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
-    labels = [rng.integers(0, 10, 3) for _ in range(2)]
+    batches = [rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8) for _ in range(5)]  # the release's five
+    labels = [rng.integers(0, 10, 3) for _ in range(5)]
     test = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     archive = tar_gz(write_cifar_python(tmp / "cifar-10-batches-py", batches, labels, test, np.arange(2)),
                      tmp / "cifar-10-python.tar.gz")
@@ -179,6 +179,13 @@ def test_a_misspelt_field_or_bad_value_is_one_line(args, message):
     with pytest.raises(main.CommandLineError) as info:
         _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x", *args])
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_config_string_the_config_does_not_take_is_one_line_with_the_reason():
+    with pytest.raises(main.CommandLineError) as info:
+        _parse(["--config", "test:foo", "--workdir", "/tmp/x"])
+    assert str(info.value) == ("flag --config=test:foo: Error whilst parsing config file: TypeError: get_config() "
+                               "takes 0 positional arguments but 1 was given")
 
 
 def test_a_missing_config_file_is_one_line():

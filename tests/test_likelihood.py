@@ -113,6 +113,7 @@ def test_one_check_covers_every_option_of_the_ode_likelihood_and_of_config_eval_
     likelihood.check_options(configlib.base_config().eval.ode.to_dict())  # the defaults pass
 
 
+@pytest.mark.slow
 def test_on_a_network_hutchinson_agrees_with_the_exact_divergence_and_eval_reports_both_bounds(tmp_path):
     """A second method on a real (non-linear) network: exact vs Hutchinson, then the trainer's eval."""
     import sys

@@ -148,6 +148,19 @@ def test_read_jsonl_truncated_and_malformed(tmp_path):
 
 # --- Progress and format_eta
 
+def test_a_resumed_writer_cuts_the_incomplete_last_line_a_killed_run_left_and_says_so(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-write
+    writer = MetricWriter(tmp_path, enable_tensorboard=False, is_main=True)
+    writer.write(4, {"loss": 1.0})
+    writer.close()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 4]  # the whole file reads again
+    assert writer.notes == [f"note: {path}: dropped an incomplete last line (a run stopped mid-write)"]
+    again = MetricWriter(tmp_path, enable_tensorboard=False, is_main=True)  # a whole file: nothing to say
+    again.close()
+    assert again.notes == [] and path.read_text().endswith('{"step": 4, "loss": 1.0}\n')
+
+
 def test_format_eta():
     assert format_eta(0) == "0:00:00"
     assert format_eta(59.6) == "0:01:00"

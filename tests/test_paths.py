@@ -57,3 +57,41 @@ def test_only_process_0_writes_shared_files(memory_gcs, monkeypatch):
     with metrics.MetricWriter("gs://bucket/runs/b", is_main=False) as writer:
         writer.write(1, {"loss": 1.0})
     assert not [key for key in memory_gcs.store if key.startswith("gs://bucket/runs/b")]
+
+
+def test_a_write_that_fails_for_want_of_space_leaves_the_old_file_whole_and_no_temporary(tmp_path):
+    """A full disk mid-write (here the process's file-size limit, which fails a write as a full disk
+    does, with no special file system): config.json keeps its old contents, never truncated."""
+    import resource
+    import signal
+
+    target = tmp_path / "config.json"
+    paths.write_bytes(target, b"old config")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG, not a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            paths.write_bytes(target, b"x" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert target.read_bytes() == b"old config"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    paths.write_bytes(target, b"new config")  # and a write with room replaces it
+    assert target.read_bytes() == b"new config"
+
+
+@pytest.mark.parametrize("url,package", [("gs://bucket/runs/a", "gcsfs"), ("s3://bucket/runs/a", "s3fs")])
+def test_a_cloud_workdir_without_its_package_is_one_line_before_the_data_are_read(url, package, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed here")
+    from vdm import lock
+
+    monkeypatch.setattr(train, "prepare", lambda config: pytest.fail("the data were read first"))
+    with pytest.raises(lock.WorkdirError) as info:
+        train.Trainer(load_config("test"), url)
+    assert str(info.value).startswith(f"--workdir {url}: ") and package in str(info.value)
+    assert "\n" not in str(info.value)

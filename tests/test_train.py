@@ -42,9 +42,11 @@ def test_cli_trains_evaluates_samples_and_resumes(tmp_path):
     assert any("eval_bpd" in r for r in rows)
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 4
     assert os.listdir(os.path.join(workdir, "tensorboard"))
-    sample = _run(base + ["--mode", "sample"])
-    assert sample.returncode == 0 and "samples_4.png" in sample.stdout, sample.stderr[-2000:]
-    assert os.path.exists(os.path.join(workdir, "samples_4.npz"))
+    trained = open(os.path.join(workdir, "samples_4.npz"), "rb").read()
+    sample = _run(base + ["--mode", "sample"])  # the same step again: a new name, the training run's kept
+    assert sample.returncode == 0 and "samples_4_2.png" in sample.stdout, sample.stderr[-2000:]
+    assert os.path.exists(os.path.join(workdir, "samples_4_2.npz"))
+    assert open(os.path.join(workdir, "samples_4.npz"), "rb").read() == trained
     grids = [tag for tag in _tensorboard_tags(os.path.join(workdir, "tensorboard")) if tag == "samples"]
     assert len(grids) == 3  # the end of each training run (steps 2 and 4) and --mode sample
 
@@ -158,6 +160,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
     ({"model.gamma_min": 6.0}, "config.model.gamma_min=6.0: must be below gamma_max=5.0"),
     ({"loss.weighting": "sigmoid", "loss.num_steps": 10}, "discrete time"),
     ({"train.log_every": 3, "train.steps_per_call": 2}, "multiple of train.steps_per_call=2"),
+    ({"sample.num_images": 0}, "config.sample.num_images=0: must be >= 1"),
     ({"data.source": "mnist_idx", "data.kwargs": {"path": "/nonexistent/mnist"}}, "/nonexistent/mnist"),
 ])
 def test_bad_config_fails_with_one_line_before_compiling(tmp_path, override, message):
@@ -180,8 +183,33 @@ def test_cli_reports_bad_input_as_one_line(tmp_path):
     typo = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
                  "--config.train.num_step=3"])
     assert typo.returncode != 0 and "num_step" in typo.stderr
-    missing = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path), "--mode", "eval"])
-    assert missing.returncode == 2 and "no checkpoint" in missing.stderr.strip().splitlines()[-1]
+    # No checkpoint to read: the one error line is all of stderr (no absl lines of JAX's backends before it).
+    for program in (["-m", "vdm.main", "--mode", "eval"], ["scripts/class_accuracy.py"]):
+        missing = _run(program + ["--config", "configs/digits_cond.py", "--workdir", str(tmp_path / "none")])
+        lines = missing.stderr.strip().splitlines()
+        assert missing.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: no checkpoint in"), lines
+
+
+def test_an_evaluation_with_a_non_finite_figure_is_an_error_line_and_exit_code_3(tmp_path, capsys):
+    """A checkpoint of diverged (NaN) parameters evaluates to NaN bits/dim: --mode eval says so in one
+    error line and exits 3 (as a diverged training run), printing no figure."""
+    from vdm import main
+
+    config = _small(_config())
+    config.eval.num_examples = 16
+    trainer, *_ = _one_step(config, str(tmp_path))
+    trainer.state = trainer.state.replace(ema_params=jax.tree.map(lambda x: x * np.nan, trainer.state.ema_params))
+    trainer.save()
+    trainer.close()
+    result = train.evaluate_checkpoint(config, str(tmp_path))
+    assert np.isnan(result["bpd"])
+    capsys.readouterr()
+    assert main.report(result, config) == 3
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1
+    assert out.err.startswith("error: non-finite result at step 1 (bpd=nan, bpd_diffusion=nan, ") and "bpd_se=nan" in out.err
+    assert main.report(result | {k: 1.0 for k in result if isinstance(result[k], float)}, config) == 0
+    assert "test bits/dim: 1.0000 +- 1.0000" in capsys.readouterr().out
 
 
 def _small(config):

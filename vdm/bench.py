@@ -39,7 +39,7 @@ import tempfile
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 from vdm import (compilation, configlib, main as cli, metrics, model as model_lib, paths, samplers as samplers_lib,
@@ -255,7 +255,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
+    cli.quiet_logs()
     fv = flags.FLAGS
     try:
         config, workdir, _, notes = cli.resolve(fv)

@@ -375,8 +375,9 @@ def validate(config) -> None:
             _fail("eval.inception_weights", config.eval.inception_weights, problem)
     if config.eval.num_examples < 0:
         _fail("eval.num_examples", config.eval.num_examples, "must be >= 0 (0 = the whole test split)")
-    if config.sample.num_steps < 1 or config.sample.num_images < 1:
-        _fail("sample.num_steps", config.sample.num_steps, "sample.num_steps and sample.num_images must be >= 1")
+    for field in ("num_steps", "num_images"):
+        if config.sample[field] < 1:
+            _fail(f"sample.{field}", config.sample[field], "must be >= 1")
 
 
 def validate_against_data(config, info) -> None:

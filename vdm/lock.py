@@ -27,6 +27,15 @@ class WorkdirError(RuntimeError):
     """The workdir cannot be used (one-line message)."""
 
 
+def check_workdir(workdir: str) -> None:
+    """WorkdirError (one line) if ``workdir``'s file system cannot be reached: a ``gs://`` or ``s3://``
+    workdir without its package (gcsfs, s3fs), found before the data are loaded."""
+    try:
+        paths.path(workdir).exists()
+    except ImportError as e:
+        raise WorkdirError(f"--workdir {workdir}: {' '.join(str(e).split())}") from None
+
+
 class WorkdirBusy(WorkdirError):
     """Another training run holds the workdir (one-line message)."""
 

@@ -14,6 +14,8 @@ reported as one ``error:`` line with exit code 2, before anything is compiled.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
 import sys
@@ -87,7 +89,10 @@ def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[
         what = f'config has no field "{key.group(1)}"' if key else message.splitlines()[0]
         raise CommandLineError(f"{where}: {what}" + (f' (did you mean "{hint.group(1)}"?)' if hint else "")) from None
     except flags.Error as e:
-        raise CommandLineError(str(e).splitlines()[0]) from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if lines[0].endswith("Error whilst parsing config file:") and len(lines) > 1:  # ml_collections' traceback:
+            lines[0] += " " + lines[-1]  # its last line is the reason (get_config's arguments, say)
+        raise CommandLineError(lines[0]) from None
     except Exception as e:  # the config file's own code failed while it was loaded
         raise CommandLineError(_config_file_error(e)) from None
 
@@ -142,11 +147,17 @@ def input_errors() -> tuple[type[Exception], ...]:
             parallel.DistributedError, lock.WorkdirError, inception.WeightsError)
 
 
+def quiet_logs() -> None:
+    """absl logging at WARNING for a program of this library: JAX logs the backends it cannot start
+    (TPU, proxy) and Orbax every save at INFO, lines that would stand before the program's own."""
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from vdm import health, metrics, signals, train  # after flag parsing: keep --help fast
+    quiet_logs()
+    from vdm import health, signals, train  # after flag parsing: keep --help fast
 
     modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint}
     try:
@@ -163,6 +174,25 @@ def main(argv):
     except signals.Interrupted as e:
         print(f"stopped by {e.signal_name}", file=sys.stderr)
         return e.exit_code
+    return report(result, config)
+
+
+def non_finite(result: dict) -> list[str]:
+    """The figures of a run's result that are NaN or infinite, as ``name=value``."""
+    return [f"{k}={v}" for k, v in result.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v)]
+
+
+def report(result: dict, config) -> int:
+    """Print a run's figures and its result as one JSON line; exit code 0. A NaN or infinite figure is
+    no result: one ``error:`` line naming the figures, exit code 3 (as a diverged training run)."""
+    from vdm import metrics  # after flag parsing: keep --help fast
+
+    bad = non_finite(result)
+    if bad:
+        print(f"error: non-finite result at step {result.get('step')} ({', '.join(bad)}): the parameters or the "
+              "settings give no finite figure; see metrics.jsonl for when the run went wrong", file=sys.stderr)
+        return 3
     if "bpd" in result:
         print(f"test bits/dim: {result['bpd']:.4f} +- {result['bpd_se']:.4f} (VLB: prior {result['bpd_prior']:.4f}, "
               f"reconstruction {result['bpd_reconstruction']:.4f}, diffusion {result['bpd_diffusion']:.4f}; "

@@ -64,7 +64,8 @@ class MetricWriter:
         ``vdm.parallel.maybe_initialize_distributed``).
 
     ``metrics.jsonl`` is opened in append mode, so a resumed run continues the
-    same file.  It is strict JSON: non-finite values are written as ``null``.
+    same file, after cutting an incomplete last line that a killed run left.  It is strict JSON:
+    non-finite values are written as ``null``.
     """
 
     def __init__(
@@ -80,9 +81,12 @@ class MetricWriter:
         self.is_main = _default_is_main() if is_main is None else bool(is_main)
         self._open = False
         self._tb: Any = None
+        self.notes: list[str] = []  # one line each, for the run's log
         if not self.is_main:
             return
         paths.path(self.workdir).mkdir(parents=True, exist_ok=True)
+        if paths.heal_last_line(self.jsonl_path):  # a run killed mid-write: its last record is incomplete
+            self.notes.append(f"note: {self.jsonl_path}: dropped an incomplete last line (a run stopped mid-write)")
         self._open = True
         if enable_tensorboard:
             from tensorboardX import SummaryWriter  # lazily (0.5 s): only a writer with TensorBoard files needs it

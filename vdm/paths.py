@@ -33,10 +33,43 @@ def join(base: PathLike, *parts: str) -> str:
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``p``, creating its directory."""
+    """Write ``data`` to ``p``, creating its directory. Atomic on a local disk: the bytes go to a
+    temporary file beside ``p`` that then replaces it, so a full disk or a kill mid-write leaves the
+    old file whole (and no temporary one). An object store's write is whole or nothing already."""
     target = path(p)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+    if not is_local(p):
+        target.write_bytes(data)
+        return
+    temporary = f"{os.fspath(p)}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, os.fspath(p))
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def heal_last_line(p: PathLike) -> bool:
+    """Cut a partial last line (a write cut off by a kill or a full disk) from the text file ``p``, so that
+    what is appended next starts on a line of its own. True if there was one to cut."""
+    target = path(p)
+    if not target.exists():
+        return False
+    text = target.read_bytes()
+    if not text or text.endswith(b"\n"):
+        return False
+    kept = text[:text.rfind(b"\n") + 1]
+    if is_local(p):
+        with open(os.fspath(p), "r+b") as f:
+            f.truncate(len(kept))
+    else:
+        target.write_bytes(kept)
+    return True
 
 
 def append_text(p: PathLike, text: str) -> None:

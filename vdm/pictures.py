@@ -42,6 +42,16 @@ def save_png(path: str, picture: np.ndarray) -> None:
     paths.write_bytes(path, buffer.getvalue())
 
 
+def unused_name(base: str) -> str:
+    """``base`` (``DIR/samples_<step>``) if no ``.npz`` or ``.png`` of that name exists, else the first free
+    ``base_2``, ``base_3``, ...: samples drawn again at a step (``--mode sample``) never replace earlier ones."""
+    name, k = base, 1
+    while paths.path(name + ".npz").exists() or paths.path(name + ".png").exists():
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
 def save_samples(path: str, images: np.ndarray, nfe: int, labels, vocab_size: int, kind: str,
                  columns: int | None = None) -> np.ndarray:
     """``path.npz`` (``images`` uint8 [N, H, W, C], ``nfe`` and, for a conditional model, ``labels``) and

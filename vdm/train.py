@@ -89,6 +89,7 @@ class Trainer:
 
     def __init__(self, config, workdir: str, *, exclusive: bool = False, must_exist: bool = False):
         self.config, self.workdir = config, workdir
+        lock_lib.check_workdir(workdir)
         self.mesh, self.dataset = prepare(config)
         info = self.dataset.info
         # FID's network: read and checked now, so that a bad file is found before anything is compiled.
@@ -210,7 +211,8 @@ class Trainer:
         """Draw config.sample.num_images samples with the EMA parameters.
 
         Writes ``samples_<step>.npz`` (``images`` uint8 [N, H, W, C], ``nfe`` and, for a
-        conditional model, ``labels``) and ``samples_<step>.png``, and the grid to TensorBoard.
+        conditional model, ``labels``) and ``samples_<step>.png`` (``samples_<step>_2`` and on where
+        those exist: nothing earlier is replaced), and the grid to TensorBoard.
         Returns {"samples": the PNG's path, "nfe": network evaluations of the sampler} and the
         sample-quality figures the config asks for (``vdm.quality.sample_quality``).
         The sampler's loop runs in chunks (``vdm.sampling``): a signal stops it within about a second.
@@ -231,7 +233,7 @@ class Trainer:
             if progress is not None:
                 progress.close()
         images, nfe = np.asarray(images).astype(np.uint8), int(nfe)
-        path = paths.join(self.workdir, f"samples_{step}")
+        path = pictures.unused_name(paths.join(self.workdir, f"samples_{step}"))
         if jax.process_index() == 0:
             columns = self.config.model.num_classes if labels is not None and not c.labels else None
             grid = pictures.save_samples(path, images, nfe, labels, info.vocab_size, info.kind, columns=columns)
@@ -265,7 +267,7 @@ def train_and_evaluate(config, workdir: str, overrides: Mapping[str, Any] | None
         writer = metrics_lib.MetricWriter(workdir)
         progress = metrics_lib.Progress(config.train.num_steps, initial_step=start, log_every=config.train.log_every)
         try:
-            for line in trainer.startup_lines() + trainer.restore_notes:
+            for line in trainer.startup_lines() + trainer.restore_notes + writer.notes:
                 progress.log(line)
             if start:
                 progress.log(f"resumed from step {start} in {workdir}")

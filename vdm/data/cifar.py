@@ -200,13 +200,16 @@ def _cifar_root(path: str) -> str:
     return path
 
 
+TRAIN_BATCHES = 5  # data_batch_1 .. data_batch_5 in the official release
+
+
 def load_cifar10_files(split: str, *, path: PathLike) -> ArraySource:
     """CIFAR-10 from the official python or binary distribution at ``path``.
 
     ``path`` may be ``cifar-10-{python,binary}.tar.gz``, the extracted
     ``cifar-10-batches-{py,bin}/`` directory, or a directory containing one of
-    them. ``train`` concatenates every ``data_batch_<k>`` in order of ``k``
-    (1..5 in the official release); ``test`` is ``test_batch``. Images are
+    them. ``train`` concatenates ``data_batch_1..5`` (the official release; a
+    folder with any of the five missing is refused); ``test`` is ``test_batch``. Images are
     returned HWC, ``[N, 32, 32, 3]``.
     """
     root = _cifar_root(os.fspath(path))
@@ -218,10 +221,12 @@ def load_cifar10_files(split: str, *, path: PathLike) -> ArraySource:
         )
         if batches:
             orders = [order for order, _ in batches]
-            if split == "train" and orders != list(range(1, len(orders) + 1)):
-                missing = sorted(set(range(1, max(orders) + 1)) - set(orders))
-                raise fail(root, f"has data_batch_{', '.join(map(str, orders))} but not "
-                                 f"data_batch_{', '.join(map(str, missing))}: the data are incomplete")
+            release = list(range(1, TRAIN_BATCHES + 1))
+            if split == "train" and orders != release:
+                missing, extra = [k for k in release if k not in orders], [k for k in orders if k not in release]
+                problem = (f"not data_batch_{', '.join(map(str, missing))}: the data are incomplete" if missing else
+                           f"also data_batch_{', '.join(map(str, extra))}: the release has {TRAIN_BATCHES}")
+                raise fail(root, f"has data_batch_{', '.join(map(str, orders))} but {problem}")
             decoded = [fmt.decode(files[name][1], files[name][0]) for _, name in batches]
             images = np.concatenate([images for images, _ in decoded])
             labels = np.concatenate([labels for _, labels in decoded])
