@@ -8,15 +8,18 @@ WORKDIR ?= workdirs/mnist
 
 .PHONY: demo test install clean
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# One install of the package with its test extras (a superset of the plain install, which it marks done too).
+$(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 

@@ -267,6 +267,19 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the
     assert result["step"] == 6 and np.isfinite(result["bpd"])
 
 
+def test_eval_and_sample_modes_read_past_a_damaged_checkpoint_and_leave_it_in_place(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    _damage(os.path.join(checkpoints, "4"), "truncate")
+    listing = sorted(os.listdir(checkpoints))
+    trainer = train._restored_trainer(_tiny(num_steps=6), workdir)  # what --mode eval and --mode sample open
+    trainer.close()
+    (note,) = trainer.restore_notes
+    assert int(trainer.state.step) == 2 and note.startswith(f"checkpoint step 4 in {checkpoints} is damaged: ")
+    assert note.endswith("left it in place (this mode only reads) and used step 2") and "\n" not in note
+    assert sorted(os.listdir(checkpoints)) == listing  # nothing renamed
+
+
 def test_when_no_checkpoint_is_intact_one_line_says_so_and_nothing_is_moved(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     checkpoints = os.path.join(workdir, "checkpoints")

@@ -161,6 +161,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
     ({"loss.weighting": "sigmoid", "loss.num_steps": 10}, "discrete time"),
     ({"train.log_every": 3, "train.steps_per_call": 2}, "multiple of train.steps_per_call=2"),
     ({"sample.num_images": 0}, "config.sample.num_images=0: must be >= 1"),
+    ({"sample.guidance": 1e30}, "config.sample.guidance=1e+30: must be in [0, 100]"),
     ({"data.source": "mnist_idx", "data.kwargs": {"path": "/nonexistent/mnist"}}, "/nonexistent/mnist"),
 ])
 def test_bad_config_fails_with_one_line_before_compiling(tmp_path, override, message):

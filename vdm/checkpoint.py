@@ -310,12 +310,13 @@ class Checkpointer:
                                         "(fingerprint)")
         return restored
 
-    def restore_newest_good(self, target: Any) -> tuple[int | None, Any, list[str]]:
+    def restore_newest_good(self, target: Any, read_only: bool = False) -> tuple[int | None, Any, list[str]]:
         """(step, state, notes) from the newest step that restores intact; (None, None, []) if there is none.
 
         Newer damaged steps are moved aside to ``<step>.damaged`` (never deleted), each with a
-        note. If every step is damaged, nothing is moved and ``CheckpointError`` says so. A step
-        that does not match ``target`` (another model) is not damage: that error is raised as is.
+        note; with ``read_only`` (evaluation, sampling) they are left in place, each with a note. If
+        every step is damaged, nothing is moved and ``CheckpointError`` says so. A step that does not
+        match ``target`` (another model) is not damage: that error is raised as is.
         """
         damaged: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
@@ -324,6 +325,9 @@ class Checkpointer:
             except DamagedCheckpoint as e:
                 damaged.append((step, str(e)))
                 continue
+            if read_only:
+                return step, state, [f"{reason}; left it in place (this mode only reads) and used step {step}"
+                                     for _, reason in damaged]
             notes = [f"{reason}; moved it to {self._move_aside(bad)} and resumed from step {step}"
                      for bad, reason in damaged]
             if damaged:

@@ -255,6 +255,9 @@ def load_file(path: str, *config_string: str) -> ml_collections.ConfigDict:
     return module.get_config(*config_string)
 
 
+MAX_GUIDANCE = 100.0  # classifier-free guidance weights above this are refused
+
+
 def _fail(field: str, value, problem: str):
     raise ConfigError(f"config.{field}={value!r}: {problem}")
 
@@ -345,8 +348,9 @@ def validate(config) -> None:
                                                 weight_gradient=model.weight_gradient))
     if model.num_classes < 0:
         _fail("model.num_classes", model.num_classes, "must be >= 0 (0 = unconditional)")
-    if config.sample.guidance < 0:
-        _fail("sample.guidance", config.sample.guidance, "must be >= 0 (0 = no guidance)")
+    if not 0 <= config.sample.guidance <= MAX_GUIDANCE:
+        _fail("sample.guidance", config.sample.guidance, f"must be in [0, {MAX_GUIDANCE:g}] (0 = no guidance; published "
+              "weights are 0.1 to 10, and 1e30 overflows float32 into an all-black sample grid)")
     if config.sample.guidance and not model.num_classes:
         _fail("sample.guidance", config.sample.guidance, "needs a class-conditional model (model.num_classes > 0)")
     if config.sample.labels:

@@ -58,11 +58,12 @@ def check_compatible(checkpointer: ckpt_lib.Checkpointer, config, info: data_lib
         return
 
 
-def restore_newest(checkpointer: ckpt_lib.Checkpointer, state):
+def restore_newest(checkpointer: ckpt_lib.Checkpointer, state, read_only: bool = False):
     """(state, notes): the newest intact checkpoint restored onto ``state``'s structure and shardings,
-    or ``state`` itself if there is none. Damaged newer ones are moved aside, each with a note, and a
-    note says when the checkpoint was written on another number of devices."""
-    step, restored, notes = checkpointer.restore_newest_good(ckpt_lib.abstract_like(state))
+    or ``state`` itself if there is none. Damaged newer ones are moved aside (left in place with
+    ``read_only``), each with a note, and a note says when the checkpoint was written on another
+    number of devices."""
+    step, restored, notes = checkpointer.restore_newest_good(ckpt_lib.abstract_like(state), read_only)
     if step is None:
         return state, notes
     devices = checkpointer.step_metadata(step).get("devices")

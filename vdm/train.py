@@ -174,10 +174,11 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------
 
-    def restore_latest(self) -> int:
-        """Restore the newest intact checkpoint (damaged newer ones are moved aside, with a note in
-        ``restore_notes``: ``vdm.resume.restore_newest``); returns the step (0 if there is none)."""
-        self.state, self.restore_notes = resume.restore_newest(self.checkpointer, self.state)
+    def restore_latest(self, read_only: bool = False) -> int:
+        """Restore the newest intact checkpoint (damaged newer ones are moved aside, or with ``read_only``
+        left in place, with a note in ``restore_notes``: ``vdm.resume.restore_newest``); returns the
+        step (0 if there is none)."""
+        self.state, self.restore_notes = resume.restore_newest(self.checkpointer, self.state, read_only)
         return int(self.state.step)
 
     def check_health(self) -> None:
@@ -328,7 +329,7 @@ def _train_loop(trainer: Trainer, writer, progress, start: int, signals: Signals
 def _restored_trainer(config, workdir: str) -> Trainer:
     trainer = Trainer(config, workdir, must_exist=True)
     try:
-        if trainer.restore_latest() == 0 and trainer.checkpointer.latest_step() is None:
+        if trainer.restore_latest(read_only=True) == 0 and trainer.checkpointer.latest_step() is None:
             raise ckpt_lib.CheckpointError(f"no checkpoint in {trainer.checkpointer.directory}: train first")
     except BaseException:
         trainer.close()
