@@ -78,6 +78,12 @@ def batch_gamma(gamma: Array, batch_size: int) -> Array:
     return gamma
 
 
+def check_images(z: Array, in_channels: int) -> None:
+    """An image network's input: ValueError unless ``z`` is ``[B, H, W, in_channels]``."""
+    if z.ndim != 4 or z.shape[-1] != in_channels:
+        raise ValueError(f"expected z of shape [B, H, W, {in_channels}], got {z.shape}")
+
+
 def gamma_map(gamma: Array, z: Array, gamma_min: float, gamma_max: float) -> Array:
     """The normalised gamma (:func:`normalize_gamma`) as a map of ``z``'s shape, to go in beside ``z`` as
     input channels: a per-element gamma as it is, a per-example one (or a scalar) broadcast."""

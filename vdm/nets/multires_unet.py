@@ -20,6 +20,7 @@ from vdm.nets.layers import (
     NoiseConditioning,
     ResnetBlock,
     call_block,
+    check_images,
     conv3x3,
     gamma_map,
     group_norm,
@@ -231,8 +232,7 @@ class MultiResUNet(nnx.Module):
     def __call__(self, z: Array, gamma: Array, cond: dict | None = None, *,
                  dropout_rng: Array | None = None) -> Array:
         """Predicts the noise ``eps`` from ``z [B, H, W, C]``, ``gamma [B]`` and ``cond``; float32 ``[B, H, W, C]``."""
-        if z.ndim != 4 or z.shape[-1] != self.in_channels:
-            raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
+        check_images(z, self.in_channels)
         factor = 2 ** (len(self.channel_mult) - 1) * self.patch_size
         if z.shape[1] % factor or z.shape[2] % factor:
             raise ValueError(

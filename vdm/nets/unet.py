@@ -32,6 +32,7 @@ from vdm.nets.layers import (
     NoiseConditioning,
     ResnetBlock,
     call_block,
+    check_images,
     conv3x3,
     gamma_map,
     group_norm,
@@ -259,8 +260,7 @@ class ScoreUNet(nnx.Module):
     def __call__(self, z: Array, gamma: Array, cond: dict | None = None, *,
                  dropout_rng: Array | None = None) -> Array:
         """Predicts the noise ``eps`` from ``z [B, H, W, C]``, ``gamma [B]`` and ``cond``; float32 ``[B, H, W, C]``."""
-        if z.ndim != 4 or z.shape[-1] != self.in_channels:
-            raise ValueError(f"expected z of shape [B, H, W, {self.in_channels}], got {z.shape}")
+        check_images(z, self.in_channels)
         cond = self.conditioning(gamma, cond, z.shape[0])
         h = input_features(z, self.use_fourier, self.fourier_min, self.fourier_max)
         if self.gamma_range is not None:
