@@ -280,6 +280,22 @@ def test_eval_and_sample_modes_read_past_a_damaged_checkpoint_and_leave_it_in_pl
     assert sorted(os.listdir(checkpoints)) == listing  # nothing renamed
 
 
+def test_an_ode_solver_out_of_steps_is_one_line_naming_the_setting_in_sampling_and_evaluation(trained):
+    """diffrax stops a solve at max_steps with a runtime error from inside the compiled call (a long JAX
+    traceback); sampling and the ODE evaluation say instead which setting to raise. Read-only: no copy."""
+    from vdm import main, samplers
+
+    sampling = configlib.override(_tiny(), {"sample.sampler": "ode", "sample.sampler_kwargs": {"max_steps": 2}})[0]
+    with pytest.raises(samplers.SolverError) as info:
+        train.sample_checkpoint(sampling, trained)
+    assert str(info.value) == ("the adaptive ODE solver used all sample.sampler_kwargs.max_steps steps before the end "
+                               "of its interval: raise it, or loosen rtol / atol")
+    evaluation = configlib.override(_tiny(), {"eval.method": "ode", "eval.ode.max_steps": 2})[0]
+    with pytest.raises(samplers.SolverError, match=r"^the adaptive ODE solver used all eval\.ode\.max_steps steps"):
+        train.evaluate_checkpoint(evaluation, trained)
+    assert samplers.SolverError in main.input_errors()  # the command line: one error line, exit code 2
+
+
 def test_when_no_checkpoint_is_intact_one_line_says_so_and_nothing_is_moved(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     checkpoints = os.path.join(workdir, "checkpoints")

@@ -221,6 +221,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ode.rtol = 1e-5
     c.eval.ode.atol = 1e-5
     c.eval.ode.solver = "tsit5"  # tsit5 | dopri5
+    c.eval.ode.max_steps = 4096  # the adaptive solver's step budget per solve (an error names it when used up)
     c.eval.ode.divergence = "hutchinson"  # hutchinson (one Rademacher probe per solve) | exact (d jvps)
     c.eval.ode.num_probes = 1
     c.eval.ode.dequantization = "uniform"  # uniform | truncated_normal

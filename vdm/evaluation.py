@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vdm import data as data_lib, diffusion, likelihood, metrics as metrics_lib, objective, parallel, registry
+from vdm import data as data_lib, diffusion, likelihood, metrics as metrics_lib, objective, parallel, registry, samplers
 from vdm.model import VDM, pure_functions
 
 
@@ -47,7 +47,7 @@ def vlb_bound(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int = 0) ->
 
 def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol: float = 1e-5,
             divergence: str = "hutchinson", num_probes: int = 1, dequantization: str = "uniform",
-            num_samples: int = 1, solver: str = "tsit5") -> tuple[jax.Array, jax.Array]:
+            num_samples: int = 1, solver: str = "tsit5", max_steps: int = 4096) -> tuple[jax.Array, jax.Array]:
     """(-log P(x) in nats per example [B], network evaluations): the probability-flow ODE's
     density dequantised to the discrete data (``vdm.likelihood``), conditional on the label
     for a conditional model (no guidance)."""
@@ -56,7 +56,8 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
 
     def log_density(key, f):
         result = likelihood.ode_log_likelihood(key, f, gamma_fn, eps_fn, cond=cond, rtol=rtol, atol=atol,
-                                               divergence=divergence, num_probes=num_probes, solver=solver)
+                                               divergence=divergence, num_probes=num_probes, solver=solver,
+                                               max_steps=max_steps)
         return result.log_prob, result.nfe
 
     return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
@@ -151,7 +152,13 @@ def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] |
             progress.update(i)
         batch = parallel.host_batch_to_global(mesh, host)
         mask = batch.pop("mask")
-        sums, batch_counts, values = jax.device_get(eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
+        try:
+            sums, batch_counts, values = jax.device_get(eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
+        except Exception as e:  # noqa: BLE001 - only the ODE solver's running out of steps is turned into one line
+            error = samplers.out_of_steps(e, "eval.ode.max_steps")
+            if error is None:
+                raise
+            raise error from None
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         for k, v in batch_counts.items():

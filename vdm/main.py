@@ -141,10 +141,10 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
 
 def input_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input: reported as one ``error:`` line with exit code 2."""
-    from vdm import checkpoint, configlib, data, inception, lock, parallel  # after flag parsing: keep --help fast
+    from vdm import checkpoint, configlib, data, inception, lock, parallel, samplers  # after flag parsing: --help fast
 
     return (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
-            parallel.DistributedError, lock.WorkdirError, inception.WeightsError)
+            parallel.DistributedError, lock.WorkdirError, inception.WeightsError, samplers.SolverError)
 
 
 def quiet_logs() -> None:

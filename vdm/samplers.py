@@ -248,6 +248,19 @@ def pf_ode_drift(eps_fn: Callable, gamma_fn: Callable, cond=None) -> Callable:
 SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}  # name -> diffrax solver class
 
 
+class SolverError(RuntimeError):
+    """An adaptive ODE solve ran out of steps before the end of its interval (one line)."""
+
+
+def out_of_steps(error: Exception, field: str) -> SolverError | None:
+    """A one-line SolverError naming the config ``field`` to raise if ``error`` is diffrax's "maximum number
+    of solver steps" (raised inside a compiled call, it reaches Python as a JAX runtime error), else None."""
+    if "maximum number of solver steps was reached" not in str(error):
+        return None
+    return SolverError(f"the adaptive ODE solver used all {field} steps before the end of its interval: "
+                       "raise it, or loosen rtol / atol")
+
+
 def solve_ode(vector_field: Callable, y0, t_start: jax.Array, t_end: jax.Array, *, rtol: float,
               atol: float, solver: str = "tsit5", max_steps: int = 4096):
     """diffrax: integrate dy/dt = vector_field(t, y) from t_start to t_end.
