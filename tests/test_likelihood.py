@@ -106,7 +106,7 @@ def test_one_check_covers_every_option_of_the_ode_likelihood_and_of_config_eval_
     field of config.eval.ode has its entry, and the names come from the registries."""
     taken = {name for fn in (likelihood.ode_log_likelihood, likelihood.discrete_nll)
              for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
-    assert taken - {"cond", "gamma_0"} == set(likelihood.OPTIONS)
+    assert taken - {"cond", "gamma_0", "on_time"} == set(likelihood.OPTIONS)  # not options: data, a callback
     assert set(configlib.base_config().eval.ode) <= set(likelihood.OPTIONS)
     assert set(likelihood.DIVERGENCES) == {"hutchinson", "exact"}
     assert set(likelihood.DEQUANTIZATIONS) == {"uniform", "truncated_normal"}

@@ -42,11 +42,45 @@ def test_health_record_follows_the_non_finite_steps():
     record = []
     for step, bits in enumerate([0, 4, 0, 64, 1, 0], start=1):  # diffusion at 2; gradient at 4, prior at 5
         h = h.after(jnp.int32(step), jnp.int32(bits))
-        record.append([int(getattr(h, f.name)) for f in __import__("dataclasses").fields(h)])
-    # first_step, first_terms, run_start, run_terms, run_length, skipped
-    assert record == [[-1, 0, -1, 0, 0, 0], [2, 4, 2, 4, 1, 1], [2, 4, -1, 0, 0, 1],
-                      [2, 4, 4, 64, 1, 2], [2, 4, 4, 65, 2, 3], [2, 4, -1, 0, 0, 3]]
-    assert health.describe_terms(65) == "prior, gradient norm"
+        record.append([int(getattr(h, name)) for name in ("first_step", "first_terms", "run_start", "run_terms",
+                                                          "run_length", "skipped", "healthy")])
+    assert record == [[-1, 0, -1, 0, 0, 0, 1], [2, 4, 2, 4, 1, 1, 1], [2, 4, -1, 0, 0, 1, 2],
+                      [2, 4, 4, 64, 1, 2, 2], [2, 4, 4, 65, 2, 3, 2], [2, 4, -1, 0, 0, 3, 3]]
+    assert health.describe_terms(65) == "non-finite prior, gradient norm"
+    assert health.describe_terms(2 << len(health.CHECKED) | 64) == \
+        "non-finite gradient norm; gradient norm far above its running mean"
+
+
+def test_divergence_statistics_are_the_healthy_steps_running_means_and_flag_what_lies_far_above():
+    """The running statistics against numpy's bias-corrected exponential means of the healthy steps only,
+    and the tests against their definition, step by step (a loss spike, a gradient spike, a NaN)."""
+    limits = health.Limits(warmup=5, loss_deviations=4.0, grad_ratio=10.0)
+    rng = np.random.default_rng(0)
+    losses = list(3.0 + 0.1 * rng.standard_normal(12)) + [9.0, 3.05, 3.0, float("nan"), 2.9]
+    grads = list(1.0 + 0.2 * rng.random(12)) + [1.1, 50.0, 1.0, 1.0, 1.0]
+    h, kept, d = health.Health.initial(), [], health.STATISTICS_DECAY
+
+    def running_mean(values):  # the bias-corrected exponential mean of the healthy steps' values
+        w = d ** np.arange(len(values))[::-1]
+        return np.sum(w * np.asarray(values)) / w.sum()
+
+    for step, (loss, grad) in enumerate(zip(losses, grads), start=1):
+        bits = int(h.spikes(jnp.float32(loss), jnp.float32(grad), limits)) | (0 if np.isfinite(loss) else 2)
+        spikes = bits >> len(health.CHECKED)
+        if len(kept) >= limits.warmup:  # the tests, from their definition
+            mean, deviation = running_mean([k[0] for k in kept]), running_mean([k[2] for k in kept])
+            assert bool(spikes & 1) == (loss > mean + 4.0 * deviation), step
+            assert bool(spikes & 2) == (grad > 10.0 * running_mean([k[1] for k in kept])), step
+        else:
+            assert spikes == 0, step  # warming up
+        if bits == 0:  # healthy: remembered with its absolute deviation from the running mean before it
+            kept.append((loss, grad, abs(loss - running_mean([k[0] for k in kept])) if kept else 0.0))
+        h = h.after(jnp.int32(step), jnp.int32(bits), jnp.float32(loss), jnp.float32(grad))
+    assert [int(h.healthy), int(h.skipped)] == [len(kept), 3]  # the loss spike, the gradient spike, the NaN
+    assert int(h.first_step) == 13 and health.describe_terms(int(h.first_terms)) == "loss far above its running mean"
+    for field, column in (("loss_mean", 0), ("grad_mean", 1), ("loss_deviation", 2)):
+        np.testing.assert_allclose(float(getattr(h, field) / h.weight), running_mean([k[column] for k in kept]),
+                                   rtol=1e-5, err_msg=field)
 
 
 @pytest.fixture
@@ -84,9 +118,9 @@ def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, poisoned):
     workdir = str(tmp_path / "run")
     with pytest.raises(health.NonFiniteError) as info:
         train.train_and_evaluate(config, workdir)
-    assert str(info.value) == ("non-finite gradient norm at step 3; nothing non-finite was saved (the last checkpoint "
-                               "is step 2): lower train.lr or set train.grad_clip, or skip such steps with "
-                               "train.skip_nonfinite=N")
+    assert str(info.value) == ("non-finite gradient norm at step 3; no such step was applied or saved (no checkpoint "
+                               "is known to be healthy: a rerun starts from step 0): lower train.lr or set "
+                               "train.grad_clip, or skip such steps with train.skip_nonfinite=N")
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.all_steps() == [2]  # step 4 came after the fault: not saved
     assert _finite(ckpt.restore(2))
@@ -120,21 +154,38 @@ def test_skip_nonfinite_drops_the_step_counts_it_and_stops_after_a_streak(tmp_pa
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
-def test_divergence_on_resume_keeps_the_good_checkpoints(tmp_path):
-    """The reported failure: resume a good run with lr=1e4 and no clipping."""
+def test_divergence_with_a_checkpoint_every_step_keeps_the_last_healthy_one_and_a_rerun_resumes_from_it(tmp_path):
+    """The reported failure: resume a good run with lr=1e4, no clipping and a checkpoint every step. Step 7
+    is finite (its loss and gradient come from the good step-6 parameters) but its update diverged; step 8
+    shows it. Step 6, the last healthy checkpoint, must survive the rotation, and a rerun at the sane
+    learning rate resume from it and finish."""
     config = _tiny(num_steps=6)
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
-    config.train.num_steps, config.train.lr, config.train.grad_clip = 40, 1e4, 0.0
-    with pytest.raises(health.NonFiniteError, match=r"^non-finite .* at step \d+; .*the last checkpoint is step \d+"):
-        train.train_and_evaluate(config, workdir)
+    bad = config.copy_and_resolve_references()
+    bad.train.num_steps, bad.train.lr, bad.train.grad_clip, bad.train.checkpoint_every = 40, 1e4, 0.0, 1
+    bad.train.keep_checkpoints = 1
+    with pytest.raises(health.NonFiniteError, match=r" at step 8; .*a rerun resumes from step 6, the last healthy"):
+        train.train_and_evaluate(bad, workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    for step in ckpt.all_steps():
-        assert _finite(ckpt.restore(step)), step
-    assert 6 in ckpt.all_steps()
+    assert ckpt.all_steps() == [6, 7]  # keep_checkpoints=1 kept 7, the newest, and 6, the last healthy
     ckpt.close()
     for line in open(os.path.join(workdir, "metrics.jsonl")):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c} in metrics.jsonl"))
+
+    config.train.num_steps = 10
+    trainer = train.Trainer(config, workdir, must_exist=True)  # what --mode eval reads: step 6, nothing moved
+    assert trainer.restore_latest(read_only=True) == 6
+    assert trainer.restore_notes == ["the last run stopped on an unhealthy step (at step 8): used step 6, the last "
+                                     "healthy checkpoint; steps 7 left in place"]
+    trainer.close()
+    result = train.train_and_evaluate(config, workdir)
+    assert result["step"] == 10 and np.isfinite(result["bpd"])
+    log = [row for row in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in row]
+    assert log[-1]["step"] == 10 and np.isfinite(log[-1]["loss"])
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "6", "7.unhealthy", "8", "health.json"]
+    with open(os.path.join(workdir, "checkpoints", "health.json")) as f:  # 8 passed the check at 10
+        assert json.load(f) == {"healthy": 8, "stopped_at": None}
 
 
 @pytest.mark.parametrize("field,value", [("train.lr", math.nan), ("model.gamma_max", math.inf),
@@ -156,6 +207,9 @@ def test_nan_and_inf_in_any_float_field_are_one_line(field, value):
     ("eval.num_examples", -5, "must be >= 0 (0 = the whole test split)"),
     ("train.num_steps", 5, "must be a multiple of train.steps_per_call=2"),
     ("train.skip_nonfinite", -1, "must be >= 0"),
+    ("train.divergence_warmup", -1, "must be an integer >= 0"),
+    ("train.divergence_loss_deviations", -2.0, "must be a finite number >= 0"),
+    ("train.divergence_grad_ratio", 0.5, "must be 0 (off) or above 1"),
 ])
 def test_surprising_values_are_one_line(field, value, message):
     config = load_config("test")
@@ -442,13 +496,27 @@ def _sigterm_once_underway(workdir, line, *args, settle=0.0, limit=30.0):
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert out.strip().splitlines()[-1] == "stopped by SIGTERM" and waited < limit, (out[-3000:], waited)
+    assert out.strip().splitlines()[-1].startswith("stopped by SIGTERM") and waited < limit, (out[-3000:], waited)
+    return out
 
 
 @pytest.mark.slow
 def test_sigterm_during_evaluation_exits_at_once(tmp_path, trained):
     _sigterm_once_underway(_copy(trained, tmp_path), "evaluating", "--mode", "eval", "--config.eval.batch_size=1",
                            "--config.eval.num_examples=0")
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_exact_divergence_ode_evaluation_of_the_whole_test_split_exits_within_30_s(tmp_path,
+                                                                                                    trained):
+    """One batch of the whole test split (176 digits), the exact divergence (64 jvps per evaluation of the
+    field), tight tolerances and 8 dequantisations: minutes in one XLA call, in which Python cannot run its
+    signal handler. The watchdog (vdm.signals, the command line's STOP_WITHIN_S) ends it."""
+    out = _sigterm_once_underway(_copy(trained, tmp_path), "evaluating", "--mode", "eval", "--config.eval.method=ode",
+                                 "--config.eval.ode.divergence=exact", "--config.eval.ode.rtol=1e-9",
+                                 "--config.eval.ode.atol=1e-9", "--config.eval.ode.num_samples=8",
+                                 "--config.eval.num_examples=0", "--config.eval.batch_size=176", settle=8.0)
+    assert "within one long computation" in out.strip().splitlines()[-1]  # the watchdog, not the handler
 
 
 @pytest.mark.slow
@@ -631,3 +699,81 @@ def test_networks_in_bf16_are_finite_at_the_extreme_noise_levels(network):
     z = jax.random.normal(jax.random.key(0), shape) * 1e3  # z_t at gamma = -30: alpha ~ 1, values as large as x
     out = net(z, jnp.asarray([-30.0, 30.0]))
     assert out.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out)))
+
+
+# -- a full disk ---------------------------------------------------------------------------------------
+
+
+def _file_size_limit(limit):
+    """A subprocess's writes past ``limit`` bytes per file fail as on a full disk (EFBIG, not SIGXFSZ)."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return apply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,error", [
+    (1000, "error: cannot write {workdir}/config.json: File too large"),  # before anything is saved
+    (20000, "error: saving step 2 to {workdir}/checkpoints failed: ValueError: OUT_OF_RANGE: Error writing"),
+])
+def test_a_write_that_fails_as_on_a_full_disk_is_one_error_line_naming_the_file_or_step(tmp_path, limit, error):
+    """The checkpoint's arrays (tens of KB per file) fail in Orbax's background threads, which logged 317 lines
+    of tracebacks and the next save's step: now one line naming step 2, the save that failed."""
+    workdir = str(tmp_path / "run")
+    run = subprocess.run([sys.executable, "-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir,
+                          *MLP, "--config.train.num_steps=4", "--config.train.compilation_cache_dir="],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit),
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and lines[-1].startswith(error.format(workdir=workdir)), run.stderr[-3000:]
+    assert [line for line in lines if not line.startswith(("vdm:", "mesh ", "model:", "workdir:", "step "))] == \
+        lines[-1:], run.stderr[-3000:]  # nothing but the run's own lines before it
+    assert not [name for name in os.listdir(workdir) if ".tmp" in name]
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        assert json.load(open(os.path.join(workdir, "config.json")))["train"]["num_steps"] == 4  # whole
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    import shutil
+
+    state = {"w": jnp.ones((1000,), jnp.float32)}
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state)
+        ckpt.wait()
+        free = type(shutil.disk_usage(tmp_path))(total=10 << 20, used=(10 << 20) - (200 << 10), free=200 << 10)
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda where: free)
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            ckpt.save(2, state)
+        assert str(info.value) == (f"no room to save step 2 in {tmp_path / 'ckpt'}: it needs about 0.3 MiB, the disk "
+                                   "has 0.2 MiB free; the checkpoints already saved are kept")
+        assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
+
+
+def test_a_long_ode_evaluation_says_where_its_solves_are_inside_a_batch(tmp_path, monkeypatch, capsys):
+    """#11: an ODE evaluation showed nothing inside a batch. The solver's progress comes back to the host after
+    each step it takes (diffrax's progress meter): with the lines' interval at 0 s, every step is a line,
+    solve 1/2 then 2/2 (two dequantisations), each with t rising to 1."""
+    from vdm import evaluation
+
+    monkeypatch.setattr(evaluation, "SOLVE_LOG_SECONDS", 0.0)
+    config = _tiny(num_steps=2)
+    config.eval.method, config.eval.num_examples, config.eval.batch_size = "ode", 8, 8
+    config.eval.ode.num_samples, config.eval.ode.rtol, config.eval.ode.atol = 2, 1e-3, 1e-3
+    trainer = train.Trainer(config, str(tmp_path / "run"))
+    try:
+        capsys.readouterr()
+        result = trainer.evaluate(show_progress=True)
+    finally:
+        trainer.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "ODE solve" in line]
+    seen = [(int(line.split("ODE solve ")[1].split("/")[0]), float(line.split("t = ")[1])) for line in lines]
+    assert all(line.startswith("batch 1/1: ODE solve ") and "/2 at t = " in line for line in lines), lines[:3]
+    assert [k for k, _ in seen] == sorted(k for k, _ in seen) and {k for k, _ in seen} == {1, 2}
+    for solve in (1, 2):
+        times = [t for k, t in seen if k == solve]
+        assert 0.0 < times[0] < 0.5 and times[-1] == 1.0 and times == sorted(times), times
+    attempted = (result["ode_nfe"] - 2) / 6  # 6 evaluations per attempted step and 1 per solve
+    assert 4 <= len(lines) <= attempted, (len(lines), result["ode_nfe"])  # one line per accepted step

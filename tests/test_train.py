@@ -11,13 +11,15 @@ import pytest
 from conftest import (ROOT, compile_count, config_names, free_port, load_config as _config, run_python as _run,
                       xla_flags)
 
-from vdm import checkpoint, configlib, data, metrics, optimizer, resume, steps, train
+from vdm import checkpoint, configlib, data, health, metrics, optimizer, resume, steps, train
 
 
 @pytest.mark.slow
 def test_cli_trains_evaluates_samples_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    base = ["-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir]
+    # The command line's plumbing, whatever the network: the MLP compiles in a third of the U-Net's time.
+    base = ["-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir, "--config.model.network=mlp",
+            "--config.model.network_kwargs={'hidden': 32, 'depth': 1}"]
     first = _run(base + ["--config.train.num_steps=2"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test bits/dim:" in first.stdout and os.path.exists(os.path.join(workdir, "samples_2.png"))
@@ -97,6 +99,8 @@ DEVICE_SCRIPT = textwrap.dedent("""
     from vdm import train
     config = load_config("test")
     config.train.batch_size = 16
+    if sys.argv[2:] == ["mlp"]:
+        config.model.network, config.model.network_kwargs = "mlp", {"hidden": 32, "depth": 1}
     trainer = train.Trainer(config, sys.argv[1])
     losses = []
     for step in range(3):
@@ -110,9 +114,10 @@ DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _device_run(tmp_path, devices, name, extra_env=None):
+def _device_run(tmp_path, devices, name, extra_env=None, network="unet"):
+    """DEVICE_SCRIPT on ``devices`` CPU devices: configs/test.py's U-Net (its convolutions sharded), or ``mlp``."""
     env = {"XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}")} | (extra_env or {})
-    out = _run(["-c", DEVICE_SCRIPT, str(tmp_path / name)], env=env)
+    out = _run(["-c", DEVICE_SCRIPT, str(tmp_path / name), network], env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -135,7 +140,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-c", DEVICE_SCRIPT, str(tmp_path / "shared")], cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, "-c", DEVICE_SCRIPT, str(tmp_path / "shared"), "mlp"], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     try:
@@ -150,7 +155,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
     assert outs[0]["losses"] == outs[1]["losses"]
     assert outs[0]["checksum"] == outs[1]["checksum"]
     # And they agree with one process holding all four devices.
-    single = _device_run(tmp_path, 4, "single")
+    single = _device_run(tmp_path, 4, "single", network="mlp")
     np.testing.assert_allclose(outs[0]["losses"], single["losses"], rtol=1e-5)
     np.testing.assert_allclose(outs[0]["checksum"], single["checksum"], rtol=1e-4, atol=1e-5)
 
@@ -211,6 +216,13 @@ def test_an_evaluation_with_a_non_finite_figure_is_an_error_line_and_exit_code_3
     assert out.err.startswith("error: non-finite result at step 1 (bpd=nan, bpd_diffusion=nan, ") and "bpd_se=nan" in out.err
     assert main.report(result | {k: 1.0 for k in result if isinstance(result[k], float)}, config) == 0
     assert "test bits/dim: 1.0000 +- 1.0000" in capsys.readouterr().out
+    # Sampling from it: the latents are NaN, which the decoder would have drawn as black; an error instead.
+    config.sample.num_images, config.sample.num_steps = 2, 2
+    with pytest.raises(health.NonFiniteError) as info:
+        train.sample_checkpoint(config, str(tmp_path))
+    assert str(info.value) == ("non-finite samples at step 1: the sampler's final latent holds a NaN or infinity in 2 "
+                               "of 2 images (nothing was written)")
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("samples_")]
 
 
 def _small(config):
@@ -333,7 +345,8 @@ def test_a_second_run_of_a_config_in_one_process_reuses_the_compiled_step(tmp_pa
 def test_persistent_compilation_cache_fills_and_start_up_block_is_printed(tmp_path):
     cache = tmp_path / "cache"
     out = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path / "run"),
-                "--config.train.num_steps=2", f"--config.train.compilation_cache_dir={cache}"])
+                "--config.train.num_steps=2", f"--config.train.compilation_cache_dir={cache}",
+                "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert cache.is_dir() and len(list(cache.iterdir())) >= 3  # init, train step, eval step, sampler
     text = out.stdout + out.stderr

@@ -41,6 +41,7 @@ failed restore never deletes anything.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,6 +101,10 @@ def _one_line(err: BaseException) -> str:
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     line = f"{type(err).__name__}: {line}" if line else type(err).__name__
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def _names(keys: list[str], limit: int = 4) -> str:
@@ -179,6 +184,16 @@ def _describe_mismatch(stored: Any, target: Any) -> str | None:
     return "; ".join(shown)
 
 
+class _Protected:
+    """Orbax's preservation policy for the step ``Checkpointer.protect`` names (read at each save)."""
+
+    def __init__(self, checkpointer: "Checkpointer"):
+        self._checkpointer = checkpointer
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step == self._checkpointer.protected for c in checkpoints]
+
+
 class Checkpointer:
     """Save/restore one training-state pytree under ``directory``.
 
@@ -186,7 +201,8 @@ class Checkpointer:
       directory: checkpoint root; step ``N`` lives in ``directory/N``.  Created
         if missing.
       max_to_keep: keep only the most recent ``max_to_keep`` steps (``None``
-        keeps all).  Older steps are deleted only when a newer one is saved.
+        keeps all), and the step given to :meth:`protect`.  Older steps are deleted
+        only when a newer one is saved.
       async_save: write in a background thread (default) or block in ``save``.
     """
 
@@ -202,8 +218,11 @@ class Checkpointer:
         where = paths.path(self._directory)
         if where.exists() and not where.is_dir():
             raise CheckpointError(f"checkpoint directory {self._directory} exists but is not a directory")
+        self._protected: int | None = None
+        self._pending: int | None = None  # the step an asynchronous save is writing
+        keep = [ocp.checkpoint_managers.LatestN(max_to_keep), _Protected(self)]
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
             save_interval_steps=1,
             create=True,
             enable_async_checkpointing=async_save,
@@ -216,6 +235,15 @@ class Checkpointer:
             )
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise CheckpointError(f"cannot open checkpoint directory {self._directory}: {_one_line(e)}") from e
+
+    def protect(self, step: int | None) -> None:
+        """Keep ``step`` (None: no step) out of the rotation of ``max_to_keep``, in addition to the newest."""
+        self._protected = None if step is None else int(step)
+
+    @property
+    def protected(self) -> int | None:
+        """The step kept out of the rotation (``protect``)."""
+        return self._protected
 
     @property
     def directory(self) -> str:
@@ -236,16 +264,38 @@ class Checkpointer:
         An existing step is never overwritten (the call returns ``False``).
         ``state`` is a pytree of ``jax.Array``/numpy arrays/Python scalars; ``meta`` a JSON-able
         dict kept with the step (``step_metadata``). Returns whether a save was started.
+        The previous save is finished first (its failure names its own step), and a local disk without
+        room for the state is ``CheckpointError`` before anything is written.
         """
         step = int(step)
+        self.wait()
         if step in self._manager.all_steps():
             return False
+        self._check_room(step, state)
         custom = dict(meta or {}) | {"fingerprint": fingerprint(state)}
         try:
-            return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
-                                           custom_metadata=custom))
+            started = bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                                              custom_metadata=custom))
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise CheckpointError(f"saving step {step} to {self._directory} failed: {_one_line(e)}") from e
+        self._pending = step if started else None
+        return started
+
+    def _check_room(self, step: int, state: Any) -> None:
+        """CheckpointError when a local disk has less free space than the state's bytes, a quarter more for
+        Orbax's files and 256 KiB (measured: a step of the test model takes its bytes plus about 20%)."""
+        if not paths.is_local(self._directory):
+            return
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype"))
+        needed = size + size // 4 + (256 << 10)
+        where = self._directory
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free
+        if free < needed:
+            raise CheckpointError(f"no room to save step {step} in {self._directory}: it needs about "
+                                  f"{_megabytes(needed)}, the disk has {_megabytes(free)} free; "
+                                  f"the checkpoints already saved are kept")
 
     def step_metadata(self, step: int) -> dict:
         """The ``meta`` saved with ``step`` and its ``fingerprint`` ({} when unreadable or absent)."""
@@ -310,8 +360,10 @@ class Checkpointer:
                                         "(fingerprint)")
         return restored
 
-    def restore_newest_good(self, target: Any, read_only: bool = False) -> tuple[int | None, Any, list[str]]:
-        """(step, state, notes) from the newest step that restores intact; (None, None, []) if there is none.
+    def restore_newest_good(self, target: Any, read_only: bool = False,
+                            upto: int | None = None) -> tuple[int | None, Any, list[str]]:
+        """(step, state, notes) from the newest step (at most ``upto``) that restores intact; (None, None, [])
+        if there is none.
 
         Newer damaged steps are moved aside to ``<step>.damaged`` (never deleted), each with a
         note; with ``read_only`` (evaluation, sampling) they are left in place, each with a note. If
@@ -319,7 +371,7 @@ class Checkpointer:
         match ``target`` (another model) is not damage: that error is raised as is.
         """
         damaged: list[tuple[int, str]] = []
-        for step in reversed(self.all_steps()):
+        for step in reversed([s for s in self.all_steps() if upto is None or s <= upto]):
             try:
                 state = self.restore(step, target)
             except DamagedCheckpoint as e:
@@ -328,35 +380,41 @@ class Checkpointer:
             if read_only:
                 return step, state, [f"{reason}; left it in place (this mode only reads) and used step {step}"
                                      for _, reason in damaged]
-            notes = [f"{reason}; moved it to {self._move_aside(bad)} and resumed from step {step}"
+            notes = [f"{reason}; moved it to {self.move_aside([bad], 'damaged')[0]} and resumed from step {step}"
                      for bad, reason in damaged]
-            if damaged:
-                self._manager.reload()
             return step, state, notes
         if damaged:
             raise CheckpointError(f"no intact checkpoint in {self._directory} (nothing was moved): "
                                   + "; ".join(reason for _, reason in damaged))
         return None, None, []
 
-    def _move_aside(self, step: int) -> str:
-        source = paths.path(self._directory) / str(step)
-        target = paths.path(self._directory) / f"{step}.damaged"
-        n = 1
-        while target.exists():
-            n += 1
-            target = paths.path(self._directory) / f"{step}.damaged{n}"
-        if jax.process_index() == 0:
-            source.rename(target)
+    def move_aside(self, steps: list[int], why: str) -> list[str]:
+        """Rename each of ``steps`` to ``<step>.<why>`` (``.<why>2``, ... where taken); never deletes. The new paths."""
+        moved = []
+        for step in steps:
+            source = paths.path(self._directory) / str(step)
+            target = paths.path(self._directory) / f"{step}.{why}"
+            n = 1
+            while target.exists():
+                n += 1
+                target = paths.path(self._directory) / f"{step}.{why}{n}"
+            if jax.process_index() == 0:
+                source.rename(target)
+            moved.append(str(target))
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"vdm checkpoint {step} moved aside")
-        return str(target)
+            multihost_utils.sync_global_devices(f"vdm checkpoints {steps} moved aside")
+        if steps:
+            self._manager.reload()
+        return moved
 
     def wait(self) -> None:
-        """Block until every pending asynchronous save is on disk."""
+        """Block until every pending asynchronous save is on disk (a failure names the step it was saving)."""
+        pending, self._pending = self._pending, None
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise CheckpointError(f"saving to {self._directory} failed: {_one_line(e)}") from e
+            which = f"step {pending}" if pending is not None else "a step"
+            raise CheckpointError(f"saving {which} to {self._directory} failed: {_one_line(e)}") from e
 
     def close(self) -> None:
         """Wait for pending saves and release Orbax's resources (errors as CheckpointError)."""

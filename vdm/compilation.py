@@ -17,7 +17,7 @@ import jax
 import optax
 from flax import nnx
 
-from vdm import evaluation, model as model_lib, objective as objective_lib, optimizer, parallel, steps
+from vdm import evaluation, health, model as model_lib, objective as objective_lib, optimizer, parallel, steps
 from vdm.sampling import Sampling
 
 
@@ -48,6 +48,7 @@ class Compiled:
     train_step: Any
     eval_step: Any
     sampling: Sampling
+    solve_progress: evaluation.SolveProgress  # told the ODE solver's t inside eval_step (progress in a batch)
 
 
 # The one per-process cache of compiled functions (compile key -> Compiled): what makes a notebook's
@@ -87,11 +88,13 @@ def compile_run(config, info, mesh) -> Compiled:
     replicated = parallel.replicated(mesh)
     steps_batch = parallel.batch_sharded(mesh, batch_axis=1)  # [k, B, ...]
     batch = parallel.batch_sharded(mesh)  # [B, ...]
-    train_step = jax.jit(steps.make_train_step(graphdef, tx, objective, config.train.ema_decay),
+    train_step = jax.jit(steps.make_train_step(graphdef, tx, objective, config.train.ema_decay,
+                                                 health.Limits.from_config(config.train)),
                          in_shardings=(replicated, steps_batch), out_shardings=(replicated, replicated),
                          donate_argnums=0)
-    eval_step = jax.jit(evaluation.make_eval_step(graphdef, config), in_shardings=(replicated, batch, batch, replicated),
-                        out_shardings=replicated)
+    solve_progress = evaluation.SolveProgress()
+    eval_step = jax.jit(evaluation.make_eval_step(graphdef, config, solve_progress),
+                        in_shardings=(replicated, batch, batch, replicated), out_shardings=replicated)
     c = config.sample
 
     def generation(params, rng, labels):
@@ -99,5 +102,6 @@ def compile_run(config, info, mesh) -> Compiled:
                                     sampler=c.sampler, labels=labels, guidance=c.guidance,
                                     sampler_kwargs=c.sampler_kwargs.to_dict())
 
-    _COMPILED[key] = Compiled(graphdef, init, tx, objective, train_step, eval_step, Sampling(generation))
+    _COMPILED[key] = Compiled(graphdef, init, tx, objective, train_step, eval_step, Sampling(generation),
+                              solve_progress)
     return _COMPILED[key]

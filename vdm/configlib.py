@@ -31,8 +31,8 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import (data, diffusion, evaluation, inception, likelihood, nets, objective, optimizer, options, registry,
-                 samplers, schedules, time_sampling, weightings)
+from vdm import (data, diffusion, evaluation, health, inception, likelihood, nets, objective, optimizer, options,
+                 registry, samplers, schedules, time_sampling, weightings)
 from vdm import model as model_lib
 from vdm.nets import kernels
 
@@ -207,7 +207,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.01  # on network kernels only: not norms, biases or the schedule
     c.train.grad_clip = 1.0  # global-norm clipping; 0 turns it off
     c.train.ema_decay = 0.9999  # with warm-up: min(decay, (1 + step) / (10 + step))
-    c.train.skip_nonfinite = 0  # 0: a NaN/inf loss or gradient stops the run; N: drop such steps, stop after N in a row
+    c.train.skip_nonfinite = 0  # 0: a NaN/inf or diverged step stops the run; N: drop such steps, stop after N in a row
+    # A finite step has diverged when, after divergence_warmup healthy steps, its loss is more than
+    # divergence_loss_deviations mean absolute deviations above the running mean of the healthy steps'
+    # losses, or its gradient norm more than divergence_grad_ratio times their running mean (0 = off).
+    c.train.divergence_warmup = 100
+    c.train.divergence_loss_deviations = 30.0
+    c.train.divergence_grad_ratio = 1000.0
     c.train.coordinator_timeout_s = 300  # multi-host: how long to wait for every process to connect
     c.train.compilation_cache_dir = "auto"  # XLA's persistent cache: auto = ~/.cache/vdm/jax; "" = off
 
@@ -362,6 +368,7 @@ def validate(config) -> None:
             _fail(f"train.{name}", opt[name], "must be >= 1")
     if opt.skip_nonfinite < 0:
         _fail("train.skip_nonfinite", opt.skip_nonfinite, "must be >= 0 (0 = stop at the first non-finite step)")
+    _ask("train", lambda: health.check_limits(**{k: opt[k] for k in health.Limits.FIELDS}))
     for name in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
         if opt[name] % opt.steps_per_call:
             _fail(f"train.{name}", opt[name], f"must be a multiple of train.steps_per_call={opt.steps_per_call}")

@@ -2,7 +2,8 @@
 eval step, and one pass of it over the test split.
 
 An evaluation method is ``method(model, batch, rng, settings) -> Evaluated`` (``EVALUATIONS``, chosen
-by ``config.eval.method``; ``settings`` is the config's ``eval`` section as a dict). It returns values
+by ``config.eval.method``; ``settings`` is the config's ``eval`` section as a dict, and ``on_time``, a
+host callback for the progress of an ODE solve: ``SolveProgress``). It returns values
 in nats, keyed by the name under which their bits/dim are reported, so the trainer sums, averages
 and converts them without naming any:
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -47,17 +49,18 @@ def vlb_bound(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int = 0) ->
 
 def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol: float = 1e-5,
             divergence: str = "hutchinson", num_probes: int = 1, dequantization: str = "uniform",
-            num_samples: int = 1, solver: str = "tsit5", max_steps: int = 4096) -> tuple[jax.Array, jax.Array]:
+            num_samples: int = 1, solver: str = "tsit5", max_steps: int = 4096,
+            on_time: Callable[[jax.Array], None] | None = None) -> tuple[jax.Array, jax.Array]:
     """(-log P(x) in nats per example [B], network evaluations): the probability-flow ODE's
     density dequantised to the discrete data (``vdm.likelihood``), conditional on the label
-    for a conditional model (no guidance)."""
+    for a conditional model (no guidance). ``on_time``: see ``likelihood.ode_log_likelihood``."""
     cond = model.condition(batch)
     eps_fn, gamma_fn = pure_functions(model)
 
     def log_density(key, f):
         result = likelihood.ode_log_likelihood(key, f, gamma_fn, eps_fn, cond=cond, rtol=rtol, atol=atol,
                                                divergence=divergence, num_probes=num_probes, solver=solver,
-                                               max_steps=max_steps)
+                                               max_steps=max_steps, on_time=on_time)
         return result.log_prob, result.nfe
 
     return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
@@ -74,7 +77,8 @@ def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
 def ode(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
     """``bpd_ode``: the probability-flow ODE's dequantised bound (``ode_nll`` with ``settings["ode"]``), and
     ``ode_nfe``, the solver's network evaluations."""
-    nll, nfe = ode_nll(model, batch, jax.random.fold_in(rng, 1), **dict(settings.get("ode", {})))
+    nll, nfe = ode_nll(model, batch, jax.random.fold_in(rng, 1), **dict(settings.get("ode", {})),
+                       on_time=settings.get("on_time"))
     return Evaluated({"bpd_ode": nll}, {}, {"ode_nfe": nfe.astype(jnp.float32)})
 
 
@@ -101,12 +105,54 @@ def build(name: str) -> Callable[..., Evaluated]:
 # --------------------------------------------------------------------------------------
 
 
-def make_eval_step(graphdef, config):
+class SolveProgress:
+    """The progress of the ODE solves inside one batch, from the solver's t (``on_time``, a host callback at
+    each evaluation of the field): a solve runs from t = 0 to 1 and the next starts again at 0.
+    ``listener(solves_done, t)`` is told of each new t while it is set (``evaluate`` sets it)."""
+
+    def __init__(self):
+        self.listener: Callable[[int, float], None] | None = None
+        self._solves, self._t = 0, 0.0
+
+    def start_batch(self) -> None:
+        self._solves, self._t = 0, 0.0
+
+    def __call__(self, t) -> None:
+        t = float(t)
+        if t < self._t - 0.5:  # back at the start: the next solve (the devices' calls interleave by less)
+            self._solves += 1
+        self._t = t
+        if self.listener is not None:
+            self.listener(self._solves, t)
+
+
+class _SolveLines:
+    """A ``SolveProgress`` listener that logs ``batch i/n: ODE solve k/K at t = 0.42`` on ``progress``."""
+
+    def __init__(self, progress, num_batches: int, config):
+        ode = config.eval.ode
+        self.progress, self.num_batches, self.batch, self.last = progress, num_batches, 0, time.monotonic()
+        self.solves = int(ode.get("num_samples", 1)) * int(ode.get("num_probes", 1))
+
+    def __call__(self, solves_done: int, t: float) -> None:
+        now = time.monotonic()
+        if now - self.last >= SOLVE_LOG_SECONDS:
+            self.last = now
+            self.progress.log(f"batch {self.batch + 1}/{self.num_batches}: ODE solve "
+                              f"{min(solves_done + 1, self.solves)}/{self.solves} at t = {t:.3f}")
+
+
+# How often a long ODE solve inside an evaluation batch says where it is (with show_progress).
+SOLVE_LOG_SECONDS = 10.0
+
+
+def make_eval_step(graphdef, config, solve_progress: SolveProgress | None = None):
     """(sums, counts, values) of one padded batch for ``config.eval.method`` (``EVALUATIONS``): masked sums
     of the per-example bits/dim of its bounds and their parts (and ``count``), its counts (not in nats:
     averaged per batch), and the bounds per example (with ``mask``), for standard errors.
+    ``solve_progress``: told the ODE solver's t as it goes (``SolveProgress``).
     """
-    method, settings = build(config.eval.method), config.eval.to_dict()
+    method, settings = build(config.eval.method), config.eval.to_dict() | {"on_time": solve_progress}
 
     def eval_step(params, batch, mask, rng):
         model = nnx.merge(graphdef, params)
@@ -119,7 +165,8 @@ def make_eval_step(graphdef, config):
 
 
 def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] | None = None,
-             show_progress: bool = False, per_example: bool = False) -> dict | None:
+             show_progress: bool = False, per_example: bool = False,
+             solve_progress: SolveProgress | None = None) -> dict | None:
     """Bits/dim over one complete pass of the test split ``test`` (a ``vdm.data`` source) with
     ``params`` (``eval_step``: the compiled ``make_eval_step``; ``mesh``: the data mesh), by
     ``config.eval.method``: the means of its bounds and parts, each bound with its standard error over
@@ -130,6 +177,8 @@ def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] |
     ``show_progress``: a progress bar over the batches (``--mode eval``).
     ``per_example``: also return ``per_example`` = {"bpd": [N], ...}, each test image's bound (in test
     split order), for paired comparisons of models evaluated with the same randomness.
+    ``solve_progress``: the eval step's ``SolveProgress``; with ``show_progress``, an ODE solve inside a
+    batch logs where it is (solve k of K, t) at most every ``SOLVE_LOG_SECONDS``.
     """
     bs = config.eval.batch_size
     bs = -(-bs // mesh.size) * mesh.size  # round up to a multiple of the device count
@@ -145,27 +194,37 @@ def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] |
                                     process_index=jax.process_index(), process_count=jax.process_count())
     values_of: dict[str, list] = {}
     counts: dict[str, float] = {}
-    for i, host in enumerate(batches):
-        if stop is not None and stop():
-            return None
-        if progress is not None:
-            progress.update(i)
-        batch = parallel.host_batch_to_global(mesh, host)
-        mask = batch.pop("mask")
-        try:
-            sums, batch_counts, values = jax.device_get(eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
-        except Exception as e:  # noqa: BLE001 - only the ODE solver's running out of steps is turned into one line
-            error = samplers.out_of_steps(e, "eval.ode.max_steps")
-            if error is None:
-                raise
-            raise error from None
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        for k, v in batch_counts.items():
-            counts[k] = counts.get(k, 0.0) + float(v)
-        keep = np.asarray(values.pop("mask"), bool)
-        for k, v in values.items():
-            values_of.setdefault(k, []).append(np.asarray(v, np.float64)[keep])
+    inside = _SolveLines(progress, num_batches, config) if progress is not None and solve_progress else None
+    if inside is not None:
+        solve_progress.listener = inside
+    try:
+        for i, host in enumerate(batches):
+            if stop is not None and stop():
+                return None
+            if progress is not None:
+                progress.update(i)
+            if inside is not None:
+                solve_progress.start_batch()
+                inside.batch = i
+            batch = parallel.host_batch_to_global(mesh, host)
+            mask = batch.pop("mask")
+            try:
+                sums, batch_counts, values = jax.device_get(eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
+            except Exception as e:  # noqa: BLE001 - only the ODE solver's running out of steps is turned into one line
+                error = samplers.out_of_steps(e, "eval.ode.max_steps")
+                if error is None:
+                    raise
+                raise error from None
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            for k, v in batch_counts.items():
+                counts[k] = counts.get(k, 0.0) + float(v)
+            keep = np.asarray(values.pop("mask"), bool)
+            for k, v in values.items():
+                values_of.setdefault(k, []).append(np.asarray(v, np.float64)[keep])
+    finally:
+        if inside is not None:
+            solve_progress.listener = None
     if progress is not None:
         progress.update(num_batches)
         progress.close()

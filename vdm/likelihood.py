@@ -89,8 +89,12 @@ DIVERGENCES = {
 
 def ode_log_likelihood(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, cond=None,
                        rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "hutchinson", num_probes: int = 1,
-                       solver: str = "tsit5", max_steps: int = 4096) -> OdeLikelihood:
-    """log p_0(f) per example [B] under the model's probability-flow ODE (see the module's formula)."""
+                       solver: str = "tsit5", max_steps: int = 4096,
+                       on_time: Callable[[jax.Array], None] | None = None) -> OdeLikelihood:
+    """log p_0(f) per example [B] under the model's probability-flow ODE (see the module's formula).
+
+    ``on_time``: called on the host with the solver's t after each step it takes (``samplers.solve_ode``), for
+    progress inside one long solve; the solves (``num_probes``) run one after another, each from t = 0 to 1."""
     check_options(dict(rtol=rtol, atol=atol, divergence=divergence, num_probes=num_probes, solver=solver,
                        max_steps=max_steps))
     estimator = registry.lookup(DIVERGENCES, divergence, "divergence")
@@ -107,7 +111,7 @@ def ode_log_likelihood(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn:
             return dz, div
 
         (z1, integral), nfe = samplers.solve_ode(field, (f, jnp.zeros((batch,), f.dtype)), 0.0, 1.0, rtol=rtol,
-                                                 atol=atol, solver=solver, max_steps=max_steps)
+                                                 atol=atol, solver=solver, max_steps=max_steps, on_progress=on_time)
         prior = -0.5 * jnp.sum(jnp.reshape(z1 * z1, (batch, -1)), axis=-1) - 0.5 * dims * math.log(2 * math.pi)
         return prior + integral, nfe
 

@@ -14,6 +14,7 @@ reported as one ``error:`` line with exit code 2, before anything is compiled.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import numbers
 import os
@@ -141,16 +142,51 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
 
 def input_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input: reported as one ``error:`` line with exit code 2."""
-    from vdm import checkpoint, configlib, data, inception, lock, parallel, samplers  # after flag parsing: --help fast
+    from vdm import checkpoint, configlib, data, inception, lock, parallel, paths, samplers  # after flag parsing
 
     return (CommandLineError, configlib.ConfigError, data.DataError, checkpoint.CheckpointError,
-            parallel.DistributedError, lock.WorkdirError, inception.WeightsError, samplers.SolverError)
+            parallel.DistributedError, lock.WorkdirError, inception.WeightsError, samplers.SolverError,
+            paths.WriteError)
+
+
+# A signal that comes while the program is inside one long computation ends it after this long at most
+# (vdm.signals): "stops at the end of the current batch" is unbounded when a batch takes an hour.
+STOP_WITHIN_S = 5.0
+
+
+class _NotOrbax(std_logging.Filter):
+    """Drops Orbax's log records: a failed save is logged by each of its threads, with tracebacks (317 lines
+    for one full disk), and the program reports it in one line itself (``vdm.checkpoint.CheckpointError``)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def quiet_logs() -> None:
     """absl logging at WARNING for a program of this library: JAX logs the backends it cannot start
-    (TPU, proxy) and Orbax every save at INFO, lines that would stand before the program's own."""
+    (TPU, proxy) and Orbax every save at INFO, lines that would stand before the program's own; and none
+    of Orbax's (``_NotOrbax``)."""
     logging.set_verbosity(logging.WARNING)
+    absl_logger = std_logging.getLogger("absl")
+    if not any(isinstance(f, _NotOrbax) for f in absl_logger.filters):
+        absl_logger.addFilter(_NotOrbax())
+    # Orbax's event loops: after a failed save, "Future exception was never retrieved" for each write, and
+    # TensorStore's callbacks into the closed loop print "Event loop is closed" through sys.unraisablehook.
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    if not isinstance(sys.unraisablehook, _ClosedLoopsQuiet):
+        sys.unraisablehook = _ClosedLoopsQuiet(sys.unraisablehook)
+
+
+class _ClosedLoopsQuiet:
+    """sys.unraisablehook without the "Event loop is closed" of Orbax's finished event loops; the rest as before."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        self.hook(unraisable)
 
 
 def main(argv):
@@ -164,7 +200,7 @@ def main(argv):
         config, workdir, mode, notes = resolve()
         for note in notes:
             print(note, file=sys.stderr)
-        result = modes[mode](config, workdir)
+        result = modes[mode](config, workdir, stop_within_s=STOP_WITHIN_S)
     except input_errors() as e:
         print(f"error: {e}", file=sys.stderr)  # bad input: one line, no traceback
         return 2

@@ -32,26 +32,43 @@ def join(base: PathLike, *parts: str) -> str:
     return os.fspath(path(base).joinpath(*parts))
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a missing permission): one line naming the file."""
+
+
 def write_bytes(p: PathLike, data: bytes) -> None:
     """Write ``data`` to ``p``, creating its directory. Atomic on a local disk: the bytes go to a
     temporary file beside ``p`` that then replaces it, so a full disk or a kill mid-write leaves the
-    old file whole (and no temporary one). An object store's write is whole or nothing already."""
+    old file whole (and no temporary one). An object store's write is whole or nothing already.
+    A failure is ``WriteError``, one line naming ``p``."""
     target = path(p)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not is_local(p):
-        target.write_bytes(data)
-        return
     temporary = f"{os.fspath(p)}.tmp-{os.getpid()}"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not is_local(p):
+            target.write_bytes(data)
+            return
         with open(temporary, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, os.fspath(p))
+    except OSError as e:
+        _remove_quietly(temporary)
+        error = WriteError(f"cannot write {os.fspath(p)}: {e.strerror or e}")
+        error.errno = e.errno
+        raise error from e
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        _remove_quietly(temporary)
         raise
+
+
+def _remove_quietly(p: str) -> None:
+    try:
+        if os.path.exists(p):
+            os.remove(p)
+    except OSError:
+        pass
 
 
 def heal_last_line(p: PathLike) -> bool:

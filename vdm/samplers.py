@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -261,18 +262,37 @@ def out_of_steps(error: Exception, field: str) -> SolverError | None:
                        "raise it, or loosen rtol / atol")
 
 
+class _HostProgress(diffrax.AbstractProgressMeter):
+    """diffrax's progress meter that hands the fraction of the interval done to ``report`` on the host."""
+
+    report: Callable = eqx.field(static=True)
+
+    def init(self) -> None:
+        return None
+
+    def step(self, state, progress) -> None:
+        jax.debug.callback(self.report, progress)
+        return state
+
+    def close(self, state) -> None:
+        del state
+
+
 def solve_ode(vector_field: Callable, y0, t_start: jax.Array, t_end: jax.Array, *, rtol: float,
-              atol: float, solver: str = "tsit5", max_steps: int = 4096):
+              atol: float, solver: str = "tsit5", max_steps: int = 4096, on_progress: Callable | None = None):
     """diffrax: integrate dy/dt = vector_field(t, y) from t_start to t_end.
 
     Returns (y at t_end, network evaluations). Tsit5 and Dopri5 are 7-stage methods whose
     last stage is the next step's first (FSAL): 6 new evaluations per attempted step plus one.
+    ``on_progress``: called on the host with the fraction of the interval done after each step (a
+    ``jax.debug.callback``: diffrax's progress meter).
     """
     method = registry.lookup(SOLVERS, solver, "ODE solver")()
+    meter = diffrax.NoProgressMeter() if on_progress is None else _HostProgress(on_progress)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), method, t0=t_start, t1=t_end,
         dt0=None, y0=y0, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+        saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, progress_meter=meter)
     y_end = jax.tree.map(lambda y: y[0], sol.ys)
     return y_end, (6 * sol.stats["num_steps"] + 1).astype(jnp.int32)
 

@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from vdm import samplers as samplers_lib
 
@@ -38,7 +39,8 @@ class Sampling:
         def finish(params, rng, labels, carry):
             g = generation(params, rng, labels)
             z_0, nfe = g.plan.result(carry)
-            return g.decode(z_0), nfe
+            non_finite = jnp.sum(~jnp.all(jnp.isfinite(z_0.reshape(z_0.shape[0], -1)), axis=1))
+            return g.decode(z_0), nfe, non_finite
 
         self._start, self._advance, self._finish = jax.jit(start), jax.jit(advance), jax.jit(finish)
 
@@ -49,7 +51,8 @@ class Sampling:
         return lengths[0]
 
     def __call__(self, params, rng, labels, progress: Callable[[int, int], None] | None = None):
-        """(images, nfe); ``progress(done, total)`` is called after each chunk."""
+        """(images, nfe, how many images' final latents hold a NaN or infinity: the decoder would draw
+        those as if they were black); ``progress(done, total)`` is called after each chunk."""
         total = self.num_steps(params, rng, labels)
         carry = self._start(params, rng, labels)
         done, chunk = 0, 1

@@ -4,7 +4,7 @@
 seed, and which of them get weight decay); ``initial_state`` the ``TrainState`` a run starts
 from; ``make_train_step`` the function that ``vdm.compilation`` compiles. The objective belongs
 to the model (``vdm.model.loss_and_grads``): the step only applies the gradients, keeps the
-EMA, the importance-sampling density and the non-finite record (``vdm.health``).
+EMA, the importance-sampling density and the record of unhealthy steps (``vdm.health``).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from vdm import configlib, data as data_lib, diffusion, model as model_lib, objective as objective_lib, weight_decay
-from vdm.health import Health
+from vdm import (configlib, data as data_lib, diffusion, health as health_lib, model as model_lib, objective as objective_lib,
+                 weight_decay)
 
 
 @struct.dataclass
@@ -30,7 +30,7 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     density: Any  # log-SNR density for importance sampling, or None
-    health: Health
+    health: health_lib.Health
 
 
 def model_initializer(config, info: data_lib.DatasetInfo):
@@ -67,11 +67,15 @@ def initial_state(seed: int, params, tx: optax.GradientTransformation, objective
     """Step 0 of a run: ``params`` (and their copy as the EMA), the optimizer's and the objective's initial state."""
     return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed), params=params,
                       opt_state=tx.init(params), ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                      density=objective.initial_density(), health=Health.initial())
+                      density=objective.initial_density(), health=health_lib.Health.initial())
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, objective: objective_lib.Objective, ema_decay: float):
-    """state, batch of k steps {"image": [k, B, ...], ...} -> (state after k optimizer steps, metrics of the last)."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, objective: objective_lib.Objective, ema_decay: float,
+                    limits: health_lib.Limits = health_lib.Limits()):
+    """state, batch of k steps {"image": [k, B, ...], ...} -> (state after k optimizer steps, metrics of the last).
+
+    ``limits``: when a finite step counts as diverged (``vdm.health``); such a step, like a non-finite one,
+    is not applied."""
 
     def one_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -86,13 +90,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective: objec
         grad_norm = optax.tree.norm(grads)
         checked = (*bits.values(), loss, *estimate.diagnostics.values(), grad_norm)  # in the order of health.CHECKED
         bad_terms = sum(jnp.where(jnp.isfinite(v), 0, 1 << i) for i, v in enumerate(checked)).astype(jnp.int32)
-        health = state.health.after(state.step + 1, bad_terms)
+        bad_terms |= state.health.spikes(loss, grad_norm, limits)
+        health = state.health.after(state.step + 1, bad_terms, loss, grad_norm)
         bound = jnp.mean(diffusion.bits_per_dim(sum(estimate.nats.values()), num_dims))
         logged = {"bpd": bound} | bits | {"loss": loss} | estimate.diagnostics | {
             "grad_norm": grad_norm, "skipped_steps": health.skipped}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                             density=estimate.density)
-        # A non-finite step is never applied: everything but the step count and the record stays.
+        # An unhealthy (non-finite or diverged) step is never applied: everything but the step count and the record stays.
         kept = jax.tree_util.tree_map(lambda old, upd: jnp.where(bad_terms != 0, old, upd), state, new)
         return kept.replace(step=state.step + 1, health=health), logged
 

@@ -14,9 +14,9 @@ This file is the program; each piece it runs lives in a module of its own:
   learning rate; ``vdm.evaluation``: the eval step and the pass over the test split;
   ``vdm.sampling``: the sampler run in chunks; ``vdm.compilation``: all of these compiled once
   per config and process, and XLA's persistent cache.
-* ``vdm.health``: non-finite steps (``NonFiniteError``); ``vdm.signals``: SIGINT / SIGTERM
+* ``vdm.health``: non-finite and diverged steps (``NonFiniteError``); ``vdm.signals``: SIGINT / SIGTERM
   (``Interrupted``); ``vdm.lock``: one training run per workdir; ``vdm.resume``: which
-  checkpoint a run may resume; ``vdm.pictures`` and ``vdm.quality``: the samples' files and figures.
+  checkpoint a run may resume, and which are healthy; ``vdm.pictures`` and ``vdm.quality``: the samples' files and figures.
 """
 from __future__ import annotations
 
@@ -108,10 +108,12 @@ class Trainer:
             self.lock.release()
             raise
         self.restore_notes: list[str] = []
+        self.health_record = resume.HealthRecord()
         self.compilation_cache = compilation.use_compilation_cache(config.train.compilation_cache_dir)
         compiled = compilation.compile_run(config, info, self.mesh)
         self.graphdef, self.tx, self.objective = compiled.graphdef, compiled.tx, compiled.objective
         self.train_step, self.eval_step, self.sampling = compiled.train_step, compiled.eval_step, compiled.sampling
+        self.solve_progress = compiled.solve_progress
         params = compiled.init(config.seed)
         self.state = parallel.replicate(steps.initial_state(config.seed, params, self.tx, self.objective), self.mesh)
 
@@ -175,18 +177,29 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------
 
     def restore_latest(self, read_only: bool = False) -> int:
-        """Restore the newest intact checkpoint (damaged newer ones are moved aside, or with ``read_only``
-        left in place, with a note in ``restore_notes``: ``vdm.resume.restore_newest``); returns the
-        step (0 if there is none)."""
-        self.state, self.restore_notes = resume.restore_newest(self.checkpointer, self.state, read_only)
+        """Restore the checkpoint to resume: the newest intact one, or after a stop on an unhealthy step the
+        last healthy one (``vdm.resume.restore_newest``: what it moves aside, or with ``read_only`` leaves,
+        is noted in ``restore_notes``); returns the step (0 if there is none)."""
+        self.state, self.restore_notes, self.health_record = resume.restore_newest(self.checkpointer, self.state,
+                                                                                   read_only)
         return int(self.state.step)
 
     def check_health(self) -> None:
-        """Raise NonFiniteError if training went non-finite (``vdm.health.check_health``)."""
-        health.check_health(self.state.health, self.config.train.skip_nonfinite, self.checkpointer.latest_step())
+        """Raise NonFiniteError if training went non-finite or diverged (``vdm.health.check_health``), and
+        record the stop, so that a rerun resumes from the last healthy checkpoint; else the newest
+        checkpoint before this step is healthy (``vdm.resume.HealthRecord``)."""
+        step = int(self.state.step)
+        try:
+            newest_healthy = health.check_health(self.state.health, self.config.train.skip_nonfinite,
+                                                 self.health_record.healthy)
+        except health.NonFiniteError:
+            self.health_record.stopped(self.checkpointer, step)
+            raise
+        if newest_healthy:
+            self.health_record.confirm(self.checkpointer, step)
 
     def save(self) -> None:
-        """Checkpoint the state, after checking that nothing in it came from a non-finite step."""
+        """Checkpoint the state, after checking that nothing in it came from an unhealthy step."""
         self.check_health()
         step = int(self.state.step)
         if self.checkpointer.latest_step() != step:
@@ -200,7 +213,8 @@ class Trainer:
         (``vdm.evaluation.evaluate``, which says what each argument does)."""
         params = self.state.ema_params if params is None else params
         return evaluation.evaluate(self.eval_step, params, self.dataset.test, self.mesh, self.config, stop=stop,
-                                   show_progress=show_progress, per_example=per_example)
+                                   show_progress=show_progress, per_example=per_example,
+                                   solve_progress=self.solve_progress)
 
     def sample_labels(self) -> jax.Array | None:
         """The classes to sample: None for an unconditional model, else config.sample.labels (or an even spread)."""
@@ -217,6 +231,7 @@ class Trainer:
         Returns {"samples": the PNG's path, "nfe": network evaluations of the sampler} and the
         sample-quality figures the config asks for (``vdm.quality.sample_quality``).
         The sampler's loop runs in chunks (``vdm.sampling``): a signal stops it within about a second.
+        Raises NonFiniteError when a sample's final latent is not finite (its picture would be black).
         """
         c, info = self.config.sample, self.dataset.info
         params = self.state.ema_params if params is None else params
@@ -228,11 +243,14 @@ class Trainer:
             progress = metrics_lib.Progress(total, log_every=max(1, total // 10), unit="sampling step")
             progress.log(f"sampling {c.num_images} images: {c.sampler}, {total} steps")
         try:
-            images, nfe = self.sampling(params, rng, labels,
-                                        None if progress is None else lambda done, _: progress.update(done))
+            images, nfe, non_finite = self.sampling(params, rng, labels,
+                                                    None if progress is None else lambda done, _: progress.update(done))
         finally:
             if progress is not None:
                 progress.close()
+        if int(non_finite):
+            raise health.NonFiniteError(f"non-finite samples at step {step}: the sampler's final latent holds a NaN or "
+                                        f"infinity in {int(non_finite)} of {c.num_images} images (nothing was written)")
         images, nfe = np.asarray(images).astype(np.uint8), int(nfe)
         path = pictures.unused_name(paths.join(self.workdir, f"samples_{step}"))
         if jax.process_index() == 0:
@@ -251,7 +269,8 @@ class Trainer:
 # --------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config, workdir: str, overrides: Mapping[str, Any] | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, overrides: Mapping[str, Any] | None = None, *,
+                       stop_within_s: float | None = None) -> dict:
     """Train (resuming from the newest intact checkpoint in workdir), evaluate, sample; the final metrics.
 
     ``config``: a ConfigDict or the name of a shipped config or file, ``overrides`` set on a copy
@@ -259,6 +278,8 @@ def train_and_evaluate(config, workdir: str, overrides: Mapping[str, Any] | None
     ``bpd_ode``, by ``config.eval.method``), ``count`` (test images), ``samples`` (the PNG of the
     samples; the ``.npz`` beside it holds them), ``nfe``, ``step``, and ``fd_mnist`` where the config
     asks for it; ``{"step", "stopped": True}`` when SIGINT / SIGTERM stopped the run (saved).
+    ``stop_within_s``: end the process when a signal cannot be taken within that time (``vdm.signals``;
+    the command line's choice).
     """
     config = resolve_config(config, overrides)
     trainer = Trainer(config, workdir, exclusive=True)  # config, data, lock, checkpoint's model: before compiling
@@ -272,7 +293,7 @@ def train_and_evaluate(config, workdir: str, overrides: Mapping[str, Any] | None
                 progress.log(line)
             if start:
                 progress.log(f"resumed from step {start} in {workdir}")
-            with Signals() as signals:
+            with Signals(stop_within_s) as signals:
                 return _train_loop(trainer, writer, progress, start, signals)
         finally:
             progress.close()
@@ -339,22 +360,25 @@ def _restored_trainer(config, workdir: str) -> Trainer:
     return trainer
 
 
-def evaluate_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None = None) -> dict:
-    """--mode eval: test bits/dim of the latest checkpoint (EMA parameters); config as in ``train_and_evaluate``."""
+def evaluate_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None = None, *,
+                        stop_within_s: float | None = None) -> dict:
+    """--mode eval: test bits/dim of the latest checkpoint (EMA parameters); arguments as in ``train_and_evaluate``."""
     trainer = _restored_trainer(resolve_config(config, overrides), workdir)
     try:
-        with Signals():
+        with Signals(stop_within_s):
             return trainer.evaluate(show_progress=True) | {"step": int(trainer.state.step)}
     finally:
         trainer.close()
 
 
-def sample_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None = None) -> dict:
-    """--mode sample: samples (.npz, .png, TensorBoard) from the latest checkpoint; config as in ``train_and_evaluate``."""
+def sample_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None = None, *,
+                      stop_within_s: float | None = None) -> dict:
+    """--mode sample: samples (.npz, .png, TensorBoard) from the latest checkpoint; arguments as in
+    ``train_and_evaluate``."""
     trainer = _restored_trainer(resolve_config(config, overrides), workdir)
     step = int(trainer.state.step)
     try:
-        with Signals(), metrics_lib.MetricWriter(workdir) as writer:
+        with Signals(stop_within_s), metrics_lib.MetricWriter(workdir) as writer:
             return trainer.sample(step, writer, show_progress=True) | {"step": step}
     finally:
         trainer.close()
