@@ -228,10 +228,10 @@ def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     script.define_flags(fv, argv)
     main.parse(argv, fv)
     # The script's work on any conditional network: the MLP compiles in a fraction of the U-Nets' time.
-    argv += [a for a in _tiny(fv["config"].value) if "network_kwargs" not in a] + ["--config.train.num_steps=2", "--config.eval.num_examples=4",
-                                         "--config.sample.fd_mnist=False",  # FD-MNIST: tested with the sample commands
-                                         "--config.model.network=mlp", "--config.model.network_kwargs.hidden=16",
-                                         "--config.model.network_kwargs.depth=1"]
+    argv += [a for a in _tiny(fv["config"].value) if "network_kwargs" not in a]
+    argv += ["--config.train.num_steps=2", "--config.eval.num_examples=4",
+             "--config.sample.fd_mnist=False",  # FD-MNIST: tested with the sample commands
+             "--config.model.network=mlp", "--config.model.network_kwargs.hidden=16", "--config.model.network_kwargs.depth=1"]
     fv = flags.FlagValues()
     script.define_flags(fv, argv)
     main.parse(argv, fv)

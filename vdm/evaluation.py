@@ -106,9 +106,9 @@ def build(name: str) -> Callable[..., Evaluated]:
 
 
 class SolveProgress:
-    """The progress of the ODE solves inside one batch, from the solver's t (``on_time``, a host callback at
-    each evaluation of the field): a solve runs from t = 0 to 1 and the next starts again at 0.
-    ``listener(solves_done, t)`` is told of each new t while it is set (``evaluate`` sets it)."""
+    """The progress of the ODE solves inside one batch, from the solver's t (``on_time``: a host callback after
+    each step the solver takes, ``samplers.solve_ode``): t rises within a solve, and the next solve starts
+    again near 0. ``listener(solves_done, t)`` is told of each new t while it is set (``evaluate`` sets it)."""
 
     def __init__(self):
         self.listener: Callable[[int, float], None] | None = None
@@ -119,7 +119,7 @@ class SolveProgress:
 
     def __call__(self, t) -> None:
         t = float(t)
-        if t < self._t - 0.5:  # back at the start: the next solve (the devices' calls interleave by less)
+        if t < self._t - 0.5:  # back near the start: the next solve (several devices' calls differ by a step)
             self._solves += 1
         self._t = t
         if self.listener is not None:
@@ -208,13 +208,8 @@ def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] |
                 inside.batch = i
             batch = parallel.host_batch_to_global(mesh, host)
             mask = batch.pop("mask")
-            try:
+            with samplers.naming_max_steps("eval.ode.max_steps"):
                 sums, batch_counts, values = jax.device_get(eval_step(params, batch, mask, jax.random.fold_in(rng, i)))
-            except Exception as e:  # noqa: BLE001 - only the ODE solver's running out of steps is turned into one line
-                error = samplers.out_of_steps(e, "eval.ode.max_steps")
-                if error is None:
-                    raise
-                raise error from None
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             for k, v in batch_counts.items():

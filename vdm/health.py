@@ -51,8 +51,7 @@ class Limits(NamedTuple):
 
 def check_limits(*, divergence_warmup, divergence_loss_deviations, divergence_grad_ratio) -> None:
     """The one check of ``Limits``' values (``vdm.options.OptionError``, named as the config's ``train`` fields)."""
-    if not (isinstance(divergence_warmup, int) and not isinstance(divergence_warmup, bool) and divergence_warmup >= 0):
-        raise options.OptionError("divergence_warmup", divergence_warmup, "must be an integer >= 0")
+    options.nonnegative_int("divergence_warmup", divergence_warmup)
     options.nonnegative("divergence_loss_deviations", divergence_loss_deviations)
     options.nonnegative("divergence_grad_ratio", divergence_grad_ratio)
     if 0 < divergence_grad_ratio <= 1:

@@ -50,6 +50,12 @@ def positive_int(option: str, value) -> None:
         raise OptionError(option, value, "must be an integer >= 1")
 
 
+def nonnegative_int(option: str, value) -> None:
+    """``value`` must be an integer >= 0 (a count that may be zero)."""
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0):
+        raise OptionError(option, value, "must be an integer >= 0")
+
+
 def nonnegative(option: str, value) -> None:
     """``value`` must be a finite number >= 0 (a noise level)."""
     if not (_real(value) and value >= 0):

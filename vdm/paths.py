@@ -53,22 +53,14 @@ def write_bytes(p: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, os.fspath(p))
-    except OSError as e:
-        _remove_quietly(temporary)
+    except BaseException as e:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        if not isinstance(e, OSError):
+            raise
         error = WriteError(f"cannot write {os.fspath(p)}: {e.strerror or e}")
         error.errno = e.errno
         raise error from e
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
-
-
-def _remove_quietly(p: str) -> None:
-    try:
-        if os.path.exists(p):
-            os.remove(p)
-    except OSError:
-        pass
 
 
 def heal_last_line(p: PathLike) -> bool:

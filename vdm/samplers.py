@@ -42,6 +42,7 @@ The adaptive solvers are ``SOLVERS`` (name -> diffrax solver class).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
@@ -253,13 +254,17 @@ class SolverError(RuntimeError):
     """An adaptive ODE solve ran out of steps before the end of its interval (one line)."""
 
 
-def out_of_steps(error: Exception, field: str) -> SolverError | None:
-    """A one-line SolverError naming the config ``field`` to raise if ``error`` is diffrax's "maximum number
-    of solver steps" (raised inside a compiled call, it reaches Python as a JAX runtime error), else None."""
-    if "maximum number of solver steps was reached" not in str(error):
-        return None
-    return SolverError(f"the adaptive ODE solver used all {field} steps before the end of its interval: "
-                       "raise it, or loosen rtol / atol")
+@contextlib.contextmanager
+def naming_max_steps(field: str):
+    """Within it, diffrax's "maximum number of solver steps" (raised inside a compiled call, it reaches
+    Python as a JAX runtime error) becomes a one-line SolverError naming the config ``field``."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only the solver's running out of steps is turned into one line
+        if "maximum number of solver steps was reached" not in str(e):
+            raise
+        raise SolverError(f"the adaptive ODE solver used all {field} steps before the end of its interval: "
+                          "raise it, or loosen rtol / atol") from None
 
 
 class _HostProgress(diffrax.AbstractProgressMeter):

@@ -62,13 +62,8 @@ class Sampling:
         while done < total:
             stop = min(total, done + chunk)
             began = time.perf_counter()
-            try:
+            with samplers_lib.naming_max_steps("sample.sampler_kwargs.max_steps"):
                 carry = jax.block_until_ready(self._advance(params, rng, labels, carry, done, stop))
-            except Exception as e:  # noqa: BLE001 - only the solver's running out of steps is turned into one line
-                error = samplers_lib.out_of_steps(e, "sample.sampler_kwargs.max_steps")
-                if error is None:
-                    raise
-                raise error from None
             took = time.perf_counter() - began
             if not fixed:  # the first chunk includes the compilation, so it stays at one step; then ~0.5 s
                 chunk = int(min(4 * chunk, max(1, self.CHUNK_SECONDS * (stop - done) / max(took, 1e-6))))

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from vdm import (configlib, data as data_lib, diffusion, health as health_lib, model as model_lib, objective as objective_lib,
-                 weight_decay)
+from vdm import (configlib, data as data_lib, diffusion, health as health_lib, model as model_lib,
+                 objective as objective_lib, weight_decay)
 
 
 @struct.dataclass
@@ -97,7 +97,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective: objec
             "grad_norm": grad_norm, "skipped_steps": health.skipped}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                             density=estimate.density)
-        # An unhealthy (non-finite or diverged) step is never applied: everything but the step count and the record stays.
+        # An unhealthy (non-finite or diverged) step is never applied: all but the step count and the record stays.
         kept = jax.tree_util.tree_map(lambda old, upd: jnp.where(bad_terms != 0, old, upd), state, new)
         return kept.replace(step=state.step + 1, health=health), logged
 

@@ -184,10 +184,10 @@ class Trainer:
                                                                                    read_only)
         return int(self.state.step)
 
-    def check_health(self) -> None:
+    def check_health(self) -> int:
         """Raise NonFiniteError if training went non-finite or diverged (``vdm.health.check_health``), and
         record the stop, so that a rerun resumes from the last healthy checkpoint; else the newest
-        checkpoint before this step is healthy (``vdm.resume.HealthRecord``)."""
+        checkpoint before this step is healthy (``vdm.resume.HealthRecord``). Returns the step checked."""
         step = int(self.state.step)
         try:
             newest_healthy = health.check_health(self.state.health, self.config.train.skip_nonfinite,
@@ -197,11 +197,11 @@ class Trainer:
             raise
         if newest_healthy:
             self.health_record.confirm(self.checkpointer, step)
+        return step
 
     def save(self) -> None:
         """Checkpoint the state, after checking that nothing in it came from an unhealthy step."""
-        self.check_health()
-        step = int(self.state.step)
+        step = self.check_health()
         if self.checkpointer.latest_step() != step:
             self.checkpointer.save(step, self.state, meta=resume.meta(self.config, self.dataset.info))
 
