@@ -24,7 +24,7 @@ os.environ["XDG_CACHE_HOME"] = os.environ["VDM_TESTS_CACHE_HOME"]
 
 # XLA:CPU at its lowest backend optimisation level, in-process and in every subprocess (`xla_flags`):
 # the suite mostly compiles tiny programs and runs them a few times, and this halves a compile
-# (configs/test.py's train step: 11 s -> 5 s) for slower runs of the few long trainings. Whole suite on
+# (a small U-Net's train step: 11 s -> 5 s) for slower runs of the few long trainings. Whole suite on
 # 2 cores, 2026-12-04: 767 s -> 669 s. What the tests check must hold at any optimisation level.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 

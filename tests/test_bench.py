@@ -36,7 +36,6 @@ def test_flops_per_image_of_an_mlp_block_match_the_closed_form():
 @pytest.mark.slow
 def test_every_figure_is_produced(tmp_path):
     c = load_config("test")
-    c.model.network, c.model.network_kwargs = "mlp", {"hidden": 32, "depth": 1}  # compiles in seconds
     c.eval.num_examples = 32
     with pytest.raises(configlib.ConfigError, match="--samplers: unknown sampler 'euler'"):
         bench.run(c, samplers=["euler"])

