@@ -12,13 +12,15 @@ $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# --no-compile: pip would byte-compile every file of every dependency (jax, scipy, tensorflow-datasets, ...);
+# Python compiles the modules a run imports on first use instead. Install from a fresh clone: 57 s -> 21 s.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-compile -e .
 	touch $@
 
 # One install of the package with its test extras (a superset of the plain install, which it marks done too).
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-compile -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -223,28 +223,8 @@ def test_elbo_weighting_with_importance_sampling_equals_L_inf():
 
 
 # --------------------------------------------------------------------------------------
-# Parameterisations: eps, x and v
+# Parameterisations (their conversions: tests/test_predictions.py)
 # --------------------------------------------------------------------------------------
-
-
-def test_x_and_v_predictions_equal_their_converted_eps_mse():
-    rng = jax.random.split(jax.random.PRNGKey(3), 4)
-    f = jax.random.uniform(rng[0], (16, 6), minval=-1, maxval=1)
-    eps = jax.random.normal(rng[1], f.shape)
-    gamma = jnp.linspace(-6.0, 6.0, 16)
-    alpha, sigma = (np.sqrt(1 / (1 + np.exp(np.asarray(gamma) * s)))[:, None] for s in (1, -1))
-    z = diffusion.diffuse(f, gamma, eps)
-    out = jax.random.normal(rng[2], f.shape)  # an arbitrary network output
-    eps_mse = lambda pred: np.sum((np.asarray(eps) - np.asarray(diffusion.to_eps(pred, out, z, gamma))) ** 2, -1)  # noqa: E731
-    snr = np.exp(-np.asarray(gamma, np.float64))
-    # x-prediction: ||eps - eps_hat||^2 = SNR ||x - x_hat||^2
-    np.testing.assert_allclose(eps_mse("x"), snr * np.sum((np.asarray(f) - np.asarray(out)) ** 2, -1), rtol=2e-3)
-    # v-prediction (v = alpha eps - sigma x): ||eps - eps_hat||^2 = alpha^2 ||v - v_hat||^2
-    v = alpha * np.asarray(eps) - sigma * np.asarray(f)
-    np.testing.assert_allclose(eps_mse("v"), alpha[:, 0] ** 2 * np.sum((v - np.asarray(out)) ** 2, -1), rtol=2e-3)
-    np.testing.assert_allclose(eps_mse("eps"), np.sum((np.asarray(eps) - np.asarray(out)) ** 2, -1), rtol=1e-6)
-    with pytest.raises(ValueError, match="valid names: eps, x, v"):
-        diffusion.to_eps("score", out, z, gamma)
 
 
 def test_diffusion_loss_with_x_prediction_of_the_bayes_denoiser_equals_eps_version():

@@ -647,7 +647,7 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_schedule_quantities_are_finite_and_accurate_for_gamma_in_minus_30_to_30(dtype):
-    from vdm import diffusion
+    from vdm import diffusion, predictions
 
     g = jnp.asarray(EXTREME, dtype)
     exact_alpha_sq, exact_sigma_sq = 1 / (1 + np.exp(EXTREME)), 1 / (1 + np.exp(-EXTREME))  # float64 truth
@@ -657,7 +657,7 @@ def test_schedule_quantities_are_finite_and_accurate_for_gamma_in_minus_30_to_30
     np.testing.assert_allclose(np.asarray(sigma, np.float64) ** 2, exact_sigma_sq, rtol=rtol)
     z = jnp.ones((61, 4), dtype)
     out = jnp.full((61, 4), 0.5, dtype)
-    for prediction in diffusion.PREDICTIONS:
+    for prediction in predictions.PREDICTIONS:
         eps = np.asarray(diffusion.to_eps(prediction, out, z, g), np.float64)
         assert np.all(np.isfinite(eps)), prediction
     f = jnp.asarray(np.tile([-1.0, 0.0, 0.5, 1.0], (61, 1)), dtype)

@@ -98,7 +98,7 @@ DEVICE_SCRIPT = textwrap.dedent("""
     config = load_config("test")
     config.train.batch_size = 16
     if sys.argv[2:] == ["unet"]:  # its convolutions, sharded over the batch
-        config.model.network, config.model.network_kwargs = "unet", {"channels": 8, "num_blocks": 2, "dropout": 0.1}
+        config.model.network, config.model.network_kwargs = "unet", {"channels": 8, "num_blocks": 1, "dropout": 0.1}
     trainer = train.Trainer(config, sys.argv[1])
     losses = []
     for step in range(3):

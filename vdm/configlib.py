@@ -31,7 +31,7 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import (data, diffusion, evaluation, health, inception, likelihood, nets, objective, optimizer, options,
+from vdm import (data, evaluation, health, inception, likelihood, nets, objective, optimizer, options, predictions,
                  registry, samplers, schedules, time_sampling, weightings)
 from vdm import model as model_lib
 from vdm.nets import kernels
@@ -170,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.gamma_max = 5.0
     c.model.network = "unet"  # vdm.nets.NETWORKS
     c.model.network_kwargs = ml_collections.ConfigDict()
-    c.model.prediction = "eps"  # eps | x | v
+    c.model.prediction = "eps"  # what the network outputs: eps | x | v | F | o (vdm.predictions)
     c.model.num_classes = 0  # > 0: class-conditional (the data must have labels 0..num_classes-1)
     c.model.dtype = "float32"  # compute dtype of the network: float32 | bfloat16 (parameters stay float32)
     c.model.remat = False  # rematerialise each network block in the backward pass: less memory, ~1/3 more compute
@@ -330,7 +330,7 @@ def validate(config) -> None:
         _fail(name, value, "must be finite")
     _choice("model.schedule", model.schedule, schedules.SCHEDULES)
     _choice("model.network", model.network, nets.NETWORKS)
-    _choice("model.prediction", model.prediction, diffusion.PREDICTIONS)
+    _choice("model.prediction", model.prediction, predictions.PREDICTIONS)
     _choice("loss.weighting", loss.weighting, weightings.WEIGHTINGS)
     _choice("loss.time_sampler", loss.time_sampler, time_sampling.TIME_SAMPLERS)
     _choice("sample.sampler", config.sample.sampler, samplers.SAMPLERS)

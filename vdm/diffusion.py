@@ -32,7 +32,8 @@ Conventions (stated once, here)
 
 A schedule is any callable ``gamma_fn(t [B]) -> gamma`` of shape ``[B]`` or ``[B, *f.shape[1:]]``; a
 denoiser is any callable ``eps_fn(z_t, gamma_t, cond) -> output`` receiving that same gamma, whose output
-is an eps-, x- or v-prediction (``prediction=``), converted to eps in exactly one place, ``to_eps``.
+is an eps-, x-, v-, F- or o-prediction (``prediction=``, ``vdm.predictions``), converted to eps in exactly one
+place, ``to_eps``.
 ``cond`` is whatever the denoiser is conditioned on (``None``, or ``{"label": int [B]}``); the
 functions here pass it through untouched.
 
@@ -52,7 +53,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vdm import registry, time_sampling, weightings
+from vdm import predictions, registry, time_sampling, weightings
 
 # --------------------------------------------------------------------------------------
 # Data <-> bin centres
@@ -203,36 +204,27 @@ def _decoder_log_normaliser_jvp(vocab_size, primals, tangents):
 
 
 # --------------------------------------------------------------------------------------
-# Network parameterisations: everything becomes an eps-prediction here, and only here
+# Network parameterisations (``vdm.predictions``): everything becomes an eps-prediction here, and only here
 # --------------------------------------------------------------------------------------
 
 
-def _eps_from_eps(out, z, gamma):
-    return out
-
-
-def _eps_from_x(out, z, gamma):
-    """eps_hat = (z - alpha x_hat) / sigma."""
-    alpha, sigma = alpha_sigma(expand_to(gamma, z))
-    return (z - alpha * out) / sigma
-
-
-def _eps_from_v(out, z, gamma):
-    """v = alpha eps - sigma x (Salimans & Ho 2022), so eps_hat = sigma z + alpha v_hat."""
-    alpha, sigma = alpha_sigma(expand_to(gamma, z))
-    return sigma * z + alpha * out
-
-
-PREDICTIONS = {
-    "eps": _eps_from_eps,
-    "x": _eps_from_x,
-    "v": _eps_from_v,
-}
+def _prediction_coefficients(prediction: str, z: jax.Array, gamma: jax.Array):
+    coefficients = registry.lookup(predictions.PREDICTIONS, prediction, "prediction")
+    g = expand_to(gamma, z)
+    return coefficients(g, *alpha_sigma(g))
 
 
 def to_eps(prediction: str, out: jax.Array, z: jax.Array, gamma: jax.Array) -> jax.Array:
-    """Convert a network output of kind ``prediction`` (eps, x or v) into eps_hat."""
-    return registry.lookup(PREDICTIONS, prediction, "prediction")(out, z, gamma)
+    """eps_hat = a z + b out: a network output of kind ``prediction`` (``vdm.predictions``) as an eps-prediction."""
+    a, b = _prediction_coefficients(prediction, z, gamma)
+    return a * z + b * out
+
+
+def prediction_target(prediction: str, f: jax.Array, eps: jax.Array, gamma: jax.Array) -> jax.Array:
+    """What a network of kind ``prediction`` should output at z = diffuse(f, gamma, eps): (eps - a z) / b."""
+    z = diffuse(f, gamma, eps)
+    a, b = _prediction_coefficients(prediction, z, gamma)
+    return (eps - a * z) / b
 
 
 # --------------------------------------------------------------------------------------
@@ -315,7 +307,7 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
       num_steps: 0 for continuous time (L_inf), T > 0 for the T-step loss L_T.
       time_sampler: name in ``time_sampling.TIME_SAMPLERS`` or a callable (rng, B) -> u.
       weighting: name in ``weightings.WEIGHTINGS`` or a ``Weighting``; "elbo" gives the VLB's term.
-      prediction: what ``eps_fn`` predicts: "eps", "x" or "v".
+      prediction: what ``eps_fn`` predicts: a name in ``vdm.predictions.PREDICTIONS``.
       logsnr_density: a density over lambda (``time_sampling.GridDensity`` or
         ``AdaptiveDensity``) to importance-sample the noise level; the schedule's interior
         is then not used.

@@ -1,7 +1,7 @@
 """The VDM model: a noise schedule and a denoising network, and sampling from them.
 
 ``VDM`` is a Flax NNX module with two parts, ``schedule`` (t -> gamma) and ``network``
-(z_t, gamma_t, cond -> an eps-, x- or v-prediction), plus static facts about the data:
+(z_t, gamma_t, cond -> an eps-, x-, v-, F- or o-prediction, ``vdm.predictions``), plus static facts about the data:
 
     model = VDM.from_config(config, image_shape=(28, 28, 1), vocab_size=256, rngs=nnx.Rngs(0))
     eps_hat = model.eps(z, gamma, cond)                  # the denoiser, converted to eps
@@ -104,7 +104,7 @@ class VDM(nnx.Module):
         return math.prod(self.image_shape)
 
     def denoiser(self, dropout_rng: jax.Array | None = None):
-        """The network as ``(z_t, gamma_t, cond) -> output`` (eps, x or v; dropout iff a key is given)."""
+        """The network as ``(z_t, gamma_t, cond) -> output`` (what ``prediction`` names; dropout iff a key is given)."""
 
         def fn(z, gamma, cond=None):
             shape = z.shape

@@ -19,6 +19,7 @@ the normalised interior, for the variance-minimising gradient of VDM App. I.2).
 | monotone_net    | g0 + (g1 - g0) shape(t), shape a monotone network       | shape; g0, g1 opt. |
 | cosine          | 2 log tan(a t + b), pinned to [g0, g1]                 | nothing            |
 | shifted_cosine  | 2 log tan(a t + b) + shift, pinned to [g0, g1]         | nothing            |
+| optimal_transport | 2 log(s / (1 - s)), s = s0 + (s1 - s0) t, pinned to [g0, g1] | nothing      |
 | per_pixel_polynomial | per element: g0_i + (g1_i - g0_i) P_i(t) / P_i(1), P_i' = (a_i t^2 + b_i t + c_i)^2 | a, b, c; g0_i, g1_i opt. |
 
 Learned parameters are typed so that filters can pick them out: ``ScheduleEndpoint``
@@ -198,6 +199,35 @@ class Cosine(ShiftedCosine):
         super().__init__(gamma_min, gamma_max, shift=0.0)
 
 
+class OptimalTransport(nnx.Module):
+    """The optimal-transport (rectified flow) path of flow matching as a schedule (Kingma & Gao 2023, App. D.3).
+
+    The path z' = (1 - s) x + s eps has log SNR lambda = 2 log((1 - s) / s), so gamma = 2 log(s / (1 - s)).
+    It reaches gamma = -inf and +inf at s = 0 and 1; pinned to [gamma_min, gamma_max], s runs over
+    [s0, s1] = [sigmoid(gamma_min / 2), sigmoid(gamma_max / 2)], linearly in t:
+
+        gamma(t) = 2 logit(s0 + (s1 - s0) t).
+
+    With ``model.prediction = "o"`` (the path's velocity) and the ``flow_matching`` weighting, the weighted loss
+    at t is (s1 - s0) ||o - o_hat||^2 (ds/dt = s1 - s0), so its expectation over t is flow matching's loss,
+    the integral of ||o - o_hat||^2 over s, on [s0, s1].
+    """
+
+    learns_endpoints = False
+    learns_interior = False
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, rngs: nnx.Rngs | None = None):
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=False)
+        # s and 1 - s each as a sum of two positive terms: no cancellation near s = 0 or s = 1.
+        self.s = tuple(1.0 / (1.0 + math.exp(-0.5 * g)) for g in (gamma_min, gamma_max))
+        self.one_minus_s = tuple(1.0 / (1.0 + math.exp(0.5 * g)) for g in (gamma_min, gamma_max))
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        s = self.s[0] * (1.0 - t) + self.s[1] * t
+        one_minus_s = self.one_minus_s[0] * (1.0 - t) + self.one_minus_s[1] * t
+        return 2.0 * (jnp.log(s) - jnp.log(one_minus_s))
+
+
 class PerPixelPolynomial(nnx.Module):
     """A learned schedule per element of the data (each channel of each pixel), not conditioned on the input.
 
@@ -255,6 +285,7 @@ SCHEDULES = {
     "monotone_net": MonotoneNet,
     "cosine": Cosine,
     "shifted_cosine": ShiftedCosine,
+    "optimal_transport": OptimalTransport,
     "per_pixel_polynomial": PerPixelPolynomial,
 }
 

@@ -14,8 +14,8 @@ and called as ``out = net(z, gamma, cond=None, *, dropout_rng=None)``:
   input channels too (MuLAN's conditioning; ``layers.gamma_map``);
 * ``cond``: ``None`` (unconditional; for a network built with ``num_classes > 0`` it
   means the null class of classifier-free guidance) or ``{"label": int32 [B]}``;
-* ``out``: float32 with the shape of ``z``, exactly zero at initialisation; an eps-,
-  x- or v-prediction as the model's ``prediction`` says (``vdm.diffusion.to_eps``);
+* ``out``: float32 with the shape of ``z``, exactly zero at initialisation; an eps-, x-,
+  v-, F- or o-prediction as the model's ``prediction`` says (``vdm.predictions``);
 * dropout is active if and only if a PRNG key ``dropout_rng`` is given;
 * ``convolutions`` (:class:`vdm.nets.kernels.Convolutions`) computes every convolution
   (``nnx.Conv(..., conv_general_dilated=convolutions)``): it chooses the derivatives
