@@ -92,3 +92,40 @@ def test_each_parameterisation_trains_from_the_command_line_to_a_finite_bound(tm
     result = train.train_and_evaluate(config, workdir)
     assert result["step"] == 2 and np.isfinite(result["bpd"]) and result["bpd"] > 0  # x at init: 3e5 bits/dim
     assert not main.non_finite(result)
+
+
+def test_importance_sampling_weighs_the_networks_own_error_equally_as_i_dode_does_for_v():
+    """With loss.importance_sampling = "weighting" the density is p(lambda) proportional to w(lambda) b(lambda)^2:
+    for v with the elbo, alpha^2 = sigmoid(lambda), whose integral over a bin is a difference of softplus (i-DODE's
+    closed form). Every example's v-error then has one weight, and the bound stays unbiased."""
+    from vdm import analytic, objective as objective_lib
+
+    lo, hi = -5.0, 13.3
+    density = objective_lib.Objective(importance_sampling="weighting", logsnr_range=(lo, hi), density_bins=100,
+                                      prediction="v").initial_density()
+    edges = np.asarray(density.edges, np.float64)
+    softplus = np.logaddexp(0.0, edges)
+    np.testing.assert_allclose(np.asarray(density.mass), np.diff(softplus) / (softplus[-1] - softplus[0]), rtol=2e-3)
+    eps_density = objective_lib.Objective(importance_sampling="weighting", logsnr_range=(lo, hi),
+                                          density_bins=100).initial_density()
+    np.testing.assert_allclose(np.asarray(eps_density.mass), 0.01, rtol=1e-5)  # eps: p ~ w = 1, uniform
+
+    u = jnp.linspace(0.0, 1.0, 1001)[:-1] + 0.0005
+    levels = diffusion.noise_levels(u, None, logsnr_density=density)
+    weight = np.asarray(levels.rate * diffusion.prediction_error_scale("v", levels.gamma), np.float64)
+    z_norm = softplus[-1] - softplus[0]  # i-DODE's Z: the weight of every v-error, 0.5 Z ||v - v_hat||^2
+    # Constant up to the grid: within a bin alpha^2 changes by at most this factor, the density does not.
+    within_bin = np.expm1(np.max(np.abs(np.diff(np.log(1 / (1 + np.exp(-edges)))))))
+    assert np.max(np.abs(weight / z_norm - 1)) <= within_bin and within_bin < 0.2
+
+    data = analytic.GaussianData(dim=4, scale=0.5)
+
+    def v_fn(z, gamma, cond=None):  # the Bayes-optimal denoiser, as a v-prediction: v = (eps - sigma z) / alpha
+        alpha, sigma = jnp.sqrt(jax.nn.sigmoid(-gamma))[:, None], jnp.sqrt(jax.nn.sigmoid(gamma))[:, None]
+        return (data.eps_fn(z, gamma) - sigma * z) / alpha
+
+    f = data.sample(jax.random.PRNGKey(0), 4096)
+    loss = np.asarray(diffusion.diffusion_loss(jax.random.PRNGKey(1), f, None, v_fn, prediction="v",
+                                               logsnr_density=density, time_sampler="iid"), np.float64)
+    truth = data.continuous_loss(-hi, -lo)
+    assert abs(loss.mean() - truth) < 4 * loss.std() / np.sqrt(loss.size), (loss.mean(), truth)

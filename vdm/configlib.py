@@ -184,7 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.weighting_kwargs = ml_collections.ConfigDict()
     c.loss.num_steps = 0  # T; 0 = continuous time (L_inf)
     c.loss.time_sampler = "low_discrepancy"  # iid | low_discrepancy
-    c.loss.importance_sampling = ""  # "" (uniform t) | weighting | adaptive
+    c.loss.importance_sampling = ""  # "" (uniform t) | weighting (p ~ w b^2 of model.prediction) | adaptive
     c.loss.density_bins = 100
     c.loss.variance_schedule_grad = False  # VDM App. I.2: train the schedule interior on E[L^2]
     c.loss.label_dropout = 0.1  # conditional models: P(label -> null class), for classifier-free guidance

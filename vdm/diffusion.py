@@ -208,22 +208,29 @@ def _decoder_log_normaliser_jvp(vocab_size, primals, tangents):
 # --------------------------------------------------------------------------------------
 
 
-def _prediction_coefficients(prediction: str, z: jax.Array, gamma: jax.Array):
-    coefficients = registry.lookup(predictions.PREDICTIONS, prediction, "prediction")
-    g = expand_to(gamma, z)
-    return coefficients(g, *alpha_sigma(g))
+def _prediction_coefficients(prediction: str, g: jax.Array):
+    """(a, b) of ``prediction`` at gamma ``g`` (already shaped to broadcast against the data)."""
+    return registry.lookup(predictions.PREDICTIONS, prediction, "prediction")(g, *alpha_sigma(g))
 
 
 def to_eps(prediction: str, out: jax.Array, z: jax.Array, gamma: jax.Array) -> jax.Array:
     """eps_hat = a z + b out: a network output of kind ``prediction`` (``vdm.predictions``) as an eps-prediction."""
-    a, b = _prediction_coefficients(prediction, z, gamma)
+    a, b = _prediction_coefficients(prediction, expand_to(gamma, z))
     return a * z + b * out
+
+
+def prediction_error_scale(prediction: str, gamma: jax.Array) -> jax.Array:
+    """b(gamma)^2 = ||eps - eps_hat||^2 / ||target - out||^2, the eps error per unit of the network's own error,
+    element-wise in gamma."""
+    g = jnp.asarray(gamma, jnp.float32)
+    _, b = _prediction_coefficients(prediction, g)
+    return jnp.broadcast_to(jnp.square(b), g.shape)
 
 
 def prediction_target(prediction: str, f: jax.Array, eps: jax.Array, gamma: jax.Array) -> jax.Array:
     """What a network of kind ``prediction`` should output at z = diffuse(f, gamma, eps): (eps - a z) / b."""
     z = diffuse(f, gamma, eps)
-    a, b = _prediction_coefficients(prediction, z, gamma)
+    a, b = _prediction_coefficients(prediction, expand_to(gamma, z))
     return (eps - a * z) / b
 
 
@@ -303,7 +310,7 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
       rng: PRNG key; split into one for the times and one for the noise.
       f: encoded data [B, ...] (any float data for analytic tests).
       gamma_fn: schedule, t [B] -> gamma [B] or [B, *f.shape[1:]], increasing in t; gamma'(t) from ``jax.jvp``.
-      eps_fn: denoiser, (z_t [B, ...], gamma_t (as gamma_fn returns it), cond) -> eps/x/v prediction [B, ...].
+      eps_fn: denoiser, (z_t [B, ...], gamma_t (as gamma_fn returns it), cond) -> its output [B, ...] (``prediction``).
       num_steps: 0 for continuous time (L_inf), T > 0 for the T-step loss L_T.
       time_sampler: name in ``time_sampling.TIME_SAMPLERS`` or a callable (rng, B) -> u.
       weighting: name in ``weightings.WEIGHTINGS`` or a ``Weighting``; "elbo" gives the VLB's term.

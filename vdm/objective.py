@@ -48,6 +48,7 @@ class Objective:
     logsnr_range: tuple[float, float] = (-5.0, 13.3)  # where importance sampling draws log-SNR
     variance_schedule_grad: bool = False
     label_dropout: float = 0.0
+    prediction: str = "eps"  # the model's (``vdm.predictions``): importance sampling matches its error
 
     @classmethod
     def from_config(cls, config) -> "Objective":
@@ -56,7 +57,8 @@ class Objective:
                    time_sampler=c.time_sampler, importance_sampling=c.importance_sampling,
                    density_bins=int(c.density_bins),
                    logsnr_range=(-float(config.model.gamma_max), -float(config.model.gamma_min)),
-                   variance_schedule_grad=bool(c.variance_schedule_grad), label_dropout=float(c.label_dropout))
+                   variance_schedule_grad=bool(c.variance_schedule_grad), label_dropout=float(c.label_dropout),
+                   prediction=config.model.prediction)
 
     def check(self, schedule) -> None:
         """ObjectiveError when this objective cannot train ``schedule`` (a built, possibly abstract, schedule)."""
@@ -86,10 +88,20 @@ class Objective:
             raise ObjectiveError("loss.label_dropout", self.label_dropout, "must be in [0, 1]")
 
     def initial_density(self):
-        """The log-SNR density that importance sampling starts from, or None (uniform t)."""
+        """The log-SNR density that importance sampling starts from, or None (uniform t).
+
+        It is shaped by w(lambda) b(lambda)^2, with b^2 = ||eps - eps_hat||^2 / ||target - out||^2 of the model's
+        parameterisation (``diffusion.prediction_error_scale``): the network's own squared error then gets one
+        weight at every noise level. For eps (b = 1) that is w itself; for v with the elbo it is alpha^2 =
+        sigmoid(lambda), the importance sampling of i-DODE (Zheng et al. 2023) for its velocity parameterisation.
+        """
         if not self.importance_sampling:
             return None
-        return time_sampling.build_density(self.importance_sampling, self.weighting, *self.logsnr_range,
+
+        def shape(logsnr):
+            return self.weighting(logsnr) * diffusion.prediction_error_scale(self.prediction, -logsnr)
+
+        return time_sampling.build_density(self.importance_sampling, shape, *self.logsnr_range,
                                            num_bins=self.density_bins)
 
     def update_density(self, density, bound: diffusion.Bound):

@@ -15,13 +15,16 @@ with it how well conditioned its regression is at each noise level), never the o
 model trained with ``--config.model.prediction=<name>`` is identical to the eps-MSE its output converts to
 (Kingma & Gao 2023, App. D, where each of these objectives is a weighting of that one loss).
 
-| name | the network outputs                                             | a                   | b                            | 1 / b^2              |
-|------|-----------------------------------------------------------------|---------------------|------------------------------|----------------------|
-| eps  | eps                                                             | 0                   | 1                            | 1                    |
-| x    | x                                                               | 1 / sigma           | -alpha / sigma               | 1 / SNR              |
-| v    | v = alpha eps - sigma x (Salimans & Ho 2022)                    | sigma               | alpha                        | 1 + 1 / SNR          |
-| F    | F of EDM (Karras et al. 2022), x = c_skip z / alpha + c_out F   | (1 - c_skip) / sigma| -s_d / sqrt(e^gamma + s_d^2) | (e^gamma + s_d^2) / s_d^2 |
-| o    | o = eps - x, the velocity of the path (1 - s) x + s eps         | 1 / (alpha + sigma) | alpha / (alpha + sigma)      | (1 + sigma / alpha)^2 |
+| name | the network outputs                                          | a                    | b                            |
+|------|--------------------------------------------------------------|----------------------|------------------------------|
+| eps  | eps                                                          | 0                    | 1                            |
+| x    | x                                                            | 1 / sigma            | -alpha / sigma               |
+| v    | v = alpha eps - sigma x (Salimans & Ho 2022)                 | sigma                | alpha                        |
+| F    | EDM's F (Karras et al. 2022), x = c_skip z / alpha + c_out F | (1 - c_skip) / sigma | -s_d / sqrt(e^gamma + s_d^2) |
+| o    | o = eps - x, the velocity of the path (1 - s) x + s eps      | 1 / (alpha + sigma)  | alpha / (alpha + sigma)      |
+
+so ||target - out||^2 is ||eps - eps_hat||^2 times 1 / b^2: 1 (eps), 1 / SNR (x), 1 + 1 / SNR (v),
+(e^gamma + s_d^2) / s_d^2 (F), (1 + sigma / alpha)^2 (o).
 
 F: EDM writes the data as seen at noise level sigma_e = sigma / alpha = e^(gamma / 2) (its variance-
 exploding x + sigma_e eps is z / alpha) and predicts D = c_skip (z / alpha) + c_out F with

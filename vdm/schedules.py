@@ -19,7 +19,7 @@ the normalised interior, for the variance-minimising gradient of VDM App. I.2).
 | monotone_net    | g0 + (g1 - g0) shape(t), shape a monotone network       | shape; g0, g1 opt. |
 | cosine          | 2 log tan(a t + b), pinned to [g0, g1]                 | nothing            |
 | shifted_cosine  | 2 log tan(a t + b) + shift, pinned to [g0, g1]         | nothing            |
-| optimal_transport | 2 log(s / (1 - s)), s = s0 + (s1 - s0) t, pinned to [g0, g1] | nothing      |
+| optimal_transport | 2 log(s / (1 - s)), s linear in t from s0 to s1 (g0, g1) | nothing          |
 | per_pixel_polynomial | per element: g0_i + (g1_i - g0_i) P_i(t) / P_i(1), P_i' = (a_i t^2 + b_i t + c_i)^2 | a, b, c; g0_i, g1_i opt. |
 
 Learned parameters are typed so that filters can pick them out: ``ScheduleEndpoint``

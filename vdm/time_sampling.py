@@ -18,7 +18,9 @@ Two layers, each small:
    Both estimate the same integral  0.5 * int w(lambda) E||eps - eps_hat||^2 dlambda.
    Densities are piecewise constant on a grid, so sampling is an exact inverse CDF:
 
-   - ``weighting_density(w, lo, hi)``: p proportional to w (then w / p is nearly constant).
+   - ``weighting_density(w, lo, hi)``: p proportional to w (then w / p is nearly constant). The trainer
+     passes w times its parameterisation's error scale b^2 (``vdm.objective.Objective.initial_density``), so
+     that the network's own squared error, not the eps error, gets the constant weight.
    - ``AdaptiveDensity``: p proportional to an EMA, per lambda bin, of the observed
      integrand 0.5 w(lambda) ||eps - eps_hat||^2, the variance-minimising choice, mixed
      with a little uniform mass so p > 0 everywhere and the weights stay bounded.
