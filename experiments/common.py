@@ -32,16 +32,16 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(here: str, record: dict, tables: str) -> None:
-    """``here/results.json`` and the tables of ``here/README.md`` between ``<!-- results -->`` markers."""
-    with open(os.path.join(here, "results.json"), "w") as f:
+def write_results(here: str, record: dict, tables: str, name: str = "results") -> None:
+    """``here/<name>.json`` and the tables of ``here/README.md`` between ``<!-- <name> -->`` markers."""
+    with open(os.path.join(here, f"{name}.json"), "w") as f:
         json.dump(record, f, indent=1)
     readme = os.path.join(here, "README.md")
     text = open(readme).read()
-    head, _, rest = text.partition("<!-- results -->")
-    _, _, tail = rest.partition("<!-- /results -->")
+    head, _, rest = text.partition(f"<!-- {name} -->")
+    _, _, tail = rest.partition(f"<!-- /{name} -->")
     with open(readme, "w") as f:
-        f.write(f"{head}<!-- results -->\n{tables}\n<!-- /results -->{tail}")
+        f.write(f"{head}<!-- {name} -->\n{tables}\n<!-- /{name} -->{tail}")
 
 
 def draws(fn, images, batch_size: int, num_draws: int, seed: int) -> dict:

@@ -228,13 +228,17 @@ SCRIPT_RUNS = [(where, argv) for i, (where, argv) in enumerate(SCRIPT)
                if _script_config(argv) not in {_script_config(earlier) for _, earlier in SCRIPT[:i]}]
 
 
-@pytest.mark.parametrize("where,argv", SCRIPT, ids=[f"{w}:{' '.join(a)[:60]}" for w, a in SCRIPT])
-def test_documented_class_accuracy_command_parses(where, argv, files, tmp_path):
-    script = _load_script()
-    argv = ["class_accuracy.py", *_local(argv, files, tmp_path)]
+def _script_flags(script, argv) -> flags.FlagValues:
+    """The script's flags, parsed from ``argv`` (its own name first)."""
     fv = flags.FlagValues()
     script.define_flags(fv, argv)
     main.parse(argv, fv)
+    return fv
+
+
+@pytest.mark.parametrize("where,argv", SCRIPT, ids=[f"{w}:{' '.join(a)[:60]}" for w, a in SCRIPT])
+def test_documented_class_accuracy_command_parses(where, argv, files, tmp_path):
+    fv = _script_flags(_load_script(), ["class_accuracy.py", *_local(argv, files, tmp_path)])
     config, _, _, _ = main.resolve(fv)
     configlib.validate(config)
     assert config.model.num_classes > 0 and all(0 <= float(w) <= 100 for w in fv["guidance"].value)
@@ -246,17 +250,13 @@ def test_documented_class_accuracy_command_parses(where, argv, files, tmp_path):
 def test_documented_class_accuracy_command(where, argv, files, tmp_path):
     script = _load_script()
     argv = ["class_accuracy.py", *_local(argv, files, tmp_path)]
-    fv = flags.FlagValues()
-    script.define_flags(fv, argv)
-    main.parse(argv, fv)
+    fv = _script_flags(script, argv)
     # The script's work on any conditional network: the MLP compiles in a fraction of the U-Nets' time.
     argv += [a for a in _tiny(fv["config"].value) if "network_kwargs" not in a]
     argv += ["--config.train.num_steps=2", "--config.eval.num_examples=4",
              "--config.sample.fd_mnist=False",  # FD-MNIST: tested with the sample commands
              "--config.model.network=mlp", "--config.model.network_kwargs.hidden=16", "--config.model.network_kwargs.depth=1"]
-    fv = flags.FlagValues()
-    script.define_flags(fv, argv)
-    main.parse(argv, fv)
+    fv = _script_flags(script, argv)
     config, workdir, _, _ = main.resolve(fv)
     guidance = [float(w) for w in fv["guidance"].value]
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
