@@ -14,6 +14,11 @@ What differs from configs/mnist.py:
 - ``eval.method = "both"``: the VLB and the probability-flow ODE's bound, side by side (i-DODE's
   truncated-normal dequantisation is ``--config.eval.ode.dequantization=truncated_normal``).
 
+Measured (2-core CPU, 3,500 steps, 9.5 min on a shared machine): test 2.00 +- 0.07 bits/dim by the VLB over
+the 500 test digits (configs/mnist.py: 2.37); FD-MNIST 30.8 over 64 samples (configs/mnist.py: 25.7). On the
+first 50 test digits the probability-flow ODE gives 2.81 bits/dim with the truncated normal, 3.38 with the
+uniform dequantisation (experiments/likelihood/README.md).
+
 Not yet here of the recipe: the flow-matching fine-tuning stage, and i-DODE's data augmentation.
 """
 import os
