@@ -51,6 +51,20 @@ def config_names() -> list[str]:
     return list(configs.CONFIGS)
 
 
+def parse_command_line(argv, define=None):
+    """(config, workdir, mode, notes) of ``python -m vdm.main <argv>``, parsed in-process as the command line
+    parses it (``define``: another program's flag definitions, default ``vdm.main.define_flags``)."""
+    from absl import flags
+
+    from vdm import main
+
+    argv = ["vdm.main", *argv]
+    fv = flags.FlagValues()
+    (define or main.define_flags)(fv, argv)
+    main.parse(argv, fv)
+    return main.resolve(fv)
+
+
 def run_python(args, env=None, timeout=300) -> subprocess.CompletedProcess:
     """``python ARGS`` in the repository root on the CPU, output captured as text."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))

