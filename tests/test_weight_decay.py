@@ -10,7 +10,8 @@ from vdm.model import VDM
 
 SHAPES = {"cifar10": (32, 32, 3), "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "toy2d": (1, 1, 2),
           "digits": (8, 8, 1), "digits_cond": (8, 8, 1), "test": (8, 8, 1), "mnist": (28, 28, 1),
-          "mnist_cond": (28, 28, 1), "mnist_idode": (28, 28, 1), "mnist_flow": (28, 28, 1)}
+          "mnist_cond": (28, 28, 1), "mnist_idode": (28, 28, 1), "mnist_flow": (28, 28, 1),
+          "mnist_mulan": (28, 28, 1), "mnist_diffenc": (28, 28, 1)}
 
 
 def flat(mask) -> dict:
@@ -35,7 +36,9 @@ def test_every_shipped_config_decays_exactly_the_network_kernels(name):
     assert any(decayed.values())
     assert any("schedule" in k for k in decayed) == bool(jax.tree.leaves(nnx.state(model.schedule, nnx.Param)))
     for key, value in decayed.items():
-        assert value == (key.startswith("['network']") and key.endswith("['kernel']")), key
+        # MuLAN's q(c | x) and DiffEnc's mean encoder are networks too
+        networks = any(key.startswith(f"['{part}']") for part in ("network", "latent_encoder", "mean_encoder"))
+        assert value == (networks and key.endswith("['kernel']")), key
 
 
 class Handmade(nnx.Module):

@@ -31,8 +31,8 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import (data, evaluation, health, inception, likelihood, nets, objective, optimizer, options, predictions,
-                 registry, samplers, schedules, time_sampling, weightings)
+from vdm import (data, evaluation, health, inception, latent, likelihood, moving_mean, nets, objective, optimizer,
+                 options, predictions, registry, samplers, schedules, time_sampling, weightings)
 from vdm import model as model_lib
 from vdm.nets import kernels
 
@@ -67,6 +67,10 @@ class Piece:
         return [p.name for p in self._params(name) if p.default is p.empty]
 
 
+def _no_encoder():
+    """What ``model.mean_encoder = ""`` (none) takes: nothing."""
+
+
 def _source(name):
     return registry.lookup(data.SOURCES, name, "data source")
 
@@ -78,6 +82,11 @@ PIECES = (
     Piece("schedule", "model.schedule", "model.schedule_kwargs",
           lambda name: registry.lookup(schedules.SCHEDULES, name, "schedule"), model_lib.ScheduleArguments._fields),
     Piece("network", "model.network", "model.network_kwargs", nets.lookup, model_lib.NetworkArguments._fields),
+    Piece("mean encoder", "model.mean_encoder", "model.mean_encoder_kwargs",
+          lambda name: nets.lookup(name) if name else _no_encoder, model_lib.NetworkArguments._fields),
+    Piece("latent encoder", "model.latent_encoder", "model.latent_encoder_kwargs",
+          lambda name: registry.lookup(latent.LATENT_ENCODERS, name, "latent encoder"),
+          ("data_shape", "latent_size", "rngs")),
     Piece("weighting", "loss.weighting", "loss.weighting_kwargs",
           lambda name: registry.lookup(weightings.WEIGHTINGS, name, "weighting").fn, ("logsnr",)),
     Piece("data source", "data.source", "data.kwargs", _source, ("split",)),
@@ -172,6 +181,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.network_kwargs = ml_collections.ConfigDict()
     c.model.prediction = "eps"  # what the network outputs: eps | x | v | F | o (vdm.predictions)
     c.model.num_classes = 0  # > 0: class-conditional (the data must have labels 0..num_classes-1)
+    # MuLAN's auxiliary latent c ~ q(c | x) (vdm.latent): > 0 conditions the denoiser (and a latent_polynomial
+    # schedule) on c of this size; the bound gains KL(q(c | x) || N(0, I)).
+    c.model.latent_size = 0
+    c.model.latent_encoder = "mlp"  # vdm.latent.LATENT_ENCODERS: q(c | x)
+    c.model.latent_encoder_kwargs = ml_collections.ConfigDict()
+    # DiffEnc's learned encoder of the mean (vdm.moving_mean): "" (none) or a network of vdm.nets.NETWORKS for
+    # y(f, gamma) in m = f + sigma^2 y; the bound gains the moving mean's terms (continuous-time elbo only).
+    c.model.mean_encoder = ""
+    c.model.mean_encoder_kwargs = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # compute dtype of the network: float32 | bfloat16 (parameters stay float32)
     c.model.remat = False  # rematerialise each network block in the backward pass: less memory, ~1/3 more compute
     # How the convolutions are differentiated (vdm.nets.kernels; speed only, the same values and parameters):
@@ -290,7 +308,12 @@ def _schedule(config):
     c = config.model
     try:
         return nnx.eval_shape(lambda: schedules.build(c.schedule, gamma_min=c.gamma_min, gamma_max=c.gamma_max,
-                                                      rngs=nnx.Rngs(0), data_shape=(1,), **dict(c.schedule_kwargs)))
+                                                      rngs=nnx.Rngs(0), data_shape=(1,), latent_size=c.latent_size,
+                                                      **dict(c.schedule_kwargs)))
+    except options.OptionError as e:
+        if e.option == "latent_size":
+            _fail("model.latent_size", e.value, e.problem)
+        _fail("model.schedule_kwargs", dict(c.schedule_kwargs), str(e))
     except ValueError as e:
         _fail("model.schedule_kwargs", dict(c.schedule_kwargs), str(e))
 
@@ -355,6 +378,17 @@ def validate(config) -> None:
                                                 weight_gradient=model.weight_gradient))
     if model.num_classes < 0:
         _fail("model.num_classes", model.num_classes, "must be >= 0 (0 = unconditional)")
+    if model.latent_size < 0:
+        _fail("model.latent_size", model.latent_size, "must be >= 0 (0 = no auxiliary latent)")
+    _choice("model.latent_encoder", model.latent_encoder, latent.LATENT_ENCODERS)
+    if model.mean_encoder:
+        _choice("model.mean_encoder", model.mean_encoder, nets.NETWORKS)
+        weighting = weightings.build(loss.weighting, **dict(loss.weighting_kwargs))
+        try:
+            moving_mean.check(elbo=weighting.is_elbo and not loss.variance_schedule_grad, num_steps=loss.num_steps,
+                              elementwise=bool(getattr(schedule, "elementwise", False)))
+        except ValueError as e:
+            _fail("model.mean_encoder", model.mean_encoder, str(e))
     if not 0 <= config.sample.guidance <= MAX_GUIDANCE:
         _fail("sample.guidance", config.sample.guidance, f"must be in [0, {MAX_GUIDANCE:g}] (0 = no guidance; published "
               "weights are 0.1 to 10, and 1e30 overflows float32 into an all-black sample grid)")

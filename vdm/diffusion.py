@@ -152,8 +152,10 @@ def decoder_log_probs(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int = 256)
     return jax.nn.log_softmax(decoder_logits(z_0, gamma_0, vocab_size), axis=-1)
 
 
-def reconstruction_nll(rng: jax.Array, x: jax.Array, gamma_0: jax.Array, vocab_size: int = 256) -> jax.Array:
+def reconstruction_nll(rng: jax.Array, x: jax.Array, gamma_0: jax.Array, vocab_size: int = 256,
+                       mean: jax.Array | None = None) -> jax.Array:
     """-log p(x | z_0) with z_0 ~ q(z_0 | x), in nats per example [B]; ``gamma_0`` scalar, [B] or per element.
+    ``mean``: the mean of z_0 / alpha_0 if it is not encode(x) (a mean encoder, ``vdm.moving_mean``).
 
     log p(x | z_0) = logit(x) - log sum_k exp logit(k) (``decoder_logits``): the data value's logit
     is computed on its own, and the log-normaliser by ``_decoder_log_normaliser``, whose derivatives
@@ -163,7 +165,7 @@ def reconstruction_nll(rng: jax.Array, x: jax.Array, gamma_0: jax.Array, vocab_s
     f = encode(x, vocab_size)
     eps = jax.random.normal(rng, f.shape)
     gamma_0 = _endpoint(gamma_0, f)
-    z_0 = diffuse(f, gamma_0, eps)
+    z_0 = diffuse(f if mean is None else mean, gamma_0, eps)
     g = jnp.broadcast_to(gamma_0, z_0.shape)
     alpha, _ = alpha_sigma(g)
     scaled, precision = z_0 / alpha, jnp.exp(-g)  # logit(k) = -0.5 precision (z_0 / alpha - centre_k)^2
@@ -395,6 +397,12 @@ class Bound(NamedTuple):
     logsnr: jax.Array  # lambda_t = -gamma_t: [B] or per element
     gamma_0: jax.Array  # the schedule's endpoints: scalars, or per element
     gamma_1: jax.Array
+    latent: jax.Array | None = None  # of the prior: KL(q(c | x) || p(c)) of an auxiliary latent (``with_latent``)
+
+    def with_latent(self, kl: jax.Array) -> "Bound":
+        """The bound of a model with an auxiliary latent c (MuLAN, ``vdm.latent``): its KL [B] joins the prior
+        term (the KL at the top of the hierarchy, beside z_1's) and is kept apart in ``latent`` for reports."""
+        return self._replace(prior=self.prior + kl, latent=kl)
 
     @property
     def total(self) -> jax.Array:

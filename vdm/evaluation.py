@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vdm import data as data_lib, diffusion, likelihood, metrics as metrics_lib, objective, parallel, registry, samplers
+from vdm import (data as data_lib, diffusion, latent, likelihood, metrics as metrics_lib, objective, parallel, registry,
+                 samplers)
 from vdm.model import VDM, pure_functions
 
 
@@ -53,9 +54,17 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
             on_time: Callable[[jax.Array], None] | None = None) -> tuple[jax.Array, jax.Array]:
     """(-log P(x) in nats per example [B], network evaluations): the probability-flow ODE's
     density dequantised to the discrete data (``vdm.likelihood``), conditional on the label
-    for a conditional model (no guidance). ``on_time``: see ``likelihood.ode_log_likelihood``."""
+    for a conditional model (no guidance). ``on_time``: see ``likelihood.ode_log_likelihood``.
+
+    A model with an auxiliary latent (MuLAN, ``vdm.latent``): c ~ q(c | x), one per image, and the result is
+    KL(q(c | x) || N(0, I)) + (the ODE's dequantised -log P(x | c)), an upper bound on -log P(x) in expectation
+    over c, as the VLB is (``vdm.latent``'s docstring)."""
     cond = model.condition(batch)
-    eps_fn, gamma_fn = pure_functions(model)
+    latent_kl = 0.0
+    if model.latent_size:
+        c, latent_kl = model.infer_latent(batch["image"], jax.random.fold_in(rng, latent.STREAM))
+        cond = (cond or {}) | {"latent": c}
+    eps_fn, gamma_fn = pure_functions(model, cond=cond)
 
     def log_density(key, f):
         result = likelihood.ode_log_likelihood(key, f, gamma_fn, eps_fn, cond=cond, rtol=rtol, atol=atol,
@@ -63,15 +72,18 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
                                                max_steps=max_steps, on_time=on_time)
         return result.log_prob, result.nfe
 
-    return likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
-                                   dequantization=dequantization, num_samples=num_samples,
-                                   gamma_0=diffusion.schedule_endpoints(model.schedule)[0])
+    nll, nfe = likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
+                                       dequantization=dequantization, num_samples=num_samples,
+                                       gamma_0=diffusion.schedule_endpoints(model.schedule)[0])
+    return nll + latent_kl, nfe
 
 
 def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
-    """``bpd``: the VLB (``vlb_bound``, ``settings["num_steps"]`` steps), and its terms as ``bpd_<term>``."""
+    """``bpd``: the VLB (``vlb_bound``, ``settings["num_steps"]`` steps), and its terms as ``bpd_<term>``; for a
+    model with an auxiliary latent also ``bpd_latent``, the part of ``bpd_prior`` that is the latent's KL."""
     b = vlb_bound(model, batch, jax.random.fold_in(rng, 0), num_steps=int(settings.get("num_steps", 0)))
-    return Evaluated({"bpd": b.total}, {f"bpd_{name}": v for name, v in b.terms().items()}, {})
+    latent_part = {} if b.latent is None else {"bpd_latent": b.latent}
+    return Evaluated({"bpd": b.total}, {f"bpd_{name}": v for name, v in b.terms().items()} | latent_part, {})
 
 
 def ode(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, nets, options, samplers, schedules
+from vdm import diffusion, latent, moving_mean, nets, options, samplers, schedules
 from vdm.nets import kernels
 
 
@@ -38,6 +38,7 @@ class ScheduleArguments(NamedTuple):
     gamma_max: float
     rngs: nnx.Rngs
     data_shape: tuple  # the shape of one example: ``vdm.schedules.build`` passes it to schedules per element only
+    latent_size: int  # MuLAN's auxiliary latent: passed to schedules conditioned on it only
 
 
 class NetworkArguments(NamedTuple):
@@ -54,6 +55,7 @@ class NetworkArguments(NamedTuple):
     dtype: Any
     remat: bool
     gamma_map: bool  # the schedule is per element: take the gamma map as input channels too
+    latent_size: int  # > 0: condition on MuLAN's auxiliary latent cond["latent"] too
     convolutions: kernels.Convolutions  # the convolution kernel's setting (model.convolution_gradient, weight_gradient)
     rngs: nnx.Rngs
 
@@ -69,12 +71,17 @@ class VDM(nnx.Module):
                  gamma_max: float, network: str, prediction: str = "eps", num_classes: int = 0,
                  dtype: str = "float32", remat: bool = False, convolution_gradient: str = "auto",
                  weight_gradient: str = "auto", schedule_kwargs: dict | None = None,
-                 network_kwargs: dict | None = None, rngs: nnx.Rngs):
+                 network_kwargs: dict | None = None, latent_size: int = 0, latent_encoder: str = "mlp",
+                 latent_encoder_kwargs: dict | None = None, mean_encoder: str = "",
+                 mean_encoder_kwargs: dict | None = None, rngs: nnx.Rngs):
         self.image_shape = tuple(int(d) for d in image_shape)
         self.vocab_size = int(vocab_size)
         self.prediction = prediction
         self.num_classes = int(num_classes)
-        arguments = ScheduleArguments(gamma_min, gamma_max, rngs, self.image_shape)
+        self.latent_size = int(latent_size)
+        self.latent_encoder = (latent.build(latent_encoder, data_shape=self.image_shape, latent_size=self.latent_size,
+                                            rngs=rngs, **(latent_encoder_kwargs or {})) if self.latent_size else None)
+        arguments = ScheduleArguments(gamma_min, gamma_max, rngs, self.image_shape, self.latent_size)
         self.schedule = schedules.build(schedule, **arguments._asdict(), **(schedule_kwargs or {}))
         network_cls = nets.lookup(network)
         self.flatten = network_cls.input_rank == 2  # the network takes vectors [B, D], not images
@@ -82,8 +89,18 @@ class VDM(nnx.Module):
         convolutions = kernels.Convolutions(gradient=convolution_gradient, weight_gradient=weight_gradient)
         given = NetworkArguments(in_channels=in_channels, gamma_min=gamma_min, gamma_max=gamma_max,
                                  num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat,
-                                 gamma_map=self.elementwise, convolutions=convolutions, rngs=rngs)
+                                 gamma_map=self.elementwise, latent_size=self.latent_size,
+                                 convolutions=convolutions, rngs=rngs)
         self.network = network_cls(**given._asdict(), **(network_kwargs or {}))
+        encoder = None  # DiffEnc's y(f, gamma) (``vdm.moving_mean``): a network of ``vdm.nets`` too
+        self.mean_encoder_flat = False
+        if mean_encoder:
+            encoder_cls = nets.lookup(mean_encoder)
+            self.mean_encoder_flat = encoder_cls.input_rank == 2
+            in_channels = math.prod(self.image_shape) if self.mean_encoder_flat else self.image_shape[-1]
+            plain = given._replace(in_channels=in_channels, num_classes=0, gamma_map=False, latent_size=0)
+            encoder = encoder_cls(**plain._asdict(), **(mean_encoder_kwargs or {}))
+        self.mean_encoder = encoder
 
     @property
     def elementwise(self) -> bool:
@@ -97,7 +114,9 @@ class VDM(nnx.Module):
                    gamma_max=c.gamma_max, network=c.network, prediction=c.prediction, num_classes=c.num_classes,
                    dtype=c.dtype, remat=c.remat, convolution_gradient=c.convolution_gradient,
                    weight_gradient=c.weight_gradient, schedule_kwargs=dict(c.schedule_kwargs),
-                   network_kwargs=dict(c.network_kwargs), rngs=rngs)
+                   network_kwargs=dict(c.network_kwargs), latent_size=c.latent_size, latent_encoder=c.latent_encoder,
+                   latent_encoder_kwargs=dict(c.latent_encoder_kwargs), mean_encoder=c.mean_encoder,
+                   mean_encoder_kwargs=dict(c.mean_encoder_kwargs), rngs=rngs)
 
     @property
     def num_dims(self) -> int:
@@ -107,13 +126,22 @@ class VDM(nnx.Module):
         """The network as ``(z_t, gamma_t, cond) -> output`` (what ``prediction`` names; dropout iff a key is given)."""
 
         def fn(z, gamma, cond=None):
-            shape = z.shape
-            if self.flatten:
-                z = z.reshape(shape[0], -1)
-                gamma = gamma.reshape(shape[0], -1) if jnp.ndim(gamma) > 1 else gamma
-            return self.network(z, gamma, cond, dropout_rng=dropout_rng).reshape(shape)
+            return _call(self.network, self.flatten, z, gamma, cond, dropout_rng)
 
         return fn
+
+    def mean_offset(self, f: jax.Array, gamma: jax.Array) -> jax.Array:
+        """DiffEnc's shift of the mean, r(f, gamma) = sigma^2(gamma) y(f, gamma) (``vdm.moving_mean``), gamma [B]."""
+        y = _call(self.mean_encoder, self.mean_encoder_flat, f, gamma, None, None)
+        return jax.nn.sigmoid(diffusion.expand_to(gamma, f)) * y
+
+    def to_eps(self, out: jax.Array, z: jax.Array, gamma: jax.Array) -> jax.Array:
+        """The network's output as the model's eps-prediction: ``diffusion.to_eps`` of its parameterisation, and for
+        a model with a mean encoder (DiffEnc) ``vdm.moving_mean.effective_eps`` of that."""
+        eps_hat = diffusion.to_eps(self.prediction, out, z, gamma)
+        if self.mean_encoder is None:
+            return eps_hat
+        return moving_mean.effective_eps(self.mean_offset, eps_hat, z, gamma)
 
     def eps(self, z: jax.Array, gamma: jax.Array, cond: dict | None = None,
             guidance: float | jax.Array = 0.0) -> jax.Array:
@@ -127,13 +155,24 @@ class VDM(nnx.Module):
         """
         fn = self.denoiser()
         if cond is None or (isinstance(guidance, (int, float)) and not guidance):
-            return diffusion.to_eps(self.prediction, fn(z, gamma, cond), z, gamma)
+            return self.to_eps(fn(z, gamma, cond), z, gamma)
         b = z.shape[0]
         null = jnp.full_like(cond["label"], self.num_classes)
         g = jnp.broadcast_to(gamma, (b,)) if jnp.ndim(gamma) == 0 else gamma
         zz, gg = jnp.concatenate([z, z]), jnp.concatenate([g, g])
-        out = diffusion.to_eps(self.prediction, fn(zz, gg, {"label": jnp.concatenate([cond["label"], null])}), zz, gg)
+        both = {k: jnp.concatenate([v, null if k == "label" else v]) for k, v in cond.items()}
+        out = self.to_eps(fn(zz, gg, both), zz, gg)
         return (1.0 + guidance) * out[:b] - guidance * out[b:]
+
+    def infer_latent(self, x: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(c ~ q(c | x) [B, latent_size], KL(q(c | x) || N(0, I)) in nats [B]) for data ``x`` in {0..V-1}: MuLAN's
+        auxiliary latent (``vdm.latent``); only for a model with ``latent_size > 0``."""
+        mu, log_var = self.latent_encoder(diffusion.encode(x, self.vocab_size))
+        return latent.sample(rng, mu, log_var), latent.kl_to_prior(mu, log_var)
+
+    def gamma_fn(self, cond: dict | None = None):
+        """The schedule as ``t -> gamma`` for ``cond``: bound to ``cond["latent"]`` if it is conditioned on one."""
+        return schedules.bind(self.schedule, None if cond is None else cond.get("latent"))
 
     def condition(self, batch: dict, rng: jax.Array | None = None, label_dropout: float = 0.0) -> dict | None:
         """The ``cond`` of a batch: ``None`` for an unconditional model, else ``{"label": labels}``.
@@ -150,17 +189,26 @@ class VDM(nnx.Module):
         return {"label": labels}
 
 
-def pure_functions(model: VDM, guidance: float | jax.Array = 0.0):
+def _call(network, flatten: bool, z, gamma, cond, dropout_rng):
+    """``network(z, gamma, cond)`` on data of any shape: flattened first for a network of vectors (``flatten``)."""
+    shape = z.shape
+    if flatten:
+        z = z.reshape(shape[0], -1)
+        gamma = gamma.reshape(shape[0], -1) if jnp.ndim(gamma) > 1 else gamma
+    return network(z, gamma, cond, dropout_rng=dropout_rng).reshape(shape)
+
+
+def pure_functions(model: VDM, guidance: float | jax.Array = 0.0, cond: dict | None = None):
     """(eps_fn(z, gamma, cond), gamma_fn(t)) of the model for loops and solvers (lax.fori_loop,
     lax.map, diffrax): NNX modules must not cross into those traces, so each call rebuilds the
-    model from its closed-over state."""
+    model from its closed-over state. ``gamma_fn`` is the schedule for ``cond`` (``VDM.gamma_fn``)."""
     graphdef, state = nnx.split(model)
 
     def eps_fn(z, gamma, cond):
         return nnx.merge(graphdef, state).eps(z, gamma, cond, guidance)
 
     def gamma_fn(t):
-        return nnx.merge(graphdef, state).schedule(t)
+        return nnx.merge(graphdef, state).gamma_fn(cond)(t)
 
     return eps_fn, gamma_fn
 
@@ -209,8 +257,11 @@ def generation(model: VDM, rng: jax.Array, num_images: int, *, num_steps: int, s
                sampler_kwargs=None) -> samplers.Generation:
     """Sampling from ``model`` as a ``vdm.samplers.Generation`` (noise, the sampler's loop, the
     decoder), for running the loop in chunks; :func:`generate` runs it in one call."""
-    eps_fn, gamma_fn = pure_functions(model, guidance)
     cond = None if labels is None else {"label": jnp.asarray(labels, jnp.int32)}
+    if model.latent_size:  # MuLAN: c from its prior, one per image
+        c = latent.prior_sample(jax.random.fold_in(rng, latent.STREAM), num_images, model.latent_size)
+        cond = (cond or {}) | {"latent": c}
+    eps_fn, gamma_fn = pure_functions(model, guidance, cond)
     return samplers.generation(rng, eps_fn, gamma_fn, (num_images,) + model.image_shape, num_steps=num_steps,
                                vocab_size=model.vocab_size, sampler=sampler, cond=cond, **dict(sampler_kwargs or {}))
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, schedules, time_sampling, weightings
+from vdm import diffusion, latent, moving_mean, schedules, time_sampling, weightings
 from vdm.model import VDM
 
 
@@ -79,6 +79,9 @@ class Objective:
             raise ObjectiveError("loss.importance_sampling", self.importance_sampling,
                                  "draws one log-SNR per example; the schedule gives one per element")
         if self.variance_schedule_grad:
+            if getattr(schedule, "conditioned", False):
+                raise ObjectiveError("loss.variance_schedule_grad", True, "needs a schedule of t alone (this one is "
+                                     "conditioned on the auxiliary latent)")
             if not schedule.learns_interior:
                 raise ObjectiveError("loss.variance_schedule_grad", True, "needs a schedule with a learned interior")
             if self.num_steps or self.importance_sampling or not self.weighting.is_elbo:
@@ -129,6 +132,7 @@ class Draw(NamedTuple):
     reconstruction: jax.Array  # key: z_0 of the reconstruction term
     dropout: jax.Array  # key: the network's dropout
     labels: jax.Array  # key: label dropout
+    latent: jax.Array  # key: the auxiliary latent c ~ q(c | x) of a MuLAN model
 
 
 def draw(rng: jax.Array, batch_size: int, objective: Objective) -> Draw:
@@ -137,7 +141,10 @@ def draw(rng: jax.Array, batch_size: int, objective: Objective) -> Draw:
     rng_t, rng_eps = jax.random.split(rng_diffusion)
     rng_dropout, rng_labels = jax.random.split(rng_network)
     u = time_sampling.build(objective.time_sampler)(rng_t, batch_size)
-    return Draw(u=u, eps=rng_eps, reconstruction=rng_reconstruction, dropout=rng_dropout, labels=rng_labels)
+    # folded in, not split: every other draw stays what it is for a model without a latent
+    rng_latent = jax.random.fold_in(rng, latent.STREAM)
+    return Draw(u=u, eps=rng_eps, reconstruction=rng_reconstruction, dropout=rng_dropout, labels=rng_labels,
+                latent=rng_latent)
 
 
 def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=None, *, train: bool = True,
@@ -151,11 +158,24 @@ def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=Non
     estimator's variance moves.
     """
     cond = model.condition(batch, d.labels, objective.label_dropout if train else 0.0)
-    return diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"],
-                           model.schedule if schedule is None else schedule,
-                           model.denoiser(d.dropout if train else None), vocab_size=model.vocab_size,
-                           num_steps=objective.num_steps, weighting=objective.weighting, prediction=model.prediction,
-                           logsnr_density=density, cond=cond, levels=levels)
+    latent_kl = None
+    if model.latent_size:  # MuLAN: c ~ q(c | x) conditions the schedule and the denoiser; its KL joins the prior
+        c, latent_kl = model.infer_latent(batch["image"], d.latent)
+        cond = (cond or {}) | {"latent": c}
+    gamma_fn = schedules.bind(model.schedule if schedule is None else schedule,
+                              None if cond is None else cond.get("latent"))
+    if model.mean_encoder is not None:  # DiffEnc: the bound of the moving mean
+        if levels is not None or objective.num_steps or not objective.weighting.is_elbo:
+            raise ValueError("a mean encoder trains the continuous-time elbo with the schedule's own levels only")
+        denoise = model.denoiser(d.dropout if train else None)
+        return moving_mean.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn,
+                                 lambda z, g, c: model.to_eps(denoise(z, g, c), z, g), model.mean_offset,
+                                 vocab_size=model.vocab_size, logsnr_density=density, cond=cond)
+    b = diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn,
+                        model.denoiser(d.dropout if train else None), vocab_size=model.vocab_size,
+                        num_steps=objective.num_steps, weighting=objective.weighting, prediction=model.prediction,
+                        logsnr_density=density, cond=cond, levels=levels)
+    return b if latent_kl is None else b.with_latent(latent_kl)
 
 
 class Estimate(NamedTuple):

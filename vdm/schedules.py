@@ -1,6 +1,7 @@
 """Noise schedules gamma(t) = -log SNR(t), increasing on [0, 1].
 
-Every schedule is a Flax NNX module called as ``gamma = schedule(t)`` with t of shape
+Every schedule is a Flax NNX module called as ``gamma = schedule(t)`` (a schedule that declares ``conditioned``
+is called as ``schedule(t, latent)``; ``bind`` fixes its latent) with t of shape
 [B] (values in [0, 1]) and gamma of shape [B] -- or, for a schedule that declares
 ``elementwise = True``, of shape [B, *data_shape]: one schedule per element of the data (each
 channel of each pixel), built with ``data_shape``. It satisfies gamma(0) = gamma_min and
@@ -21,9 +22,11 @@ the normalised interior, for the variance-minimising gradient of VDM App. I.2).
 | shifted_cosine  | 2 log tan(a t + b) + shift, pinned to [g0, g1]         | nothing            |
 | optimal_transport | 2 log(s / (1 - s)), s linear in t from s0 to s1 (g0, g1) | nothing          |
 | per_pixel_polynomial | per element: g0_i + (g1_i - g0_i) P_i(t) / P_i(1), P_i' = (a_i t^2 + b_i t + c_i)^2 | a, b, c; g0_i, g1_i opt. |
+| latent_polynomial | the same, a, b, c a network of a latent c of the input (MuLAN) | that network; g0_i, g1_i opt. |
 
 Learned parameters are typed so that filters can pick them out: ``ScheduleEndpoint``
-for g0 and g1, ``ScheduleShape`` for the interiors of ``monotone_net`` and ``per_pixel_polynomial``. Both subclass
+for g0 and g1, ``ScheduleShape`` for the interiors of ``monotone_net``, ``per_pixel_polynomial`` and
+``latent_polynomial``. Both subclass
 ``nnx.Param`` (weight decay, ``vdm.weight_decay``, is for dense and convolution kernels only),
 and the variance-minimising gradient (``vdm.model``, through
 ``diffusion.value_and_grad_with_schedule_variance``) treats ``ScheduleShape`` as the
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -228,6 +232,17 @@ class OptimalTransport(nnx.Module):
         return 2.0 * (jnp.log(s) - jnp.log(one_minus_s))
 
 
+QUINTIC_SLACK = 1e-3  # d of ``monotone_quintic``: the slope left when a, b and c vanish
+
+
+def monotone_quintic(a: jax.Array, b: jax.Array, c: jax.Array, t: jax.Array, data_rank: int) -> jax.Array:
+    """P(t) + d t with P(t) = integral_0^t (a s^2 + b s + c)^2 ds, per element of the coefficients: increasing in t,
+    0 at t = 0. ``t`` [B] (or [1]) is broadcast against coefficients of ``data_rank`` trailing data axes."""
+    t = jnp.reshape(t, t.shape + (1,) * data_rank)
+    poly = (((a * a / 5.0 * t + a * b / 2.0) * t + (b * b + 2.0 * a * c) / 3.0) * t + b * c) * t + c * c
+    return poly * t + QUINTIC_SLACK * t
+
+
 class PerPixelPolynomial(nnx.Module):
     """A learned schedule per element of the data (each channel of each pixel), not conditioned on the input.
 
@@ -242,15 +257,15 @@ class PerPixelPolynomial(nnx.Module):
     from a network of an auxiliary latent; here they are free parameters per element. Why a polynomial:
     the derivative, which the continuous-time loss needs, is exact and cheap per element (no network per
     pixel), and five degrees of freedom per element bend the curve enough for a learned interior.
-    ``d`` (1e-3) keeps the curve strictly increasing when a, b and c vanish. Initialised at a = b = 0, c = 1
-    and both endpoints at [gamma_min, gamma_max]: every element then follows ``learned_linear``'s line.
+    ``d`` (``QUINTIC_SLACK``, 1e-3) keeps the curve strictly increasing when a, b and c vanish. Initialised at
+    a = b = 0, c = 1 and both endpoints at [gamma_min, gamma_max]: every element then follows ``learned_linear``'s
+    line.
 
     Call: ``t [B]`` -> ``gamma [B, *data_shape]``.
     """
 
     elementwise = True
     learns_interior = True
-    SLACK = 1e-3  # d above
 
     def __init__(self, gamma_min: float, gamma_max: float, *, data_shape: tuple, learn_endpoints: bool = True,
                  rngs: nnx.Rngs | None = None):
@@ -265,10 +280,7 @@ class PerPixelPolynomial(nnx.Module):
         return self.endpoints.learned
 
     def _p(self, t: jax.Array) -> jax.Array:
-        a, b, c = self.a[...], self.b[...], self.c[...]
-        t = jnp.reshape(t, t.shape + (1,) * len(self.data_shape))
-        poly = (((a * a / 5.0 * t + a * b / 2.0) * t + (b * b + 2.0 * a * c) / 3.0) * t + b * c) * t + c * c
-        return poly * t + self.SLACK * t
+        return monotone_quintic(self.a[...], self.b[...], self.c[...], t, len(self.data_shape))
 
     def shape(self, t: jax.Array) -> jax.Array:
         """The normalised interior per element [B, *data_shape]: increasing, 0 at t = 0, 1 at t = 1."""
@@ -279,6 +291,90 @@ class PerPixelPolynomial(nnx.Module):
         return low + (high - low) * self.shape(t)
 
 
+class LatentPolynomial(nnx.Module):
+    """MuLAN's schedule (Sahoo et al. 2024): per element and conditioned on an auxiliary latent c of the input.
+
+        gamma_i(c, t) = g0_i + (g1_i - g0_i) (P_i(t) + d t) / (P_i(1) + d),   P_i' = (a_i(c) t^2 + b_i(c) t + c_i(c))^2,
+
+    ``per_pixel_polynomial``'s monotone quintic (``monotone_quintic``) with its coefficients given by a network
+    of c (two swish layers of width ``hidden``, then one linear map to the 3 coefficients of every element), as
+    MuLAN's ``poly_fixedend`` schedule does; all of its parameters are ``ScheduleShape``. The endpoints g0_i,
+    g1_i are learned per element but not conditioned on c (MuLAN fixes them at gamma_min, gamma_max:
+    ``learn_endpoints=False``), so the prior and reconstruction terms see per-element endpoints that are the same
+    for every input. Why this form: the quintic's derivative is exact and cheap per element, and a network of c
+    makes the whole curve, interior and all, adapt to the input, which is MuLAN's point. The last layer starts at zero with biases
+    a = b = 0, c = 1: at initialisation every element of every input follows ``learned_linear``'s line.
+
+    Call: ``schedule(t [B], latent [B, latent_size])`` -> ``gamma [B, *data_shape]`` (``conditioned``: the model
+    binds the latent with ``bind``, which gives the ``t -> gamma`` callable the bound, samplers and ODE take).
+    """
+
+    elementwise = True
+    learns_interior = True
+    conditioned = True  # gamma depends on an auxiliary latent: schedule(t, latent)
+
+    def __init__(self, gamma_min: float, gamma_max: float, *, data_shape: tuple, latent_size: int, hidden: int = 128,
+                 learn_endpoints: bool = True, rngs: nnx.Rngs | None = None):
+        options.positive_int("latent_size", latent_size)
+        options.positive_int("hidden", hidden)
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.data_shape = tuple(int(n) for n in data_shape)
+        self.endpoints = _Endpoints(gamma_min, gamma_max, learned=learn_endpoints, shape=self.data_shape)
+        n = math.prod(self.data_shape)
+        init = nnx.initializers.lecun_normal()
+        # Written out (not nnx.Linear) so that all of it is ScheduleShape: the interior, without weight decay.
+        self.w0 = ScheduleShape(init(rngs.params(), (latent_size, hidden)))
+        self.b0 = ScheduleShape(jnp.zeros((hidden,)))
+        self.w1 = ScheduleShape(init(rngs.params(), (hidden, hidden)))
+        self.b1 = ScheduleShape(jnp.zeros((hidden,)))
+        self.w2 = ScheduleShape(jnp.zeros((hidden, 3 * n)))
+        self.b2 = ScheduleShape(jnp.concatenate([jnp.zeros((2 * n,)), jnp.ones((n,))]))  # a, b, c of every element
+
+    @property
+    def learns_endpoints(self) -> bool:
+        return self.endpoints.learned
+
+    def _coefficients(self, latent: jax.Array):
+        h = jax.nn.swish(latent @ self.w0[...] + self.b0[...])
+        h = jax.nn.swish(h @ self.w1[...] + self.b1[...])
+        abc = (h @ self.w2[...] + self.b2[...]).reshape((latent.shape[0], 3) + self.data_shape)
+        return abc[:, 0], abc[:, 1], abc[:, 2]
+
+    def shape(self, t: jax.Array, latent: jax.Array) -> jax.Array:
+        """The normalised interior per element [B, *data_shape] for the latents [B, latent_size]: increasing,
+        0 at t = 0, 1 at t = 1."""
+        a, b, c = self._coefficients(latent)
+        rank = len(self.data_shape)
+        return monotone_quintic(a, b, c, t, rank) / monotone_quintic(a, b, c, jnp.ones((1,)), rank)
+
+    def __call__(self, t: jax.Array, latent: jax.Array) -> jax.Array:
+        low, high = self.endpoints()
+        return low + (high - low) * self.shape(t, latent)
+
+
+class Bound(NamedTuple):
+    """A schedule conditioned on a latent (``conditioned``), bound to one: the ``t -> gamma`` callable, with the
+    schedule's ``endpoints()``."""
+
+    schedule: nnx.Module
+    latent: jax.Array
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.schedule(t, self.latent)
+
+    def endpoints(self):
+        return self.schedule.endpoints()
+
+
+def bind(schedule, latent: jax.Array | None):
+    """``t -> gamma`` of ``schedule``: itself, or for a schedule conditioned on a latent, bound to ``latent``."""
+    if not getattr(schedule, "conditioned", False):
+        return schedule
+    if latent is None:
+        raise ValueError("this schedule is conditioned on a latent (model.latent_size > 0): it needs one")
+    return Bound(schedule, latent)
+
+
 SCHEDULES = {
     "fixed_linear": functools.partial(Linear, learn_endpoints=False),
     "learned_linear": functools.partial(Linear, learn_endpoints=True),
@@ -287,13 +383,15 @@ SCHEDULES = {
     "shifted_cosine": ShiftedCosine,
     "optimal_transport": OptimalTransport,
     "per_pixel_polynomial": PerPixelPolynomial,
+    "latent_polynomial": LatentPolynomial,
 }
 
 
 def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | None = None,
-          data_shape: tuple | None = None, **kwargs) -> nnx.Module:
+          data_shape: tuple | None = None, latent_size: int = 0, **kwargs) -> nnx.Module:
     """The schedule called ``name`` with endpoints [gamma_min, gamma_max]; an element-wise one (``elementwise``)
-    gets ``data_shape``, the shape of one example."""
+    gets ``data_shape``, the shape of one example, and one conditioned on a latent (``conditioned``) its
+    ``latent_size``."""
     cls = registry.lookup(SCHEDULES, name, "schedule")
     if rngs is None:
         rngs = nnx.Rngs(0)
@@ -301,6 +399,11 @@ def build(name: str, *, gamma_min: float, gamma_max: float, rngs: nnx.Rngs | Non
         if data_shape is None:
             raise ValueError(f"schedule {name!r} is per element: it needs data_shape")
         kwargs["data_shape"] = data_shape
+    if getattr(cls, "conditioned", False):
+        if not latent_size:
+            raise options.OptionError("latent_size", latent_size, f"schedule {name!r} is conditioned on an auxiliary "
+                                      "latent: set model.latent_size > 0")
+        kwargs["latent_size"] = latent_size
     try:
         return cls(gamma_min, gamma_max, rngs=rngs, **kwargs)
     except TypeError as e:

@@ -226,14 +226,15 @@ class NoiseConditioning(nnx.Module):
     ``num_classes > 0`` a learned class embedding is added (Ho & Salimans 2022); its table
     has ``num_classes + 1`` rows, the last being the null class that classifier-free guidance
     uses for the unconditional prediction. ``cond=None`` means the null class for a
-    conditional network and nothing at all for an unconditional one.
+    conditional network and nothing at all for an unconditional one. With ``latent_size > 0`` a linear map of
+    MuLAN's auxiliary latent ``cond["latent"]`` ``[B, latent_size]`` is added too (it is required then).
 
-    Call: ``gamma [B]`` (or a scalar), ``cond`` (``None`` or ``{"label": int [B]}``),
+    Call: ``gamma [B]`` (or a scalar), ``cond`` (``None`` or ``{"label": int [B], "latent": [B, k]}``),
     ``batch_size`` -> ``[B, out_dim]`` in the compute dtype.
     """
 
     def __init__(self, embed_dim: int, out_dim: int, *, gamma_min: float, gamma_max: float, num_classes: int = 0,
-                 dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+                 latent_size: int = 0, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         schedules.check_endpoints(gamma_min, gamma_max)
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
@@ -245,16 +246,24 @@ class NoiseConditioning(nnx.Module):
         self.label_embedding = (
             nnx.Embed(num_classes + 1, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if num_classes else None
         )
+        self.latent_projection = (
+            nnx.Linear(latent_size, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if latent_size else None
+        )
 
     def __call__(self, gamma: Array, cond: dict | None, batch_size: int) -> Array:
         t = normalize_gamma(batch_gamma(gamma, batch_size), self.gamma_min, self.gamma_max)
         h = jax.nn.swish(self.dense0(timestep_embedding(t, self.embed_dim)))
         h = jax.nn.swish(self.dense1(h))
+        if self.latent_projection is not None:
+            if cond is None or cond.get("latent") is None:
+                raise ValueError("this network was built with latent_size > 0: it needs cond['latent']")
+            h = h + self.latent_projection(cond["latent"])
         if self.label_embedding is None:
             if cond is not None and cond.get("label") is not None:
                 raise ValueError("this network was built with num_classes=0 and cannot take a class label")
             return h
-        labels = jnp.full((batch_size,), self.num_classes, jnp.int32) if cond is None else cond["label"]
+        labels = cond.get("label") if cond is not None else None
+        labels = jnp.full((batch_size,), self.num_classes, jnp.int32) if labels is None else labels
         return h + self.label_embedding(labels)
 
 

@@ -50,6 +50,7 @@ class MLP(nnx.Module):
       depth: number of residual blocks.
       dropout: dropout rate inside the blocks.
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
+      latent_size: the size of an auxiliary latent ``cond["latent"]`` to condition on (MuLAN; 0: none).
       num_classes: number of classes for class conditioning (0: unconditional); see
         :class:`~vdm.nets.layers.NoiseConditioning`.
       gamma_map: also take the normalised gamma per element (``[B, D]``) beside ``z``, for schedules whose
@@ -77,6 +78,7 @@ class MLP(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        latent_size: int = 0,
         gamma_map: bool = False,
         remat: bool = False,
         convolutions: Convolutions = Convolutions(),
@@ -92,7 +94,7 @@ class MLP(nnx.Module):
         self.dtype = dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conditioning = NoiseConditioning(hidden, hidden, gamma_min=gamma_min, gamma_max=gamma_max,
-                                              num_classes=num_classes, **common)
+                                              num_classes=num_classes, latent_size=latent_size, **common)
         self.dense_in = nnx.Linear(in_channels * (2 if gamma_map else 1), hidden, **common)
         self.blocks = nnx.List(
             [ResidualDenseBlock(hidden, hidden, dropout=dropout, **common) for _ in range(depth)]

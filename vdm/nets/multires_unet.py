@@ -118,7 +118,7 @@ class MultiResUNet(nnx.Module):
       resample_with_conv: strided conv / conv after nearest upsampling (else
         average pooling / plain nearest upsampling).
       with_fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
-      num_classes, gamma_map, remat, convolutions, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
+      num_classes, latent_size, gamma_map, remat, convolutions, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
       rematerialises each residual block).
 
     Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
@@ -146,6 +146,7 @@ class MultiResUNet(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        latent_size: int = 0,
         gamma_map: bool = False,
         remat: bool = False,
         convolutions: Convolutions = Convolutions(),
@@ -185,7 +186,7 @@ class MultiResUNet(nnx.Module):
             return AttnBlock(ch, **common) if level in attention_levels else None
 
         self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
-                                              num_classes=num_classes, **common)
+                                              num_classes=num_classes, latent_size=latent_size, **common)
         conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
             in_channels if gamma_map else 0)
         self.conv_in = conv3x3(conv_in_channels * patch_size**2, channels, convolutions=convolutions, **common)

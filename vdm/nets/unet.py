@@ -122,6 +122,7 @@ class ScoreUNet(nnx.Module):
         features (VDM: 6, 7, i.e. ``sin/cos(2**n * 2 pi z)``).
       gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
       num_classes: classes for class conditioning (0: unconditional); see :class:`NoiseConditioning`.
+      latent_size: the size of an auxiliary latent ``cond["latent"]`` to condition on (MuLAN; 0: none).
       gamma_map: also take the normalised gamma as a map beside ``z`` (``C`` more input channels), for
         schedules whose gamma differs per element (MuLAN); the embedding sees its per-example mean.
       scan_blocks: store the repeated stages stacked and apply them with ``nnx.scan``; ``"auto"`` (the
@@ -155,6 +156,7 @@ class ScoreUNet(nnx.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_classes: int = 0,
+        latent_size: int = 0,
         gamma_map: bool = False,
         scan_blocks: bool | str = "auto",
         remat: bool = False,
@@ -183,7 +185,7 @@ class ScoreUNet(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype)
         cond_dim = 4 * channels
         self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
-                                              num_classes=num_classes, **common, rngs=rngs)
+                                              num_classes=num_classes, latent_size=latent_size, **common, rngs=rngs)
         conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
             in_channels if gamma_map else 0)
         self.conv_in = conv3x3(conv_in_channels, channels, convolutions=convolutions, **common, rngs=rngs)
