@@ -119,6 +119,32 @@ def trained(config_spec: str, workdir: str, overrides: dict) -> dict:
     return result
 
 
+def evaluate_checkpoint(config_spec: str, overrides: dict, workdir: str) -> dict:
+    """The newest checkpoint of ``workdir`` evaluated by ``config_spec`` with ``overrides`` (``eval.method``, ...),
+    image by image: {"bpd", "bpd_se"} of the method's bound (the VLB's ``bpd`` or the ODE's ``bpd_ode``), its
+    value per test image (``per_image``, in test order), the VLB's terms where there are any, ``step``, ``seconds``.
+    Exits with one line if there is no checkpoint."""
+    import time
+
+    from vdm import train
+
+    config = train.resolve_config(config_spec, overrides)
+    trainer = train.Trainer(config, workdir, must_exist=True)
+    try:
+        step = trainer.restore_latest()
+        if step == 0:
+            sys.exit(f"error: no checkpoint in {workdir}: train {config_spec} first")
+        start = time.perf_counter()
+        result = trainer.evaluate(per_example=True, show_progress=True)
+    finally:
+        trainer.close()
+    key = "bpd" if config.eval.method == "vlb" else "bpd_ode"
+    terms = {k: float(v) for k, v in result.items() if k.startswith("bpd_") and not k.endswith("_se") and k != key}
+    return terms | {"bpd": float(result[key]), "bpd_se": float(result[f"{key}_se"]), "step": step,
+                    "per_image": [float(v) for v in result["per_example"][key]],
+                    "seconds": round(time.perf_counter() - start, 1)}
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats in both coordinates (both lower-is-better), by the first."""
     return sorted((i for i, (a, b) in enumerate(points)

@@ -308,3 +308,20 @@ def test_two_process_save_and_restore(tmp_path):
         rows.update({int(k): v for k, v in r["buf"].items()})
     assert rows == {0: [0, 1], 2: [2, 3], 4: [4, 5], 6: [6, 7]}
     assert _step_dirs(tmp_path / "mp") == ["10"]
+
+
+def test_a_model_field_added_after_a_save_is_read_as_its_default():
+    """A checkpoint's config written before a model field existed (MuLAN's latent_size, DiffEnc's mean_encoder)
+    resumes with a config that leaves the field at its default, and not with one that sets it."""
+    from vdm import configlib, resume
+
+    config = configlib.base_config()
+    identity = {"name": "digits", "shape": [8, 8, 1], "vocab_size": 17, "num_classes": 10}
+    old = config.to_dict()
+    for field in ("latent_size", "latent_encoder", "latent_encoder_kwargs", "mean_encoder", "mean_encoder_kwargs"):
+        del old["model"][field]
+    meta = {"config": old, "data": identity}
+    assert resume._model_differences(meta, config.to_dict(), identity) == []
+    config.model.latent_size = 8
+    assert resume._model_differences(meta, config.to_dict(), identity) == [
+        "model.latent_size: checkpoint 0, config 8"]

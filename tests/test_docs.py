@@ -9,6 +9,7 @@ freshly initialised model of a tiny size, so guidance and labels are exercised e
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -318,3 +319,36 @@ def test_an_error_in_a_shipped_config_names_its_file_and_line():
     with pytest.raises(KeyError) as info:
         namespace["get_config"]()
     assert main._config_file_error(info.value) == f"--config={shipped}, line 2: KeyError: 'x'"
+
+
+def _study_records() -> list[dict]:
+    """The records of experiments/likelihood/results.json: each a config with its overrides."""
+    import json
+
+    with open(os.path.join(ROOT, "experiments", "likelihood", "results.json")) as f:
+        return json.load(f)["variants"]
+
+
+@pytest.mark.parametrize("record", _study_records(), ids=lambda r: r["variant"])
+def test_every_likelihood_study_record_is_a_command_line_that_builds(record, tmp_path):
+    """A record of the likelihood study (its config, its overrides as --config flags) parses as ``python -m vdm.main``
+    parses it, validates, and builds its model on its data: the command a reader runs to reproduce the record.
+    The study trained and evaluated each through ``vdm.train.train_and_evaluate``, the command line's own call."""
+    argv = ["--config", record["config"], "--workdir", str(tmp_path)]
+    argv += [f"--config.{key}={value}" for key, value in record["overrides"].items()]
+    config, _, _, _ = parse_command_line(argv)
+    configlib.validate(config)
+    for key, value in record["overrides"].items():
+        assert configlib.flatten(config.to_dict())[key] == value, key
+    info = _data_info(config.data.source)  # every record trains on the embedded digits: read them once
+    configlib.validate_against_data(config, info)
+    graphdef, _, _ = steps.model_initializer(config, info)
+    assert graphdef is not None
+    assert record["bpd"] > 0 and record["bpd_se"] > 0
+
+
+@functools.lru_cache(maxsize=None)
+def _data_info(source: str):
+    from vdm import data
+
+    return data.load_dataset(source).info

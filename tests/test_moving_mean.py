@@ -31,7 +31,8 @@ def _images(n=6):
 
 def test_the_identity_encoder_gives_exactly_vdms_terms():
     """An untrained encoder (its network's output is zero) is the identity: every term of the bound, the trained
-    loss and the model's eps-prediction are VDM's, bit for bit, for the same network and draws."""
+    loss and the model's eps-prediction are VDM's for the same network and draws: bit for bit op by op (measured),
+    to float32 rounding compiled, where XLA fuses the two programs differently (compiled here: half the time)."""
     diffenc, vdm = _model("mlp"), _model()
     _perturb(vdm.network, 1)
     nnx.update(diffenc.network, nnx.state(vdm.network, nnx.Param))
@@ -39,11 +40,14 @@ def test_the_identity_encoder_gives_exactly_vdms_terms():
     nnx.update(vdm.schedule, nnx.state(diffenc.schedule, nnx.Param))
     batch, obj = {"image": _images()}, objective_lib.Objective()
     d = objective_lib.draw(jax.random.PRNGKey(0), 6, obj)
-    a, b = (objective_lib.estimate(m, batch, d, obj) for m in (diffenc, vdm))
+    a, b = (jax.jit(lambda d, m=m: objective_lib.estimate(m, batch, d, obj))(d) for m in (diffenc, vdm))
     for name in ("prior", "reconstruction", "diffusion", "weighted"):
-        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), err_msg=name)
+        # atol: the reconstruction term is a sum of log-probabilities near 0 whose parts carry exp(-gamma_0) = 2e4
+        np.testing.assert_allclose(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), rtol=1e-6, atol=1e-4,
+                                   err_msg=name)
     z, g = jax.random.normal(jax.random.PRNGKey(1), (6,) + SHAPE), jnp.linspace(-8.0, 4.0, 6)
-    np.testing.assert_array_equal(np.asarray(diffenc.eps(z, g)), np.asarray(vdm.eps(z, g)))
+    eps = [jax.jit(lambda z, g, m=m: m.eps(z, g))(z, g) for m in (diffenc, vdm)]
+    np.testing.assert_allclose(np.asarray(eps[0]), np.asarray(eps[1]), rtol=1e-6, atol=1e-7)
 
 
 def test_the_diffusion_term_is_the_limit_of_the_reverse_steps_kl():
@@ -59,7 +63,8 @@ def test_the_diffusion_term_is_the_limit_of_the_reverse_steps_kl():
     t = jnp.array([0.2, 0.45, 0.6, 0.85])
     key = jax.random.PRNGKey(7)
     d = diffusion.Draw(u=t, eps=key, reconstruction=key)
-    library = moving_mean.bound(d, x, m.schedule, lambda z, g, c: m.eps(z, g), m.mean_offset, vocab_size=VOCAB)
+    library = jax.jit(lambda d: moving_mean.bound(d, x, m.schedule, lambda z, g, c: m.eps(z, g), m.mean_offset,
+                                                  vocab_size=VOCAB))(d)
     eps = jax.random.normal(key, f.shape, f.dtype)
 
     def per_unit_time_kl(delta):
@@ -76,7 +81,7 @@ def test_the_diffusion_term_is_the_limit_of_the_reverse_steps_kl():
         return diffusion.sum_per_example(jnp.square(gap) / (2.0 * var)) / delta
 
     # steps this small: the monotone network's curvature makes 1e-3 steps 20% off near t = 1; float32 holds here
-    coarse, fine = per_unit_time_kl(2e-4), per_unit_time_kl(1e-4)
+    coarse, fine = (jax.jit(per_unit_time_kl)(delta) for delta in (2e-4, 1e-4))
     np.testing.assert_allclose(np.asarray(2 * fine - coarse), np.asarray(library.diffusion), rtol=5e-3)
     # and the step's KL is not VDM's: the moving mean contributes
     vdm_like = moving_mean.bound(d, x, m.schedule, lambda z, g, c: m.denoiser()(z, g), lambda f, g: 0.0 * f,

@@ -298,7 +298,9 @@ def test_every_config_validates_and_builds_its_model(name):
     shapes = {"cifar10": (32, 32, 3), "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "toy2d": (1, 1, 2),
               "digits": (8, 8, 1), "digits_cond": (8, 8, 1), "test": (8, 8, 1), "mnist": (28, 28, 1),
               "mnist_cond": (28, 28, 1), "mnist_idode": (28, 28, 1), "mnist_flow": (28, 28, 1),
-              "mnist_mulan": (28, 28, 1), "mnist_diffenc": (28, 28, 1)}
+              "mnist_mulan": (28, 28, 1), "mnist_diffenc": (28, 28, 1),
+              "cifar10_idode": (32, 32, 3), "cifar10_mulan": (32, 32, 3), "cifar10_diffenc": (32, 32, 3),
+              "mnist_idode_finetune": (28, 28, 1)}
     model = nnx.eval_shape(lambda: VDM.from_config(config, image_shape=shapes[name], vocab_size=256, rngs=nnx.Rngs(0)))
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
     assert num_params > 1000

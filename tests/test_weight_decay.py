@@ -11,7 +11,9 @@ from vdm.model import VDM
 SHAPES = {"cifar10": (32, 32, 3), "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "toy2d": (1, 1, 2),
           "digits": (8, 8, 1), "digits_cond": (8, 8, 1), "test": (8, 8, 1), "mnist": (28, 28, 1),
           "mnist_cond": (28, 28, 1), "mnist_idode": (28, 28, 1), "mnist_flow": (28, 28, 1),
-          "mnist_mulan": (28, 28, 1), "mnist_diffenc": (28, 28, 1)}
+          "mnist_mulan": (28, 28, 1), "mnist_diffenc": (28, 28, 1),
+          "cifar10_idode": (32, 32, 3), "cifar10_mulan": (32, 32, 3), "cifar10_diffenc": (32, 32, 3),
+          "mnist_idode_finetune": (28, 28, 1)}
 
 
 def flat(mask) -> dict:

@@ -206,6 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.density_bins = 100
     c.loss.variance_schedule_grad = False  # VDM App. I.2: train the schedule interior on E[L^2]
     c.loss.label_dropout = 0.1  # conditional models: P(label -> null class), for classifier-free guidance
+    c.loss.second_order_weight = 0.0  # i-DODE's fine-tuning term for v-prediction (vdm.second_order; i-DODE: 0.1)
 
     # Training.
     c.train = ml_collections.ConfigDict()
@@ -384,6 +385,8 @@ def validate(config) -> None:
     if model.mean_encoder:
         _choice("model.mean_encoder", model.mean_encoder, nets.NETWORKS)
         weighting = weightings.build(loss.weighting, **dict(loss.weighting_kwargs))
+        if loss.second_order_weight:
+            _fail("loss.second_order_weight", loss.second_order_weight, "is for a model without a mean encoder")
         try:
             moving_mean.check(elbo=weighting.is_elbo and not loss.variance_schedule_grad, num_steps=loss.num_steps,
                               elementwise=bool(getattr(schedule, "elementwise", False)))

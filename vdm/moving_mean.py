@@ -22,9 +22,9 @@ both times (m_hat_s = x_hat + r(x_hat, gamma_s)). Its KL to the forward posterio
 
 So the model *is* an eps-model, eps_model, and in the limit of small steps its reverse step is the ordinary
 ancestral step of eps_model: every sampler and the probability-flow ODE take it unchanged (``VDM.eps`` returns
-it). With r = 0 every term is VDM's, bit for bit. The prior term is KL(N(alpha_1 m_1, sigma_1^2) || N(0, I)), and
-the reconstruction term decodes z_0 ~ N(alpha_0 m_0, sigma_0^2) with VDM's decoder; m_0 = f + sigma_0^2 y is
-within sigma_0^2 (2e-6 at gamma_0 = -13.3) of the data.
+it). With r = 0 every term is VDM's, bit for bit op by op (compiled, to float32 rounding). The prior term is
+KL(N(alpha_1 m_1, sigma_1^2) || N(0, I)), and the reconstruction term decodes z_0 ~ N(alpha_0 m_0, sigma_0^2) with
+VDM's decoder; m_0 = f + sigma_0^2 y is within sigma_0^2 (2e-6 at gamma_0 = -13.3) of the data.
 
 Supported: the continuous-time elbo with a schedule of one gamma per example (``check``).
 """

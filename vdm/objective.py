@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, latent, moving_mean, schedules, time_sampling, weightings
+from vdm import diffusion, latent, moving_mean, schedules, second_order, time_sampling, weightings
 from vdm.model import VDM
 
 
@@ -49,6 +49,7 @@ class Objective:
     variance_schedule_grad: bool = False
     label_dropout: float = 0.0
     prediction: str = "eps"  # the model's (``vdm.predictions``): importance sampling matches its error
+    second_order_weight: float = 0.0  # i-DODE's fine-tuning term (``vdm.second_order``); 0: off
 
     @classmethod
     def from_config(cls, config) -> "Objective":
@@ -58,7 +59,7 @@ class Objective:
                    density_bins=int(c.density_bins),
                    logsnr_range=(-float(config.model.gamma_max), -float(config.model.gamma_min)),
                    variance_schedule_grad=bool(c.variance_schedule_grad), label_dropout=float(c.label_dropout),
-                   prediction=config.model.prediction)
+                   prediction=config.model.prediction, second_order_weight=float(c.second_order_weight))
 
     def check(self, schedule) -> None:
         """ObjectiveError when this objective cannot train ``schedule`` (a built, possibly abstract, schedule)."""
@@ -87,6 +88,14 @@ class Objective:
             if self.num_steps or self.importance_sampling or not self.weighting.is_elbo:
                 raise ObjectiveError("loss.variance_schedule_grad", True,
                                      "applies to the continuous-time elbo with uniform t only")
+        if self.second_order_weight:
+            if self.second_order_weight < 0:
+                raise ObjectiveError("loss.second_order_weight", self.second_order_weight, "must be >= 0 (0 = off)")
+            if self.prediction != "v" or self.num_steps or self.variance_schedule_grad or getattr(
+                    schedule, "elementwise", False):
+                raise ObjectiveError("loss.second_order_weight", self.second_order_weight,
+                                     "i-DODE's term is for a v-prediction (model.prediction=v) in continuous time, "
+                                     "with one gamma per example")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ObjectiveError("loss.label_dropout", self.label_dropout, "must be in [0, 1]")
 
@@ -171,10 +180,15 @@ def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=Non
         return moving_mean.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn,
                                  lambda z, g, c: model.to_eps(denoise(z, g, c), z, g), model.mean_offset,
                                  vocab_size=model.vocab_size, logsnr_density=density, cond=cond)
-    b = diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn,
-                        model.denoiser(d.dropout if train else None), vocab_size=model.vocab_size,
-                        num_steps=objective.num_steps, weighting=objective.weighting, prediction=model.prediction,
-                        logsnr_density=density, cond=cond, levels=levels)
+    denoise = model.denoiser(d.dropout if train else None)
+    b = diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn, denoise,
+                        vocab_size=model.vocab_size, num_steps=objective.num_steps, weighting=objective.weighting,
+                        prediction=model.prediction, logsnr_density=density, cond=cond, levels=levels)
+    if train and objective.second_order_weight:  # i-DODE's fine-tuning: trained, not part of the bound
+        same = diffusion.noise_levels(d.u, gamma_fn, logsnr_density=density) if levels is None else levels
+        extra = second_order.term(d.eps, diffusion.encode(batch["image"], model.vocab_size), same, denoise,
+                                  weighting=objective.weighting, weight=objective.second_order_weight, cond=cond)
+        b = b._replace(weighted=b.weighted + extra)
     return b if latent_kl is None else b.with_latent(latent_kl)
 
 

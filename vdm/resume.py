@@ -39,7 +39,9 @@ def _data_identity(info: data_lib.DatasetInfo) -> dict:
 
 def _model_differences(meta: dict, config: dict, data_identity: dict) -> list[str]:
     """``field: checkpoint A, config B`` for each model field and data property that differs."""
-    saved = {k: v for k, v in configlib.flatten(meta["config"].get("model", {}), "model").items()
+    # A field the checkpoint's config does not have (it was added to the library after the save) had its default.
+    defaults = configlib.flatten(configlib.base_config().model.to_dict(), "model")
+    saved = {k: v for k, v in (defaults | configlib.flatten(meta["config"].get("model", {}), "model")).items()
              if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}
     now = {k: v for k, v in configlib.flatten(config.get("model", {}), "model").items()
            if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}

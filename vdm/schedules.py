@@ -294,7 +294,7 @@ class PerPixelPolynomial(nnx.Module):
 class LatentPolynomial(nnx.Module):
     """MuLAN's schedule (Sahoo et al. 2024): per element and conditioned on an auxiliary latent c of the input.
 
-        gamma_i(c, t) = g0_i + (g1_i - g0_i) (P_i(t) + d t) / (P_i(1) + d),   P_i' = (a_i(c) t^2 + b_i(c) t + c_i(c))^2,
+    gamma_i(c, t) = g0_i + (g1_i - g0_i) (P_i(t) + d t) / (P_i(1) + d),   P_i' = (a_i(c) t^2 + b_i(c) t + c_i(c))^2,
 
     ``per_pixel_polynomial``'s monotone quintic (``monotone_quintic``) with its coefficients given by a network
     of c (two swish layers of width ``hidden``, then one linear map to the 3 coefficients of every element), as
@@ -302,8 +302,9 @@ class LatentPolynomial(nnx.Module):
     g1_i are learned per element but not conditioned on c (MuLAN fixes them at gamma_min, gamma_max:
     ``learn_endpoints=False``), so the prior and reconstruction terms see per-element endpoints that are the same
     for every input. Why this form: the quintic's derivative is exact and cheap per element, and a network of c
-    makes the whole curve, interior and all, adapt to the input, which is MuLAN's point. The last layer starts at zero with biases
-    a = b = 0, c = 1: at initialisation every element of every input follows ``learned_linear``'s line.
+    makes the whole curve, interior and all, adapt to the input, which is MuLAN's point. The last layer starts at
+    zero with biases a = b = 0, c = 1: at initialisation every element of every input follows ``learned_linear``'s
+    line.
 
     Call: ``schedule(t [B], latent [B, latent_size])`` -> ``gamma [B, *data_shape]`` (``conditioned``: the model
     binds the latent with ``bind``, which gives the ``t -> gamma`` callable the bound, samplers and ODE take).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -26,27 +25,18 @@ BOUNDS = [("VLB", "vlb", "uniform"), ("ODE, uniform", "ode", "uniform"),
 def _measure(config_path: str, workdir: str, num_eval: int) -> dict:
     import numpy as np
 
-    from vdm import configlib, train
+    from common import evaluate_checkpoint
 
     rows, per_image = [], {}
     for label, method, dequantization in BOUNDS:
-        config = configlib.load_file(config_path)
-        config.eval.method, config.eval.num_examples = method, num_eval
-        config.eval.ode.dequantization = dequantization
-        trainer = train.Trainer(config, workdir, must_exist=True)
-        step = trainer.restore_latest()
-        if step == 0:
-            sys.exit(f"error: no checkpoint in {workdir}: train {config_path} first")
-        start = time.perf_counter()
-        result = trainer.evaluate(per_example=True, show_progress=True)
-        trainer.close()
-        key = "bpd" if method == "vlb" else "bpd_ode"
-        per_image[label] = np.asarray(result["per_example"][key], np.float64)
-        rows.append({"bound": label, "bpd": round(result[key], 4), "se": round(result[f"{key}_se"], 4),
-                     "seconds": round(time.perf_counter() - start, 1), "images": int(result["count"])})
+        result = evaluate_checkpoint(config_path, {"eval.method": method, "eval.num_examples": num_eval,
+                                                   "eval.ode.dequantization": dequantization}, workdir)
+        per_image[label] = np.asarray(result["per_image"], np.float64)
+        rows.append({"bound": label, "bpd": round(result["bpd"], 4), "se": round(result["bpd_se"], 4),
+                     "seconds": result["seconds"], "images": len(result["per_image"])})
         print(rows[-1], flush=True)
     diff = per_image["ODE, truncated normal"] - per_image["ODE, uniform"]
-    return {"config": config_path, "step": step, "bounds": rows,
+    return {"config": config_path, "step": result["step"], "bounds": rows,
             "truncated_minus_uniform": round(float(diff.mean()), 4),
             "truncated_minus_uniform_se": round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)}
 

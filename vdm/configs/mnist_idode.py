@@ -19,7 +19,8 @@ the 500 test digits (configs/mnist.py: 2.37); FD-MNIST 30.8 over 64 samples (con
 first 50 test digits the probability-flow ODE gives 2.81 bits/dim with the truncated normal, 3.38 with the
 uniform dequantisation (experiments/likelihood/README.md).
 
-Not yet here of the recipe: the flow-matching fine-tuning stage, and i-DODE's data augmentation.
+The second stage of the recipe, fine-tuning with the second-order term, is configs/mnist_idode_finetune.py;
+not here: i-DODE's data augmentation.
 """
 import os
 
