@@ -296,7 +296,7 @@ def test_an_unknown_config_name_is_one_line_naming_the_shipped_configs():
     with pytest.raises(main.CommandLineError) as info:
         parse_command_line(["--config", "mnst", "--workdir", "/tmp/x"])
     assert str(info.value) == f"flag --config=mnst: unknown config 'mnst'; valid names: {', '.join(configs.CONFIGS)}"
-    with pytest.raises(ValueError, match="unknown config 'mnst'; valid names: cifar10, digits"):
+    with pytest.raises(ValueError, match=re.escape(f"unknown config 'mnst'; valid names: {', '.join(configs.CONFIGS)}")):
         configs.get("mnst")
 
 
