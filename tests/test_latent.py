@@ -47,13 +47,12 @@ def _x_independent_mulan_and_its_per_pixel_twin():
     enc.out.bias[...] = jnp.asarray(rng.normal(size=2 * K) * 1.2, jnp.float32)
     enc.out.kernel[...] = jnp.asarray(rng.normal(size=enc.out.kernel.shape) * 0.3, jnp.float32)
     # the same network; MuLAN's latent projection at zero (the denoiser ignores c)
-    twin_net = nnx.state(twin.network, nnx.Param)
-    net_state = nnx.state(mulan.network, nnx.Param)
-    perturbed = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.PRNGKey(3), v.shape), twin_net)
+    perturbed = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.PRNGKey(3), v.shape),
+                             nnx.state(twin.network, nnx.Param))
     nnx.update(twin.network, perturbed)
     nnx.update(mulan.network, perturbed)
-    mulan.network.conditioning.latent_projection.kernel[...] = jnp.zeros_like(
-        net_state["conditioning"]["latent_projection"]["kernel"][...])
+    projection = mulan.network.conditioning.latent_projection.kernel
+    projection[...] = jnp.zeros_like(projection[...])
     return mulan, twin
 
 

@@ -87,3 +87,27 @@ def test_the_diffusion_term_is_the_limit_of_the_reverse_steps_kl():
     vdm_like = moving_mean.bound(d, x, m.schedule, lambda z, g, c: m.denoiser()(z, g), lambda f, g: 0.0 * f,
                                  vocab_size=VOCAB)
     assert np.max(np.abs(np.asarray(vdm_like.diffusion) / np.asarray(library.diffusion) - 1)) > 0.1
+
+
+def test_what_a_mean_encoder_cannot_train_is_one_line_naming_the_field():
+    """The moving mean's bound is the continuous-time elbo with one gamma per example: every other objective, and an
+    evaluated bound of T steps, is refused by ``configlib.validate`` (before any compile) in one line."""
+    from vdm import configlib, configs
+
+    cases = {"loss.num_steps": ({"loss.num_steps": 10}, "config.model.mean_encoder='mlp'"),
+             "eval.num_steps": ({"eval.num_steps": 10}, "config.eval.num_steps=10"),
+             "weighting": ({"loss.weighting": "sigmoid"}, "config.model.mean_encoder='mlp'"),
+             "per element": ({"model.schedule": "per_pixel_polynomial"}, "config.model.mean_encoder='mlp'"),
+             "second order": ({"model.prediction": "v", "loss.second_order_weight": 0.1},
+                              "config.loss.second_order_weight=0.1")}
+    for name, (overrides, field) in cases.items():
+        config, _ = configlib.override(configs.get("test"), {"model.mean_encoder": "mlp", "loss.weighting": "elbo"}
+                                       | overrides)
+        try:
+            configlib.validate(config)
+        except configlib.ConfigError as e:
+            assert str(e).startswith(field + ": ") and "\n" not in str(e), (name, str(e))
+        else:
+            raise AssertionError(f"{name}: accepted")
+    config, _ = configlib.override(configs.get("test"), {"model.mean_encoder": "mlp", "loss.weighting": "elbo"})
+    configlib.validate(config)

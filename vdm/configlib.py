@@ -31,8 +31,8 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from vdm import (data, evaluation, health, inception, latent, likelihood, moving_mean, nets, objective, optimizer,
-                 options, predictions, registry, samplers, schedules, time_sampling, weightings)
+from vdm import (data, evaluation, health, inception, latent, likelihood, nets, objective, optimizer, options,
+                 predictions, registry, samplers, schedules, time_sampling, weightings)
 from vdm import model as model_lib
 from vdm.nets import kernels
 
@@ -384,14 +384,10 @@ def validate(config) -> None:
     _choice("model.latent_encoder", model.latent_encoder, latent.LATENT_ENCODERS)
     if model.mean_encoder:
         _choice("model.mean_encoder", model.mean_encoder, nets.NETWORKS)
-        weighting = weightings.build(loss.weighting, **dict(loss.weighting_kwargs))
-        if loss.second_order_weight:
-            _fail("loss.second_order_weight", loss.second_order_weight, "is for a model without a mean encoder")
-        try:
-            moving_mean.check(elbo=weighting.is_elbo and not loss.variance_schedule_grad, num_steps=loss.num_steps,
-                              elementwise=bool(getattr(schedule, "elementwise", False)))
+        try:  # training is Objective.check's (above); the evaluated bound is the elbo with eval.num_steps
+            dataclasses.replace(objective.EVALUATION, num_steps=config.eval.num_steps).check_mean_encoder(False)
         except ValueError as e:
-            _fail("model.mean_encoder", model.mean_encoder, str(e))
+            _fail("eval.num_steps", config.eval.num_steps, str(e))
     if not 0 <= config.sample.guidance <= MAX_GUIDANCE:
         _fail("sample.guidance", config.sample.guidance, f"must be in [0, {MAX_GUIDANCE:g}] (0 = no guidance; published "
               "weights are 0.1 to 10, and 1e30 overflows float32 into an all-black sample grid)")

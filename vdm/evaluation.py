@@ -59,11 +59,7 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
     A model with an auxiliary latent (MuLAN, ``vdm.latent``): c ~ q(c | x), one per image, and the result is
     KL(q(c | x) || N(0, I)) + (the ODE's dequantised -log P(x | c)), an upper bound on -log P(x) in expectation
     over c, as the VLB is (``vdm.latent``'s docstring)."""
-    cond = model.condition(batch)
-    latent_kl = 0.0
-    if model.latent_size:
-        c, latent_kl = model.infer_latent(batch["image"], jax.random.fold_in(rng, latent.STREAM))
-        cond = (cond or {}) | {"latent": c}
+    cond, latent_kl = model.with_latent(batch["image"], jax.random.fold_in(rng, latent.STREAM), model.condition(batch))
     eps_fn, gamma_fn = pure_functions(model, cond=cond)
 
     def log_density(key, f):
@@ -75,7 +71,7 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
     nll, nfe = likelihood.discrete_nll(rng, batch["image"], model.vocab_size, log_density,
                                        dequantization=dequantization, num_samples=num_samples,
                                        gamma_0=diffusion.schedule_endpoints(model.schedule)[0])
-    return nll + latent_kl, nfe
+    return (nll if latent_kl is None else nll + latent_kl), nfe
 
 
 def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:

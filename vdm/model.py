@@ -164,11 +164,13 @@ class VDM(nnx.Module):
         out = self.to_eps(fn(zz, gg, both), zz, gg)
         return (1.0 + guidance) * out[:b] - guidance * out[b:]
 
-    def infer_latent(self, x: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(c ~ q(c | x) [B, latent_size], KL(q(c | x) || N(0, I)) in nats [B]) for data ``x`` in {0..V-1}: MuLAN's
-        auxiliary latent (``vdm.latent``); only for a model with ``latent_size > 0``."""
+    def with_latent(self, x: jax.Array, rng: jax.Array, cond: dict | None) -> tuple[dict | None, jax.Array | None]:
+        """(``cond`` with MuLAN's auxiliary latent c ~ q(c | x) [B, latent_size] as ``"latent"``, KL(q(c | x) ||
+        N(0, I)) in nats [B]) for data ``x`` in {0..V-1} (``vdm.latent``); ``(cond, None)`` for a model without one."""
+        if not self.latent_size:
+            return cond, None
         mu, log_var = self.latent_encoder(diffusion.encode(x, self.vocab_size))
-        return latent.sample(rng, mu, log_var), latent.kl_to_prior(mu, log_var)
+        return (cond or {}) | {"latent": latent.sample(rng, mu, log_var)}, latent.kl_to_prior(mu, log_var)
 
     def gamma_fn(self, cond: dict | None = None):
         """The schedule as ``t -> gamma`` for ``cond``: bound to ``cond["latent"]`` if it is conditioned on one."""

@@ -41,8 +41,8 @@ from vdm import diffusion
 def check(*, elbo: bool, num_steps: int, elementwise: bool) -> None:
     """ValueError unless the objective is one this bound has: the continuous-time elbo, gamma per example."""
     if not elbo or num_steps:
-        raise ValueError("a mean encoder (DiffEnc) trains the continuous-time elbo only (loss.weighting=elbo, "
-                         "loss.num_steps=0)")
+        raise ValueError("a mean encoder (DiffEnc) has its bound in continuous time and trains the elbo only "
+                         "(loss.weighting=elbo, loss.num_steps=0, eval.num_steps=0, no variance_schedule_grad)")
     if elementwise:
         raise ValueError("a mean encoder (DiffEnc) needs a schedule with one gamma per example")
 
@@ -62,10 +62,6 @@ def effective_eps(offset_fn: Callable, eps_hat: jax.Array, z: jax.Array, gamma: 
     return eps_hat - alpha / sigma * (r - dr)
 
 
-def _per_example(gamma: jax.Array, batch_size: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.reshape(gamma, (-1,))[:1], (batch_size,)) if jnp.size(gamma) == 1 else gamma
-
-
 def bound(d: diffusion.Draw, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, offset_fn: Callable, *,
           vocab_size: int = 256, logsnr_density=None, cond=None) -> diffusion.Bound:
     """DiffEnc's bound per example (``diffusion.Bound``, the elbo: ``weighted`` is ``diffusion``) for the draw ``d``.
@@ -76,9 +72,10 @@ def bound(d: diffusion.Draw, x: jax.Array, gamma_fn: Callable, eps_fn: Callable,
     f = diffusion.encode(x, vocab_size)
     b = f.shape[0]
     gamma_0, gamma_1 = diffusion.schedule_endpoints(gamma_fn)
-    prior = diffusion.prior_kl(f + offset_fn(f, _per_example(gamma_1, b)), gamma_1)
+    # a per-example schedule's endpoints are scalars: the encoder takes one gamma per example
+    prior = diffusion.prior_kl(f + offset_fn(f, jnp.broadcast_to(gamma_1, (b,))), gamma_1)
     reconstruction = diffusion.reconstruction_nll(d.reconstruction, x, gamma_0, vocab_size,
-                                                  mean=f + offset_fn(f, _per_example(gamma_0, b)))
+                                                  mean=f + offset_fn(f, jnp.broadcast_to(gamma_0, (b,))))
     levels = diffusion.noise_levels(d.u, gamma_fn, logsnr_density=logsnr_density)
     gamma = levels.gamma
     r, dr = _shift_and_slope(offset_fn, f, gamma)

@@ -50,6 +50,7 @@ class Objective:
     label_dropout: float = 0.0
     prediction: str = "eps"  # the model's (``vdm.predictions``): importance sampling matches its error
     second_order_weight: float = 0.0  # i-DODE's fine-tuning term (``vdm.second_order``); 0: off
+    mean_encoder: str = ""  # the model's DiffEnc mean encoder (a network's name; "": none): ``vdm.moving_mean``
 
     @classmethod
     def from_config(cls, config) -> "Objective":
@@ -59,7 +60,8 @@ class Objective:
                    density_bins=int(c.density_bins),
                    logsnr_range=(-float(config.model.gamma_max), -float(config.model.gamma_min)),
                    variance_schedule_grad=bool(c.variance_schedule_grad), label_dropout=float(c.label_dropout),
-                   prediction=config.model.prediction, second_order_weight=float(c.second_order_weight))
+                   prediction=config.model.prediction, second_order_weight=float(c.second_order_weight),
+                   mean_encoder=config.model.mean_encoder)
 
     def check(self, schedule) -> None:
         """ObjectiveError when this objective cannot train ``schedule`` (a built, possibly abstract, schedule)."""
@@ -91,13 +93,24 @@ class Objective:
         if self.second_order_weight:
             if self.second_order_weight < 0:
                 raise ObjectiveError("loss.second_order_weight", self.second_order_weight, "must be >= 0 (0 = off)")
-            if self.prediction != "v" or self.num_steps or self.variance_schedule_grad or getattr(
+            if self.prediction != "v" or self.num_steps or self.variance_schedule_grad or self.mean_encoder or getattr(
                     schedule, "elementwise", False):
                 raise ObjectiveError("loss.second_order_weight", self.second_order_weight,
                                      "i-DODE's term is for a v-prediction (model.prediction=v) in continuous time, "
-                                     "with one gamma per example")
+                                     "with one gamma per example and no mean encoder")
+        if self.mean_encoder:
+            try:
+                self.check_mean_encoder(getattr(schedule, "elementwise", False))
+            except ValueError as e:
+                raise ObjectiveError("model.mean_encoder", self.mean_encoder, str(e)) from None
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ObjectiveError("loss.label_dropout", self.label_dropout, "must be in [0, 1]")
+
+    def check_mean_encoder(self, elementwise: bool) -> None:
+        """ValueError unless a model with a mean encoder can be trained or evaluated by this objective
+        (``vdm.moving_mean.check``: the continuous-time elbo, with the schedule's own levels, gamma per example)."""
+        moving_mean.check(elbo=self.weighting.is_elbo and not self.variance_schedule_grad, num_steps=self.num_steps,
+                          elementwise=elementwise)
 
     def initial_density(self):
         """The log-SNR density that importance sampling starts from, or None (uniform t).
@@ -167,20 +180,16 @@ def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=Non
     estimator's variance moves.
     """
     cond = model.condition(batch, d.labels, objective.label_dropout if train else 0.0)
-    latent_kl = None
-    if model.latent_size:  # MuLAN: c ~ q(c | x) conditions the schedule and the denoiser; its KL joins the prior
-        c, latent_kl = model.infer_latent(batch["image"], d.latent)
-        cond = (cond or {}) | {"latent": c}
+    # MuLAN: c ~ q(c | x) conditions the schedule and the denoiser; its KL joins the prior
+    cond, latent_kl = model.with_latent(batch["image"], d.latent, cond)
     gamma_fn = schedules.bind(model.schedule if schedule is None else schedule,
                               None if cond is None else cond.get("latent"))
+    denoise = model.denoiser(d.dropout if train else None)
     if model.mean_encoder is not None:  # DiffEnc: the bound of the moving mean
-        if levels is not None or objective.num_steps or not objective.weighting.is_elbo:
-            raise ValueError("a mean encoder trains the continuous-time elbo with the schedule's own levels only")
-        denoise = model.denoiser(d.dropout if train else None)
+        objective.check_mean_encoder(model.elementwise)  # for a caller that did not validate a config
         return moving_mean.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn,
                                  lambda z, g, c: model.to_eps(denoise(z, g, c), z, g), model.mean_offset,
                                  vocab_size=model.vocab_size, logsnr_density=density, cond=cond)
-    denoise = model.denoiser(d.dropout if train else None)
     b = diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn, denoise,
                         vocab_size=model.vocab_size, num_steps=objective.num_steps, weighting=objective.weighting,
                         prediction=model.prediction, logsnr_density=density, cond=cond, levels=levels)

@@ -353,7 +353,7 @@ class LatentPolynomial(nnx.Module):
         return low + (high - low) * self.shape(t, latent)
 
 
-class Bound(NamedTuple):
+class BoundToLatent(NamedTuple):
     """A schedule conditioned on a latent (``conditioned``), bound to one: the ``t -> gamma`` callable, with the
     schedule's ``endpoints()``."""
 
@@ -373,7 +373,7 @@ def bind(schedule, latent: jax.Array | None):
         return schedule
     if latent is None:
         raise ValueError("this schedule is conditioned on a latent (model.latent_size > 0): it needs one")
-    return Bound(schedule, latent)
+    return BoundToLatent(schedule, latent)
 
 
 SCHEDULES = {
