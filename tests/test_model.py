@@ -1,12 +1,10 @@
 """The model's objective, conditioning and guidance, against independent computations."""
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config, run_python
 from flax import nnx
 
 from vdm import configlib, data, diffusion, evaluation, nets, options, schedules, train, weightings
@@ -259,27 +257,6 @@ def test_the_arguments_vdm_passes_its_pieces_are_declared_once(monkeypatch):
 def _pixels(source):
     records = data.read_rows(source, np.arange(len(source)))
     return records["image"].reshape(len(source), -1) / (source.vocab_size - 1), records["label"]
-
-
-@pytest.fixture(scope="module")
-def digits_cond(tmp_path_factory):
-    """(config, workdir, result): configs/digits_cond.py's conditional model, trained briefly (300 steps)
-    on the 8x8 digits with a residual MLP in place of its U-Net.
-
-    The MLP learns the classes at this budget as well as the U-Net does (samples recognised: 0.48 to
-    0.62 unguided, 0.98 to 1.0 at w = 3, three seeds) and trains in a fifth of its time (22 s against
-    100 s). Module-scoped, and the tests using it share an xdist group, so it is trained once: by the
-    command line in a subprocess at XLA's default optimisation level, where 300 steps run faster than at
-    the suite's (conftest.FAST_COMPILE)."""
-    overrides = {"model.network": "mlp", "model.network_kwargs": {"hidden": 256, "depth": 4},
-                 "train.num_steps": 300, "train.checkpoint_every": 300, "eval.num_examples": 32,
-                 "sample.num_images": 10, "sample.num_steps": 64}
-    config, _ = configlib.override(load_config("digits_cond"), overrides)
-    workdir = str(tmp_path_factory.mktemp("digits_cond") / "run")
-    run = run_python(["-m", "vdm.main", "--config", "configs/digits_cond.py", "--workdir", workdir]
-                     + [f"--config.{key}={value}" for key, value in overrides.items()], env={"XLA_FLAGS": ""}, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return config, workdir, json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.xdist_group("digits_cond")

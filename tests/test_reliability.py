@@ -324,7 +324,7 @@ def test_eval_and_sample_modes_read_past_a_damaged_checkpoint_and_leave_it_in_pl
     checkpoints = os.path.join(workdir, "checkpoints")
     _damage(os.path.join(checkpoints, "4"), "truncate")
     listing = sorted(os.listdir(checkpoints))
-    trainer = train._restored_trainer(_tiny(num_steps=6), workdir)  # what --mode eval and --mode sample open
+    trainer = train.restored_trainer(_tiny(num_steps=6), workdir)  # what --mode eval and --mode sample open
     trainer.close()
     (note,) = trainer.restore_notes
     assert int(trainer.state.step) == 2 and note.startswith(f"checkpoint step 4 in {checkpoints} is damaged: ")

@@ -164,6 +164,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
     ({"loss.weighting": "sigmoid", "loss.num_steps": 10}, "discrete time"),
     ({"train.log_every": 3, "train.steps_per_call": 2}, "multiple of train.steps_per_call=2"),
     ({"sample.num_images": 0}, "config.sample.num_images=0: must be >= 1"),
+    ({"eval.score_draws": 6}, "config.eval.score_draws=6: must be a positive multiple of 4"),
     ({"sample.guidance": 1e30}, "config.sample.guidance=1e+30: must be in [0, 100]"),
     ({"data.source": "mnist_idx", "data.kwargs": {"path": "/nonexistent/mnist"}}, "/nonexistent/mnist"),
 ])
@@ -187,11 +188,17 @@ def test_cli_reports_bad_input_as_one_line(tmp_path):
     typo = _run(["-m", "vdm.main", "--config", "configs/test.py", "--workdir", str(tmp_path),
                  "--config.train.num_step=3"])
     assert typo.returncode != 0 and "num_step" in typo.stderr
-    # No checkpoint to read: the one error line is all of stderr (no absl lines of JAX's backends before it).
-    for program in (["-m", "vdm.main", "--mode", "eval"], ["scripts/class_accuracy.py"]):
+    # No checkpoint to read, or no images to score: the one error line is all of stderr (no absl lines of JAX's
+    # backends before it).
+    not_images = tmp_path / "images.npz"
+    not_images.write_text("not an npz")
+    for program, error in ((["-m", "vdm.main", "--mode", "eval"], "error: no checkpoint in"),
+                           (["scripts/class_accuracy.py"], "error: no checkpoint in"),
+                           (["-m", "vdm.main", "--mode", "score", "--images", str(not_images)],
+                            f"error: {not_images}: not a readable .npz file")):
         missing = _run(program + ["--config", "configs/digits_cond.py", "--workdir", str(tmp_path / "none")])
         lines = missing.stderr.strip().splitlines()
-        assert missing.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: no checkpoint in"), lines
+        assert missing.returncode == 2 and len(lines) == 1 and lines[0].startswith(error), lines
 
 
 def test_an_evaluation_with_a_non_finite_figure_is_an_error_line_and_exit_code_3(tmp_path, capsys):

@@ -24,8 +24,9 @@ Prints one table and writes the figures as JSON (``--json``, default ``DIR/bench
 * **sampling**: images/s and network evaluations of each sampler (``--samplers``) at
   ``sample.num_steps`` with ``sample.num_images`` images, one compiled call after a warm-up.
 * **evaluation**: test images/s of ``Trainer.evaluate`` (its second pass; the first compiles).
-* **input pipeline**: images/s of the training batches alone (read, augmented, put on the
-  devices), which should be at least 10x the train throughput.
+* **input pipeline**: images/s of the training batches alone (the grain pipeline's shuffled positions, one
+  batched read of those records, put on the devices; there is no augmentation), which should be at least 10x
+  the train throughput.
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ class Compiled:
     objective: objective_lib.Objective
     train_step: Any
     eval_step: Any
+    score_step: Any  # eval_step with the VLB's times spread evenly over the batch (vdm.scoring)
     sampling: Sampling
     solve_progress: evaluation.SolveProgress  # told the ODE solver's t inside eval_step (progress in a batch)
 
@@ -59,7 +60,7 @@ _COMPILED: dict[str, Compiled] = {}
 _NOT_COMPILED = {"seed": (), "data": (), "train": ("num_steps", "log_every", "eval_every", "checkpoint_every",
                                                    "keep_checkpoints", "coordinator_timeout_s",
                                                    "compilation_cache_dir", "skip_nonfinite"),
-                 "eval": ("inception_weights",)}
+                 "eval": ("inception_weights", "num_examples", "score_draws")}
 
 
 def _compile_key(config, info, mesh) -> str:
@@ -93,8 +94,9 @@ def compile_run(config, info, mesh) -> Compiled:
                          in_shardings=(replicated, steps_batch), out_shardings=(replicated, replicated),
                          donate_argnums=0)
     solve_progress = evaluation.SolveProgress()
-    eval_step = jax.jit(evaluation.make_eval_step(graphdef, config, solve_progress),
-                        in_shardings=(replicated, batch, batch, replicated), out_shardings=replicated)
+    eval_step, score_step = (jax.jit(evaluation.make_eval_step(graphdef, config, solve_progress, time_sampler),
+                                     in_shardings=(replicated, batch, batch, replicated), out_shardings=replicated)
+                             for time_sampler in ("iid", "low_discrepancy"))
     c = config.sample
 
     def generation(params, rng, labels):
@@ -102,6 +104,6 @@ def compile_run(config, info, mesh) -> Compiled:
                                     sampler=c.sampler, labels=labels, guidance=c.guidance,
                                     sampler_kwargs=c.sampler_kwargs.to_dict())
 
-    _COMPILED[key] = Compiled(graphdef, init, tx, objective, train_step, eval_step, Sampling(generation),
+    _COMPILED[key] = Compiled(graphdef, init, tx, objective, train_step, eval_step, score_step, Sampling(generation),
                               solve_progress)
     return _COMPILED[key]

@@ -240,6 +240,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
     c.eval.num_examples = 0  # 0: the whole test split
+    c.eval.score_draws = 16  # --mode score (vdm.scoring): draws of each image's bound (a multiple of 4)
     c.eval.num_steps = 0  # T of the evaluated bound; 0 = continuous time
     c.eval.method = "vlb"  # vlb | ode (the probability-flow ODE's likelihood, vdm.likelihood) | both
     c.eval.ode = ml_collections.ConfigDict()  # the ODE likelihood's settings (vdm.model.ode_nll)
@@ -420,6 +421,8 @@ def validate(config) -> None:
             _fail("eval.inception_weights", config.eval.inception_weights, problem)
     if config.eval.num_examples < 0:
         _fail("eval.num_examples", config.eval.num_examples, "must be >= 0 (0 = the whole test split)")
+    if config.eval.score_draws < 4 or config.eval.score_draws % 4:
+        _fail("eval.score_draws", config.eval.score_draws, "must be a positive multiple of 4 (vdm.scoring.PASSES)")
     for field in ("num_steps", "num_images"):
         if config.sample[field] < 1:
             _fail(f"sample.{field}", config.sample[field], "must be >= 1")

@@ -41,10 +41,12 @@ class Evaluated(NamedTuple):
     counts: dict[str, jax.Array]
 
 
-def vlb_bound(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int = 0) -> diffusion.Bound:
+def vlb_bound(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int = 0, time_sampler: str = "iid"
+              ) -> diffusion.Bound:
     """The true VLB per example (``vdm.objective.EVALUATION``: no dropout or label dropout, the elbo
-    weighting whatever was trained, iid t), with T = ``num_steps`` steps (0: continuous time)."""
-    obj = dataclasses.replace(objective.EVALUATION, num_steps=num_steps)
+    weighting whatever was trained, iid t), with T = ``num_steps`` steps (0: continuous time).
+    ``time_sampler="low_discrepancy"`` spreads the batch's times evenly (``vdm.scoring``'s copies of an image)."""
+    obj = dataclasses.replace(objective.EVALUATION, num_steps=num_steps, time_sampler=time_sampler)
     return objective.estimate(model, batch, objective.draw(rng, batch["image"].shape[0], obj), obj, train=False)
 
 
@@ -77,7 +79,8 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
 def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
     """``bpd``: the VLB (``vlb_bound``, ``settings["num_steps"]`` steps), and its terms as ``bpd_<term>``; for a
     model with an auxiliary latent also ``bpd_latent``, the part of ``bpd_prior`` that is the latent's KL."""
-    b = vlb_bound(model, batch, jax.random.fold_in(rng, 0), num_steps=int(settings.get("num_steps", 0)))
+    b = vlb_bound(model, batch, jax.random.fold_in(rng, 0), num_steps=int(settings.get("num_steps", 0)),
+                  time_sampler=settings.get("time_sampler", "iid"))
     latent_part = {} if b.latent is None else {"bpd_latent": b.latent}
     return Evaluated({"bpd": b.total}, {f"bpd_{name}": v for name, v in b.terms().items()} | latent_part, {})
 
@@ -154,13 +157,15 @@ class _SolveLines:
 SOLVE_LOG_SECONDS = 10.0
 
 
-def make_eval_step(graphdef, config, solve_progress: SolveProgress | None = None):
+def make_eval_step(graphdef, config, solve_progress: SolveProgress | None = None, time_sampler: str = "iid"):
     """(sums, counts, values) of one padded batch for ``config.eval.method`` (``EVALUATIONS``): masked sums
     of the per-example bits/dim of its bounds and their parts (and ``count``), its counts (not in nats:
     averaged per batch), and the bounds per example (with ``mask``), for standard errors.
-    ``solve_progress``: told the ODE solver's t as it goes (``SolveProgress``).
+    ``solve_progress``: told the ODE solver's t as it goes (``SolveProgress``). ``time_sampler``: the VLB's
+    times over the batch (iid: independent per-example values; ``vlb_bound``).
     """
-    method, settings = build(config.eval.method), config.eval.to_dict() | {"on_time": solve_progress}
+    method, settings = build(config.eval.method), config.eval.to_dict() | {"on_time": solve_progress,
+                                                                            "time_sampler": time_sampler}
 
     def eval_step(params, batch, mask, rng):
         model = nnx.merge(graphdef, params)
@@ -174,7 +179,7 @@ def make_eval_step(graphdef, config, solve_progress: SolveProgress | None = None
 
 def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] | None = None,
              show_progress: bool = False, per_example: bool = False,
-             solve_progress: SolveProgress | None = None) -> dict | None:
+             solve_progress: SolveProgress | None = None, what: str = "test images") -> dict | None:
     """Bits/dim over one complete pass of the test split ``test`` (a ``vdm.data`` source) with
     ``params`` (``eval_step``: the compiled ``make_eval_step``; ``mesh``: the data mesh), by
     ``config.eval.method``: the means of its bounds and parts, each bound with its standard error over
@@ -186,7 +191,8 @@ def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] |
     ``per_example``: also return ``per_example`` = {"bpd": [N], ...}, each test image's bound (in test
     split order), for paired comparisons of models evaluated with the same randomness.
     ``solve_progress``: the eval step's ``SolveProgress``; with ``show_progress``, an ODE solve inside a
-    batch logs where it is (solve k of K, t) at most every ``SOLVE_LOG_SECONDS``.
+    batch logs where it is (solve k of K, t) at most every ``SOLVE_LOG_SECONDS``. ``what``: the records, as
+    the progress line names them.
     """
     bs = config.eval.batch_size
     bs = -(-bs // mesh.size) * mesh.size  # round up to a multiple of the device count
@@ -197,7 +203,7 @@ def evaluate(eval_step, params, test, mesh, config, stop: Callable[[], object] |
     progress = None
     if show_progress:
         progress = metrics_lib.Progress(num_batches, log_every=max(1, num_batches // 10), unit="batch")
-        progress.log(f"evaluating {num_examples} test images in {num_batches} batches of {bs}")
+        progress.log(f"evaluating {num_examples} {what} in {num_batches} batches of {bs}")
     batches = data_lib.eval_batches(test, bs, num_examples=config.eval.num_examples,
                                     process_index=jax.process_index(), process_count=jax.process_count())
     values_of: dict[str, list] = {}

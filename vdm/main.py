@@ -1,4 +1,6 @@
-"""Command line: ``python -m vdm.main --config <name> | <file.py> --workdir DIR [--mode train|eval|sample]``.
+"""Command line: ``python -m vdm.main --config <name> | <file.py> --workdir DIR [--mode train|eval|sample|score]``.
+
+``--mode score --images FILE`` writes each image's bits/dim to ``DIR/scores_<step>.csv`` (``vdm.scoring``).
 
 ``--config`` is a config file or the name of a config shipped in ``vdm.configs`` (``mnist``;
 ``configs/mnist.py`` in a clone is the same file), either optionally ``:config_string``.
@@ -27,7 +29,7 @@ from ml_collections import config_flags
 
 from vdm import configs  # light, as all this module imports: the rest of vdm (jax) only after flag parsing
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "score")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None, *, mode: bool = True,
@@ -48,6 +50,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | 
                         "samples; a rerun resumes.", flag_values=flag_values)
     if mode:
         flags.DEFINE_enum("mode", "train", list(MODES), "What to do.", flag_values=flag_values)
+        flags.DEFINE_string("images", None, "--mode score: an .npz file with 'images' (uint8 [N, H, W, C]) and, for a "
+                            "class-conditional model, 'labels'; or a folder of PNG files.", flag_values=flag_values)
     flags.mark_flags_as_required(["config", "workdir"] if require_workdir else ["config"], flag_values=flag_values)
 
 
@@ -137,6 +141,11 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
     overridden = set(config_flags.get_override_values(flag_values["config"]))
     notes = configlib.drop_stale_kwargs(config, overridden)
     mode = flag_values["mode"].value if "mode" in flag_values else None
+    images = flag_values["images"].value if "images" in flag_values else None
+    if mode == "score" and not images:
+        raise CommandLineError("--mode score needs --images: an .npz file of images or a folder of PNG files")
+    if images and mode != "score":
+        raise CommandLineError(f"--images is for --mode score, not --mode {mode}")
     return config, flag_values["workdir"].value, mode, notes
 
 
@@ -193,9 +202,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logs()
-    from vdm import health, signals, train  # after flag parsing: keep --help fast
+    from vdm import health, scoring, signals, train  # after flag parsing: keep --help fast
 
-    modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint}
+    modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint,
+             "score": lambda config, workdir, **kw: scoring.score_images(config, workdir, flags.FLAGS.images, **kw)}
     try:
         config, workdir, mode, notes = resolve()
         for note in notes:
@@ -210,13 +220,29 @@ def main(argv):
     except signals.Interrupted as e:
         print(f"stopped by {e.signal_name}", file=sys.stderr)
         return e.exit_code
-    return report(result, config)
+    return report_scores(result, config) if mode == "score" else report(result, config)
 
 
 def non_finite(result: dict) -> list[str]:
     """The figures of a run's result that are NaN or infinite, as ``name=value``."""
     return [f"{k}={v}" for k, v in result.items()
             if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v)]
+
+
+def report_scores(result: dict, config) -> int:
+    """--mode score: the bounds' spread over the images and the CSV's path, then the figures as one JSON line."""
+    from vdm import metrics, scoring  # after flag parsing: keep --help fast
+
+    for line in scoring.summary(result, config.eval.score_draws):
+        print(line)
+    figures = {k: result[k] for k in ("scores", "step", "count")} | {
+        f"mean_{k}": float(v.mean()) for k, v in result.items() if f"{k}_se" in result}
+    bad = non_finite(figures)
+    if bad:
+        print(f"error: non-finite bits/dim ({', '.join(bad)}): see the rows of {result['scores']}", file=sys.stderr)
+        return 3
+    print(json.dumps(metrics.strict(figures), allow_nan=False))
+    return 0
 
 
 def report(result: dict, config) -> int:

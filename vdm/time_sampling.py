@@ -21,9 +21,13 @@ Two layers, each small:
    - ``weighting_density(w, lo, hi)``: p proportional to w (then w / p is nearly constant). The trainer
      passes w times its parameterisation's error scale b^2 (``vdm.objective.Objective.initial_density``), so
      that the network's own squared error, not the eps error, gets the constant weight.
-   - ``AdaptiveDensity``: p proportional to an EMA, per lambda bin, of the observed
-     integrand 0.5 w(lambda) ||eps - eps_hat||^2, the variance-minimising choice, mixed
-     with a little uniform mass so p > 0 everywhere and the weights stay bounded.
+   - ``AdaptiveDensity``: p proportional to an EMA, per lambda bin, of the observed |f|, the
+     integrand f = 0.5 w(lambda) ||eps - eps_hat||^2: p ~ E[|f| | lambda] (Kingma & Gao's choice),
+     mixed with a little uniform mass so p > 0 everywhere and the weights stay bounded.
+     That is not the variance-minimising density: f is noisy at a given lambda (eps, the data),
+     and the variance of f / p is smallest for p proportional to sqrt(E[f^2 | lambda]), which is
+     proportional to E[|f| | lambda] only when the ratio of the two is the same at every lambda
+     (as when f is deterministic given lambda).
 
 Densities are pytrees (``flax.struct.dataclass``), so they live in the training state,
 pass through ``jit`` and are checkpointed with it.
@@ -121,7 +125,8 @@ class AdaptiveDensity:
 
     Keeps ``ema[k]``, an exponential moving average over training steps of the mean of
     |0.5 w(lambda) ||eps - eps_hat||^2| over the examples whose lambda fell in bin k
-    (the integrand of the weighted loss), and samples
+    (the integrand of the weighted loss: p ~ E[|f| | lambda], not the variance-minimising
+    sqrt(E[f^2 | lambda]); see the module docstring), and samples
 
         p = (1 - uniform_mix) * (ema * width / sum) + uniform_mix * (width / range)
 

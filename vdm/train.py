@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -82,16 +82,20 @@ class Trainer:
     """Holds the compiled functions, the mesh, the data and the state for one workdir.
 
     ``exclusive``: hold the workdir's lock (a training run); ``must_exist``: the workdir must
-    already have checkpoints (eval and sample: a mistyped workdir is an error, not a new one).
+    already have checkpoints (eval and sample: a mistyped workdir is an error, not a new one);
+    ``check_data``: called with the data's ``DatasetInfo`` once config and data are checked.
     Everything that can be wrong with the input (config, data, the lock, a checkpoint from
     another model) is found before anything is compiled.
     """
 
-    def __init__(self, config, workdir: str, *, exclusive: bool = False, must_exist: bool = False):
+    def __init__(self, config, workdir: str, *, exclusive: bool = False, must_exist: bool = False,
+                 check_data: Callable[[data_lib.DatasetInfo], None] | None = None):
         self.config, self.workdir = config, workdir
         lock_lib.check_workdir(workdir)
         self.mesh, self.dataset = prepare(config)
         info = self.dataset.info
+        if check_data is not None:  # the caller's own input, checked against the data (--mode score's images)
+            check_data(info)
         # FID's network: read and checked now, so that a bad file is found before anything is compiled.
         self.inception_weights = inception.load_weights(config.eval.inception_weights) if config.eval.inception_weights \
             else None
@@ -113,6 +117,7 @@ class Trainer:
         compiled = compilation.compile_run(config, info, self.mesh)
         self.graphdef, self.tx, self.objective = compiled.graphdef, compiled.tx, compiled.objective
         self.train_step, self.eval_step, self.sampling = compiled.train_step, compiled.eval_step, compiled.sampling
+        self.score_step = compiled.score_step
         self.solve_progress = compiled.solve_progress
         params = compiled.init(config.seed)
         self.state = parallel.replicate(steps.initial_state(config.seed, params, self.tx, self.objective), self.mesh)
@@ -347,8 +352,10 @@ def _train_loop(trainer: Trainer, writer, progress, start: int, signals: Signals
 # --------------------------------------------------------------------------------------
 
 
-def _restored_trainer(config, workdir: str) -> Trainer:
-    trainer = Trainer(config, workdir, must_exist=True)
+def restored_trainer(config, workdir: str, check_data: Callable[[data_lib.DatasetInfo], None] | None = None
+                     ) -> Trainer:
+    """The Trainer of ``workdir``'s latest checkpoint, read only (``--mode eval``, ``sample``, ``score``)."""
+    trainer = Trainer(config, workdir, must_exist=True, check_data=check_data)
     try:
         if trainer.restore_latest(read_only=True) == 0 and trainer.checkpointer.latest_step() is None:
             raise ckpt_lib.CheckpointError(f"no checkpoint in {trainer.checkpointer.directory}: train first")
@@ -363,7 +370,7 @@ def _restored_trainer(config, workdir: str) -> Trainer:
 def evaluate_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None = None, *,
                         stop_within_s: float | None = None) -> dict:
     """--mode eval: test bits/dim of the latest checkpoint (EMA parameters); arguments as in ``train_and_evaluate``."""
-    trainer = _restored_trainer(resolve_config(config, overrides), workdir)
+    trainer = restored_trainer(resolve_config(config, overrides), workdir)
     try:
         with Signals(stop_within_s):
             return trainer.evaluate(show_progress=True) | {"step": int(trainer.state.step)}
@@ -375,7 +382,7 @@ def sample_checkpoint(config, workdir: str, overrides: Mapping[str, Any] | None 
                       stop_within_s: float | None = None) -> dict:
     """--mode sample: samples (.npz, .png, TensorBoard) from the latest checkpoint; arguments as in
     ``train_and_evaluate``."""
-    trainer = _restored_trainer(resolve_config(config, overrides), workdir)
+    trainer = restored_trainer(resolve_config(config, overrides), workdir)
     step = int(trainer.state.step)
     try:
         with Signals(stop_within_s), metrics_lib.MetricWriter(workdir) as writer:

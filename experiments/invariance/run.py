@@ -2,6 +2,7 @@
 
     python -m vdm.main --config configs/mnist.py --workdir workdirs/mnist      # or: make demo
     python experiments/invariance/run.py --config configs/mnist.py --workdir workdirs/mnist
+    python experiments/invariance/run.py --tiny --out /tmp/invariance   # every stage in seconds (common.TINY)
 
 VDM (Kingma et al. 2021, Sec. 5.1, Eq. 18): with the network a function of (z, gamma), the
 diffusion loss L_inf = 0.5 E_t [gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2] depends on the
@@ -9,14 +10,19 @@ schedule gamma(t) only through its endpoints gamma_0, gamma_1; the schedule's sh
 the variance of the Monte Carlo estimate, not its mean. The trained demo network takes gamma
 itself as input, so any schedule with the learned endpoints is a valid reparametrisation of
 the same model. This script estimates the VLB and its L_inf (one t, iid, and one eps per draw;
-the library's one road to the bound, ``vdm.objective.estimate`` with ``schedule=``) on the test digits, ``--draws`` times each, under four
+the library's one road to the bound, ``vdm.objective.estimate`` with ``schedule=``) on the test digits,
+``--draws`` times each, under four
 schedules with the learned endpoints: the learned one, linear, cosine-shaped and a
 deliberately odd one (flat, then a steep sigmoid rise). The prior and reconstruction terms
 depend only on the endpoints, so the VLB differs between schedules only through L_inf.
 The exact reference: Gaussian data N(0, 0.5^2 I_784) with its Bayes-optimal denoiser, whose
 E[L_inf] has a closed form (``vdm.analytic``), estimated under the same four schedules.
 
-Writes ``results.json``, ``schedules.png`` and the table of ``README.md`` beside this file.
+Writes ``results.json``, ``schedules.png`` and the table of ``README.md`` beside this file (or in ``--out``).
+``--tiny``: the tiny demo model (the config with ``common.TINY`` and ``common.DEMO``), trained ``common.TINY_STEPS``
+steps in ``--workdir`` (default ``<out>/model``) unless it is there, ``TINY_IMAGES`` test digits x 2 draws, and of
+the four schedules those of ``TINY_SCHEDULES`` (the learned one, the reference of the paired differences, and the
+odd one), on the digits and the Gaussian data: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +33,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+import common  # noqa: E402
+
+TINY_IMAGES = 16
+TINY_SCHEDULES = ("learned", "odd")  # --tiny: each schedule is one more compilation of the bound
 
 
 def schedules_with_endpoints(learned, g0: float, g1: float) -> dict:
@@ -55,14 +66,25 @@ def summary(values, num_dims: int) -> dict:
             "per_image": per_image}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.py")
-    parser.add_argument("--workdir", default="workdirs/mnist")
-    parser.add_argument("--draws", type=int, default=16, help="estimates per test image and schedule")
-    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--workdir", default=None, help="the trained model (default workdirs/mnist; with --tiny: "
+                                                        "<out>/model, trained there if missing)")
+    parser.add_argument("--draws", type=int, default=None, help="estimates per test image and schedule (default 16; "
+                                                                "with --tiny 2)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default 250; with --tiny 8")
+    parser.add_argument("--images", type=int, default=None, help="the first N test digits (default all; with --tiny "
+                                                                 f"{TINY_IMAGES})")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    common.add_output_flags(parser)
+    args = parser.parse_args(argv)
+    out = common.output_dir(args, HERE)
+    tiny = args.tiny
+    args.workdir = args.workdir or (os.path.join(out, "model") if tiny else "workdirs/mnist")
+    args.draws = args.draws or (2 if tiny else 16)
+    args.batch_size = args.batch_size or (8 if tiny else 250)
+    args.images = args.images or (TINY_IMAGES if tiny else None)
 
     import jax
     import jax.numpy as jnp
@@ -75,14 +97,17 @@ def main() -> None:
     from vdm import objective as objective_lib
 
     began = time.perf_counter()
-    trainer, step = restore(args.config, args.workdir)
+    overrides = common.tiny_model(args.config, args.workdir, common.DEMO) if tiny else {}
+    trainer, step = restore(args.config, args.workdir, overrides)
     model = nnx.merge(trainer.graphdef, trainer.state.ema_params)
     info = trainer.dataset.info
-    x = np.asarray(trainer.dataset.test.images)
+    x = np.asarray(trainer.dataset.test.images)[:args.images]
     trainer.close()
     _, gamma_fn = model_lib.pure_functions(model)
     g0, g1 = (float(g) for g in diffusion.schedule_endpoints(model.schedule))
     table = schedules_with_endpoints(gamma_fn, g0, g1)
+    if tiny:
+        table = {name: schedule for name, schedule in table.items() if name in TINY_SCHEDULES}
     num_dims = int(np.prod(info.shape))
 
     evaluation = objective_lib.EVALUATION  # the true VLB: elbo, iid t, no dropout
@@ -122,8 +147,9 @@ def main() -> None:
     record = {"config": args.config, "step": step, "images": len(x), "draws": args.draws, "gamma_0": g0, "gamma_1": g1,
               "mnist": rows, "gaussian_exact_bpd": float(exact), "gaussian": gaussian, "commit": commit(),
               "seconds": round(time.perf_counter() - began, 1), "device": jax.devices()[0].device_kind}
-    _plot(table, rows, os.path.join(HERE, "schedules.png"))
-    write_results(HERE, record, _tables(record))
+    _plot(table, rows, os.path.join(out, "schedules.png"))
+    write_results(out, record, _tables(record))
+    return record
 
 
 def _plot(table, rows, path) -> None:
@@ -150,6 +176,7 @@ def _plot(table, rows, path) -> None:
     b.set_title("the same mean, different variances")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _tables(r: dict) -> str:
@@ -168,7 +195,8 @@ def _tables(r: dict) -> str:
                   f"closed form E[L_inf] = {r['gaussian_exact_bpd']:.5f} bits/dim.", "",
               "| schedule | Monte Carlo estimate | SE | (estimate - exact) / SE | std of one draw |",
               "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {g['schedule']} | {g['mean']:.5f} | {g['se']:.5f} | {(g['mean'] - r['gaussian_exact_bpd']) / g['se']:+.1f} "
+    lines += [f"| {g['schedule']} | {g['mean']:.5f} | {g['se']:.5f} | "
+              f"{(g['mean'] - r['gaussian_exact_bpd']) / g['se']:+.1f} "
               f"| {g['std']:.4f} |" for g in r["gaussian"]]
     return "\n".join(lines)
 

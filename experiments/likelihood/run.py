@@ -3,6 +3,7 @@ sampling, MuLAN, DiffEnc and a combination, at equal steps and the same denoisin
 
     python experiments/likelihood/run.py                          # every variant in VARIANTS, then the tables
     python experiments/likelihood/run.py --only vdm mulan         # some of them (the tables keep the others')
+    python experiments/likelihood/run.py --tiny --out /tmp/likelihood   # every stage in seconds (common.TINY)
 
 Each variant is a shipped config with overrides (``VARIANTS``), all on the ELBO with configs/mnist.py's network,
 trained for ``--steps`` steps (the learning rate warmed up, then decayed to 0 by a cosine) in
@@ -17,7 +18,12 @@ standard error). The two fine-tuning variants continue the i-DODE variant's fini
 A variant already trained or evaluated is read back from its workdir: an interrupted study resumes.
 
 Writes ``results.json`` (one record per variant: ``config``, ``overrides``, ``bpd``, ``bpd_se`` and the rest),
-``study.png`` (test bits/dim against steps) and the table of ``README.md`` beside this file.
+``study.png`` (test bits/dim against steps) and the table of ``README.md`` beside this file (or in ``--out``).
+``--tiny``: the variants of ``TINY_VARIANTS`` (the baseline: on ``common.TINY_MNIST``'s network its config is the tiny
+demo model's, ``common.DEMO``, whose compiled functions, the ODE's bounds among them, the other tiny studies share;
+each other variant would be a model to compile anew), 2 steps with an evaluation after each (a continuation named
+with ``--only`` no more: ``--finetune_steps 0``, copied, evaluated, not trained), the VLB on ``common.TINY``'s few
+digits and the ODE's bounds (at its loose tolerances) on 2, in ``<out>/runs``: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -66,13 +72,17 @@ VARIANTS = {
 }
 # The ODE's tolerances in the study: 1e-5 (the configs') takes about 6 minutes per bound of 16 digits on 2 cores.
 ODE = {"eval.ode.rtol": 1e-4, "eval.ode.atol": 1e-4}
+TINY_VARIANTS = (BASELINE,)
 BOUNDS = (("vlb", "vlb", "uniform"), ("ode_uniform", "ode", "uniform"), ("ode_truncated", "ode", "truncated_normal"))
 
 
 def _study_overrides(args) -> dict:
-    return {"train.num_steps": args.steps, "train.lr_schedule": "cosine", "train.eval_every": args.eval_every,
-            "train.checkpoint_every": args.eval_every, "eval.method": "vlb", "eval.num_examples": 0,
-            "sample.num_images": 16, "sample.fd_mnist": False}
+    # --tiny: the baseline is the tiny demo model's config (common.DEMO), FD-MNIST included: its compiled functions
+    return (common.TINY_MNIST if args.tiny else {}) | {
+        "train.num_steps": args.steps, "train.lr_schedule": "cosine", "train.eval_every": args.eval_every,
+        "train.checkpoint_every": args.eval_every, "eval.method": "vlb",
+        "eval.num_examples": common.TINY["eval.num_examples"] if args.tiny else 0,
+        "sample.num_images": common.TINY["sample.num_images"] if args.tiny else 16, "sample.fd_mnist": args.tiny}
 
 
 def _curve(workdir: str) -> list[tuple[int, float, float]]:
@@ -86,8 +96,9 @@ def _curve(workdir: str) -> list[tuple[int, float, float]]:
     return sorted(points.values())
 
 
-def _evaluated(config: str, overrides: dict, workdir: str, bound: tuple, num_examples: int) -> dict:
-    """``common.evaluate_checkpoint`` of one bound, kept in ``workdir/bound_<name>.json`` (read back if there)."""
+def _evaluated(config: str, overrides: dict, workdir: str, bound: tuple, num_examples: int, ode: dict) -> dict:
+    """``common.evaluate_checkpoint`` of one bound (the ODE's with the tolerances ``ode``), kept in
+    ``workdir/bound_<name>.json`` (read back if there)."""
     name, method, dequantization = bound
     path = os.path.join(workdir, f"bound_{name}.json")
     if os.path.exists(path):
@@ -95,7 +106,7 @@ def _evaluated(config: str, overrides: dict, workdir: str, bound: tuple, num_exa
             record = json.load(f)
         if record["num_examples"] == num_examples:
             return record
-    record = common.evaluate_checkpoint(config, overrides | ODE | {"eval.method": method,
+    record = common.evaluate_checkpoint(config, overrides | ode | {"eval.method": method,
                                                                     "eval.num_examples": num_examples,
                                                                     "eval.ode.dequantization": dequantization}, workdir)
     record["num_examples"] = num_examples
@@ -116,9 +127,11 @@ def _run(name: str, args) -> dict:
                 sys.exit(f"error: {name} continues {v.parent}: run that variant first (--only {v.parent})")
             shutil.copytree(parent, workdir, ignore=shutil.ignore_patterns("study_run.json", "bound_*.json", "lock"))
     trained = common.trained(v.config, workdir, overrides)
-    bounds = {b[0]: _evaluated(v.config, overrides, workdir, b, 0 if b[1] == "vlb" else args.num_ode)
+    ode = {k: common.TINY[k] for k in ODE} if args.tiny else ODE  # --tiny: what the runs were trained with already
+    bounds = {b[0]: _evaluated(v.config, overrides, workdir, b,
+                               overrides["eval.num_examples"] if b[1] == "vlb" else args.num_ode, ode)
               for b in BOUNDS if b[0] in v.bounds}
-    record = {"variant": name, "what": v.what, "config": v.config, "overrides": overrides, "ode": ODE, "parent": v.parent,
+    record = {"variant": name, "what": v.what, "config": v.config, "overrides": overrides, "ode": ode, "parent": v.parent,
               "step": trained["step"], "train_seconds": trained["train_seconds"], "curve": _curve(workdir)}
     for key, b in bounds.items():
         record[key] = {"bpd": b["bpd"], "bpd_se": b["bpd_se"], "seconds": b["seconds"], "images": len(b["per_image"]),
@@ -176,7 +189,7 @@ def _tables(records: dict, args) -> str:
     return "\n".join(lines)
 
 
-def _plot(records: dict) -> None:
+def _plot(records: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,22 +206,35 @@ def _plot(records: dict) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "study.png"), dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="run these variants (default: all)")
-    parser.add_argument("--workroot", default="workdirs/likelihood")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--eval_every", type=int, default=500)
-    parser.add_argument("--num_ode", type=int, default=20, help="test digits for the ODE's bounds")
-    parser.add_argument("--finetune_steps", type=int, default=150,
-                        help="steps of the variants that continue one (the second-order term: 0.4 steps/s on 2 cores)")
-    args = parser.parse_args()
+    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS),
+                        help="run these variants (default: all; with --tiny: TINY_VARIANTS)")
+    parser.add_argument("--workroot", default=None, help="default workdirs/likelihood; with --tiny: <out>/runs")
+    parser.add_argument("--steps", type=int, default=None, help="default 2000; with --tiny 2")
+    parser.add_argument("--eval_every", type=int, default=None, help="default 500; with --tiny 1")
+    parser.add_argument("--num_ode", type=int, default=None,
+                        help="test digits for the ODE's bounds (default 20; with --tiny 2)")
+    parser.add_argument("--finetune_steps", type=int, default=None,
+                        help="steps of the variants that continue one (the second-order term: 0.4 steps/s on 2 cores; "
+                             "default 150, with --tiny 0)")
+    common.add_output_flags(parser)
+    args = parser.parse_args(argv)
+    out = common.output_dir(args, HERE)
+    defaults = ({"workroot": os.path.join(out, "runs"), "steps": 2, "eval_every": 1, "num_ode": 2, "finetune_steps": 0,
+                 "only": list(TINY_VARIANTS)} if args.tiny else
+                {"workroot": "workdirs/likelihood", "steps": 2000, "eval_every": 500, "num_ode": 20,
+                 "finetune_steps": 150, "only": list(VARIANTS)})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.steps % args.eval_every:
         sys.exit(f"error: --steps={args.steps} must be a multiple of --eval_every={args.eval_every}")
-    path = os.path.join(HERE, "results.json")
+    path = os.path.join(out, "results.json")
     records = {r["variant"]: r for r in json.load(open(path))["variants"]} if os.path.exists(path) else {}
     for name in args.only or list(VARIANTS):
         records[name] = _run(name, args) | {"commit": common.commit()}
@@ -218,10 +244,11 @@ def main() -> None:
         for name, r in records.items():
             _paired(r, records[BASELINE])
     ordered = [records[n] for n in VARIANTS if n in records]
-    common.write_results(HERE, {"steps": args.steps, "num_ode": args.num_ode, "variants": ordered},
-                         _tables(records, args), name="results")
-    _plot(records)
+    record = {"steps": args.steps, "num_ode": args.num_ode, "variants": ordered}
+    common.write_results(out, record, _tables(records, args), name="results")
+    _plot(records, os.path.join(out, "study.png"))
     print(_tables(records, args))
+    return record
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
         --variant matmul=model.weight_gradient=matmul
     python experiments/performance/ab.py --config configs/mnist.py --variant base= \\
         --variant xnnpack=xla_cpu_use_xnnpack=true [--override model.network_kwargs.channels=64]
+    python experiments/performance/ab.py --config mnist --tiny     # checks the script: common.TINY, one call
 
 A variant is ``NAME=SPEC``; SPEC is a comma-separated list of
 - XLA compile options ``xla_...=VALUE`` (fields of XLA's DebugOptions, passed to
@@ -18,7 +19,8 @@ An empty SPEC is the step as the trainer compiles it. ``--what jvp`` times the n
 variant is compiled, then timed in alternating rounds (``--rounds`` of ``--calls`` calls each,
 after one warm-up call per round), so that a shared machine's load falls on all alike. Prints
 the compile time and the median per step of each, and the median of the per-round ratios to
-the first variant (below 1: faster than it).
+the first variant (below 1: faster than it). ``--tiny``: the config on ``common.TINY``'s network (before the
+``--override`` s), one round of one call: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -73,19 +75,28 @@ def stepper(fn, state, batch):
     return call
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a config file or shipped config name")
-    parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (JSON or Python literal, else a string), repeatable")
+    parser.add_argument("--override", action="append", default=[],
+                        help="FIELD=VALUE (JSON or Python literal, else a string), repeatable")
     parser.add_argument("--variant", action="append", default=None,
                         help="NAME=SPEC, repeatable (default: custom=model.convolution_gradient=custom and "
                              "plain=model.convolution_gradient=plain)")
     parser.add_argument("--what", choices=("step", "jvp"), default="step",
                         help="step: one optimizer step; jvp: the network's jvp in z at one batch (the ODE "
                              "likelihood's divergence, forward mode)")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--calls", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=None, help="default 6; with --tiny 1")
+    parser.add_argument("--calls", type=int, default=None, help="default 5; with --tiny 1")
+    parser.add_argument("--tiny", action="store_true", help="common.TINY's network, one round of one call")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    args.rounds = args.rounds or (1 if args.tiny else 6)
+    args.calls = args.calls or (1 if args.tiny else 5)
     variants = [parse_variant(v) for v in (args.variant or ["custom=model.convolution_gradient=custom",
                                                             "plain=model.convolution_gradient=plain"])]
 
@@ -94,7 +105,8 @@ def main() -> None:
 
     from vdm import configlib, configs, data as data_lib, objective as objective_lib, optimizer, steps
 
-    base, _ = configlib.override(configs.get(args.config), common.overrides(args.override))
+    base, _ = configlib.override(configs.get(args.config),
+                                 (common.TINY if args.tiny else {}) | common.overrides(args.override))
     dataset = data_lib.load_dataset(base.data.source, **dict(base.data.kwargs))
     rows = data_lib.train_batch(dataset.train, base.train.batch_size, seed=0, step=0, process_index=0,
                                 process_count=1)
@@ -128,10 +140,13 @@ def main() -> None:
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - began) / args.calls / per_call)
     first = variants[0][0]
+    summary = {}
     for name in calls:
         ratio = statistics.median(a / b for a, b in zip(times[name], times[first]))
+        summary[name] = {"median_s": statistics.median(times[name]), "ratio": ratio}
         print(f"{name}: median {1e3 * statistics.median(times[name]):.1f} ms per {args.what}; / {first}: {ratio:.3f}")
     print(f"({args.rounds} alternating rounds of {args.calls} calls; device {jax.devices()[0].device_kind})")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The train step of two (or more) commits of vdm, timed in alternating rounds on this machine.
 
     python experiments/performance/commits_ab.py --commits 3cd75ec HEAD --config mnist [--override F=V ...]
+    python experiments/performance/commits_ab.py --commits HEAD --config mnist --tiny   # checks the script
 
 Each commit is checked out (``git worktree add --detach``) under ``--scratch`` and imported from
 there in a fresh process per round, which compiles one optimizer step of the config (from the
@@ -8,7 +9,9 @@ shared persistent compilation cache after the first round) and times ``--calls``
 batch already on the device, after two warm-up calls. Rounds alternate the commits, so a shared
 machine's load falls on all alike. Prints, per commit, the median step time and user+system CPU
 time per step, and the median of the per-round ratios to the first commit (below 1: faster).
-An ``--override`` applies to every commit (fields the older commit lacks fail there).
+An ``--override`` applies to every commit (fields the older commit lacks fail there). ``--repo``: another
+clone's commits (default: the repository of this script). ``--tiny``: the config on ``common.TINY``'s network
+(before the ``--override`` s), one round of one call: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -81,18 +84,23 @@ def _worktree(repo: str, commit: str, scratch: str) -> str:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", nargs="+", required=True, help="git revisions; the first is the baseline")
     parser.add_argument("--config", required=True, help="a shipped config's name (or a file, for old commits)")
     parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (JSON value, or a string)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=None, help="default 5; with --tiny 1")
+    parser.add_argument("--calls", type=int, default=None, help="default 10; with --tiny 1")
     parser.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "vdm_commits_ab"))
-    args = parser.parse_args()
+    parser.add_argument("--repo", default=os.path.dirname(os.path.abspath(__file__)),
+                        help="a directory in the git repository whose commits are measured (default: this one's)")
+    parser.add_argument("--tiny", action="store_true", help="common.TINY's network, one round of one call")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.tiny else 5)
+    args.calls = args.calls or (1 if args.tiny else 10)
 
-    overrides = common.overrides(args.override)
-    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=os.path.dirname(os.path.abspath(__file__)),
+    overrides = (common.TINY if args.tiny else {}) | common.overrides(args.override)
+    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=args.repo,
                           capture_output=True, text=True, check=True).stdout.strip()
     os.makedirs(args.scratch, exist_ok=True)
     trees = {c: _worktree(repo, c, args.scratch) for c in args.commits}
@@ -120,8 +128,10 @@ def main() -> None:
         s = summary[commit]
         print(f"{commit}: step {s['step_ms']:.1f} ms (CPU {s['cpu_ms']:.1f} ms), compile {s['compile_s']:.1f} s; "
               f"/ {args.commits[0]}: wall {s['wall_ratio']:.3f}, CPU {s['cpu_ratio']:.3f}")
-    print(json.dumps({"config": args.config, "overrides": overrides, "rounds": args.rounds, "calls": args.calls,
-                      "summary": summary}))
+    record = {"config": args.config, "overrides": overrides, "rounds": args.rounds, "calls": args.calls,
+              "summary": summary}
+    print(json.dumps(record))
+    return record
 
 
 if __name__ == "__main__":

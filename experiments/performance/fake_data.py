@@ -14,13 +14,18 @@ import os
 import numpy as np
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory")
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 3], metavar=("H", "W", "C"))
     parser.add_argument("--train", type=int, default=1024)
     parser.add_argument("--test", type=int, default=512)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     os.makedirs(args.directory, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", args.train), ("test", args.test)):

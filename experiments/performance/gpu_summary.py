@@ -4,10 +4,10 @@ Reads OUT/bench_*.json (written by ``vdm.bench --json``), writes OUT/summary.md 
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
-import sys
 
 HEADER = ("| run | device | batch, dtype | compile | train step (median, p10-p90) | images/s | GFLOP/image "
           "| achieved TFLOP/s | MFU | peak memory | sampling | evaluation |")
@@ -35,5 +35,12 @@ def main(out: str) -> str:
     return text
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="the directory of a gpu.sh run (its bench_*.json)")
+    return parser
+
+
 if __name__ == "__main__":
-    print(main(sys.argv[1]))
+    print(main(parser().parse_args().out))

@@ -1,6 +1,7 @@
 """Where one optimizer step spends its time: XLA's ops ranked by time, from a profiler trace.
 
     python experiments/performance/profile.py --config mnist [--override F=V ...] [--steps 3] [--top 25]
+    python experiments/performance/profile.py --config mnist --tiny     # checks the script: common.TINY, 1 step
 
 Compiles one optimizer step of the config (as ``vdm.train`` does, one step per call), runs it once,
 then traces ``--steps`` calls with ``jax.profiler.trace`` and reads the trace back with
@@ -8,7 +9,8 @@ then traces ``--steps`` calls with ``jax.profiler.trace`` and reads the trace ba
 that ran it: on a CPU, XLA's worker threads), grouped by kind (the op name without its number:
 ``ynn_fusion`` = convolutions and matrix products handed to YNNPACK, ``wrapped_broadcast`` =
 materialised broadcasts, ...), then the top ops with the shape and source of each, from the
-compiled HLO. ``--hlo FILE`` keeps the whole HLO text.
+compiled HLO. ``--hlo FILE`` keeps the whole HLO text. ``--tiny``: the config on ``common.TINY``'s network (before
+the ``--override`` s), one traced step: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -24,21 +26,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a shipped config's name or a config file")
     parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (JSON value, or a string)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="default 3; with --tiny 1")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--hlo", default=None, help="write the compiled HLO text here")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="common.TINY's network, one traced step")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (1 if args.tiny else 3)
 
     import jax
     import numpy as np
 
     from vdm import configlib, configs, data as data_lib, objective as objective_lib, optimizer, steps
 
-    config, _ = configlib.override(configs.get(args.config), common.overrides(args.override))
+    config, _ = configlib.override(configs.get(args.config),
+                                   (common.TINY if args.tiny else {}) | common.overrides(args.override))
     config.train.steps_per_call = 1
     dataset = data_lib.load_dataset(config.data.source, **dict(config.data.kwargs))
     graphdef, init, decay_mask = steps.model_initializer(config, dataset.info)
@@ -82,6 +87,7 @@ def main() -> None:
         line = re.search(rf"%{re.escape(name)} = (\S+).*?op_name=\"([^\"]*)\"", hlo)
         shape, source = (line.group(1), line.group(2).split("/")[-1]) if line else ("", "")
         print(f"  {ms:9.2f} ms  {name:36s} {shape:28s} {source}")
+    return {"ms_per_step": total, "kinds": dict(kinds), "ops": dict(per_op)}
 
 
 if __name__ == "__main__":

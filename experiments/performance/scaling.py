@@ -1,6 +1,7 @@
 """Data-parallel scaling: train-step throughput on 1, 2, 4, 8 devices at a fixed global batch.
 
     python experiments/performance/scaling.py --config mnist [--devices 1 2 4 8] [--override F=V ...]
+    python experiments/performance/scaling.py --config mnist --tiny     # checks the script: 1 device, 1 call
 
 On a CPU the devices are XLA's fake host devices (``--xla_force_host_platform_device_count``),
 which share the same cores: there is no speed-up to gain, and what the table shows is the cost of
@@ -12,7 +13,8 @@ the TPU's own controls (set them yourself).
 Each count runs in a fresh process (``vdm.train.Trainer`` builds the mesh over every device it
 sees), which times the compiled step as ``vdm.bench`` does; rounds alternate the counts, so a
 shared machine's load falls on all alike. Prints images/s per count (median over rounds) and its
-ratio to one device, and the JSON of the whole run.
+ratio to one device, and the JSON of the whole run. ``--tiny``: the config on ``common.TINY``'s network (before
+the ``--override`` s), one device (unless ``--devices``), one round of one call: checks the script.
 """
 from __future__ import annotations
 
@@ -43,16 +45,25 @@ print("RESULT " + json.dumps(result | {"devices": jax.device_count(), "backend":
 """
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a shipped config's name or a config file")
     parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE (JSON value, or a string)")
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--calls", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--devices", type=int, nargs="+", default=None, help="default 1 2 4 8; with --tiny 1")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3; with --tiny 1")
+    parser.add_argument("--calls", type=int, default=None, help="default 10; with --tiny 1")
+    parser.add_argument("--tiny", action="store_true", help="common.TINY's network, one device, one call")
+    return parser
 
-    overrides = common.overrides(args.override)
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    args.devices = args.devices or ([1] if args.tiny else [1, 2, 4, 8])
+    args.rounds = args.rounds or (1 if args.tiny else 3)
+    args.calls = args.calls or (1 if args.tiny else 10)
+
+    overrides = (common.TINY if args.tiny else {}) | common.overrides(args.override)
     results = {n: [] for n in args.devices}
     for r in range(args.rounds):
         for n in [n for n in args.devices if n in results]:
@@ -83,9 +94,10 @@ def main() -> None:
         print(f"{n} devices: {rate:.1f} images/s ({rate / base:.2f} x {counts[0]}), compile "
               f"{summary[n]['compile_s']:.1f} s")
     first = results[counts[0]][0]
-    print(json.dumps({"config": args.config, "overrides": overrides, "backend": first["backend"],
-                      "device_kind": first["device_kind"], "rounds": args.rounds, "calls": args.calls,
-                      "summary": summary}))
+    record = {"config": args.config, "overrides": overrides, "backend": first["backend"],
+              "device_kind": first["device_kind"], "rounds": args.rounds, "calls": args.calls, "summary": summary}
+    print(json.dumps(record))
+    return record
 
 
 if __name__ == "__main__":

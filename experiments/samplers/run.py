@@ -3,14 +3,19 @@ evaluations for each sampler, and the VLB against the probability-flow ODE's bit
 
     python -m vdm.main --config configs/mnist.py --workdir workdirs/mnist        # train (make demo)
     python experiments/samplers/run.py --config configs/mnist.py --workdir workdirs/mnist
+    python experiments/samplers/run.py --tiny --out /tmp/samplers   # every stage in seconds (common.TINY)
 
 Writes ``results.json``, ``samplers.png`` (FD-MNIST against network evaluations) and the tables
 of ``README.md`` beside this file (between the ``<!-- results -->`` markers); ``--tables_only``
-rebuilds the plot and tables from ``results.json`` without measuring. Every sampler draws ``--num_images`` samples from the same
+rebuilds the plot and tables from ``results.json`` without measuring. Every sampler draws ``--num_images``
+samples from the same
 seed with the EMA parameters; FD-MNIST is against the 500 test digits (``vdm.quality``).
 The fixed-step samplers run at each ``--nfe``; the adaptive ODE sampler at each tolerance
 in ``--ode_tolerances``, with the evaluations it took. The likelihoods are over
-``--num_eval`` test digits, with standard errors over the images.
+``--num_eval`` test digits, with standard errors over the images. ``--out``: write there instead.
+``--tiny``: the tiny demo model (the config with ``common.TINY`` and ``common.DEMO``), trained ``common.TINY_STEPS``
+steps in ``--workdir`` (default ``<out>/model``) unless it is there; the samplers of ``TINY_SAMPLERS`` (a fixed-step
+one, at 2 steps), few images and digits: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -22,6 +27,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+import common  # noqa: E402
+
+# --tiny's budget, in place of the defaults of these flags
+TINY_ARGS = {"num_images": 8, "num_eval": 2, "nfe": [2], "ode_tolerances": []}
+TINY_SAMPLERS = ("ancestral",)  # --tiny: one fixed-step sampler (each sampler and setting: one more compilation)
 
 
 def _sample_rows(trainer, args):
@@ -38,6 +49,8 @@ def _sample_rows(trainer, args):
     cases += [("ddim", {"eta": 0.0}, n) for n in args.nfe if n <= 256]
     cases += [("dpm_solver_2m", {}, n) for n in args.nfe if n <= 256]
     cases += [("ode", {"rtol": tol, "atol": tol}, 0) for tol in args.ode_tolerances]
+    if args.tiny:
+        cases = [case for case in cases if case[0] in TINY_SAMPLERS]
     rows = []
     for name, kwargs, steps in cases:
         fn = jax.jit(lambda p, r, name=name, kwargs=kwargs, steps=steps: model_lib.generate(
@@ -100,6 +113,7 @@ def _plot(samples, num_images: int, path: str) -> None:
     ax.set_title("stochastic against deterministic samplers, one trained model")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _tables(record: dict) -> str:
@@ -119,44 +133,54 @@ def _tables(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _publish(record: dict) -> None:
-    """``samplers.png``, ``results.json`` and the README's tables from a finished ``record``."""
+def _publish(record: dict, out: str) -> None:
+    """``samplers.png``, ``results.json`` and the README's tables in ``out`` from a finished ``record``."""
     from common import write_results
 
-    _plot(record["samples"], record["num_images"], os.path.join(HERE, "samplers.png"))
-    write_results(HERE, record, _tables(record))
+    _plot(record["samples"], record["num_images"], os.path.join(out, "samplers.png"))
+    write_results(out, record, _tables(record))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.py")
-    parser.add_argument("--workdir", default="workdirs/mnist")
-    parser.add_argument("--num_images", type=int, default=500)
-    parser.add_argument("--num_eval", type=int, default=100)
-    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100, 256, 1000])
-    parser.add_argument("--ode_tolerances", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    parser.add_argument("--workdir", default=None, help="the trained model (default workdirs/mnist; with --tiny: "
+                                                        "<out>/model, trained there if missing)")
+    parser.add_argument("--num_images", type=int, default=None, help="default 500")
+    parser.add_argument("--num_eval", type=int, default=None, help="default 100")
+    parser.add_argument("--nfe", type=int, nargs="+", default=None, help="default 10 20 50 100 256 1000")
+    parser.add_argument("--ode_tolerances", type=float, nargs="+", default=None, help="default 1e-2 1e-3 1e-4")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip_samplers", action="store_true",
                         help="reuse the sampler rows of results.json and measure only the likelihoods")
     parser.add_argument("--tables_only", action="store_true",
                         help="rebuild samplers.png and the README's tables from results.json, measuring nothing")
-    args = parser.parse_args()
+    common.add_output_flags(parser)
+    args = parser.parse_args(argv)
+    out = common.output_dir(args, HERE)
+    defaults = TINY_ARGS | {"workdir": os.path.join(out, "model")} if args.tiny else {
+        "workdir": "workdirs/mnist", "num_images": 500, "num_eval": 100, "nfe": [10, 20, 50, 100, 256, 1000],
+        "ode_tolerances": [1e-2, 1e-3, 1e-4]}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     from common import commit
 
-    results = os.path.join(HERE, "results.json")
+    results = os.path.join(out, "results.json")
     if args.tables_only:
         with open(results) as f:
             record = json.load(f)
-        _publish(record)
-        return
+        _publish(record, out)
+        return record
 
     import jax
 
-    from vdm import configlib, train
+    from vdm import train
 
     began = time.perf_counter()
-    config = configlib.load_file(args.config)
+    overrides = common.tiny_model(args.config, args.workdir, common.DEMO) if args.tiny else {}
+    config = train.resolve_config(args.config, overrides)
     trainer = train.Trainer(config, args.workdir, must_exist=True)
     step = trainer.restore_latest()
     if step == 0:
@@ -176,7 +200,8 @@ def main() -> None:
     record["likelihoods"] = _likelihood_rows(config, args)
     record |= {"commit": commit(), "seconds": round(time.perf_counter() - began, 1),
                "device": jax.devices()[0].device_kind}
-    _publish(record)
+    _publish(record, out)
+    return record
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ importance sampling of the noise level, and the variance-minimising schedule gra
 
     python -m vdm.main --config configs/mnist.py --workdir workdirs/mnist        # train (make demo)
     python experiments/variance/run.py --config configs/mnist.py --workdir workdirs/mnist
+    python experiments/variance/run.py --tiny --out /tmp/variance   # every stage in seconds (common.TINY)
 
 Every estimate is the library's: ``vdm.objective.draw`` and ``vdm.objective.estimate`` (what
 training and evaluation run), with the time sampler, schedule and log-SNR density of each row.
@@ -17,7 +18,12 @@ of training digits. Last, two short runs of a smaller model (continuous-time elb
 with ``loss.variance_schedule_grad`` off and on, in ``<workdir>_schedule_grad_off`` / ``_on``
 (resumed if there: a second call only evaluates).
 
-Writes ``results.json``, ``variance.png`` and the tables of ``README.md`` beside this file.
+Writes ``results.json``, ``variance.png`` and the tables of ``README.md`` beside this file (or in ``--out``).
+``--tiny``: the tiny demo model (the config with ``common.TINY`` and ``common.DEMO``: trained on the elbo, so its rows
+are the VLB's only), trained ``common.TINY_STEPS`` steps in ``--workdir`` (default ``<out>/model``) unless it is there,
+the flags' budgets at ``TINY_ARGS`` (a few test digits, draws and batches; the rows of ``TINY_SAMPLERS``); of the
+small runs the one with the schedule gradient on (``TINY_RUNS``), on ``common.TINY``'s network and sampler with the
+config's own learned schedule, and its estimators of ``TINY_SMALL``: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -32,24 +38,38 @@ sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
 
 SAMPLERS = {"iid": "iid", "low_discrepancy": "low-discrepancy"}
+TINY_SAMPLERS = {"iid": "iid"}  # --tiny: the rows of one time sampler (the adaptive density is fitted with the other)
+# --tiny: the small run with the schedule gradient (each run: one more config to compile), and of its estimators those
+# that its plot and table need (its schedule against the fixed linear one)
+TINY_RUNS, TINY_SMALL = (True,), ("own schedule, iid", "fixed linear schedule, iid")
+# --tiny's budget, in place of the defaults of these flags
+TINY_ARGS = {"num_draws": 2, "batch_size": 8, "images": 16, "density_bins": 10, "fit_batches": 1, "fit_batch_size": 8,
+             "bins": 4, "small_steps": common.TINY_STEPS}
+DEFAULT_ARGS = {"num_draws": 16, "batch_size": 32, "images": 0, "density_bins": 100, "fit_batches": 50,
+                "fit_batch_size": 250, "bins": 25, "small_steps": 1000}
 
 
 def small_config(args, variance_grad: bool):
-    """The config of the App. I.2 comparison: ``args.config`` with the elbo, a smaller network, fewer steps."""
-    from vdm import configlib, configs
+    """The config of the App. I.2 comparison: ``args.config`` with the elbo, a smaller network (``--tiny``:
+    ``common.TINY``'s), fewer steps."""
+    from vdm import configlib, train
 
-    config = configs.get(args.config)
+    # --tiny: common.TINY but for its fixed schedule (the schedule gradient needs a learned interior)
+    config = train.resolve_config(args.config, {k: v for k, v in common.TINY.items() if k != "model.schedule"}
+                                  if args.tiny else {})
     config.loss.weighting = "elbo"
     configlib.drop_stale_kwargs(config, {"loss.weighting"})
     config.loss.variance_schedule_grad = variance_grad
-    config.model.network_kwargs.channels = args.small_channels
+    if not args.tiny:  # common.TINY's MLP has no channels
+        config.model.network_kwargs.channels = args.small_channels
     config.train.num_steps = args.small_steps
     config.train.checkpoint_every = args.small_steps
     config.train.log_every = 50
     config.train.eval_every = 10 * args.small_steps  # no evaluation during the run
     config.eval.num_examples = 50  # the run's own closing evaluation; this script measures its own
-    config.sample.num_images = 4
-    config.sample.num_steps = 16
+    if not args.tiny:  # --tiny: common.TINY's sampler
+        config.sample.num_images = 4
+        config.sample.num_steps = 16
     config.sample.fd_mnist = False
     return config
 
@@ -66,8 +86,8 @@ class Study:
         self.trainer, self.args = trainer, args
         self.params = trainer.state.ema_params
         self.gamma_0, self.gamma_1 = (float(g) for g in nnx.merge(trainer.graphdef, self.params).schedule.endpoints())
-        test = trainer.dataset.test  # the first N digits, N a multiple of the batch size
-        rows = np.arange(len(test) // args.batch_size * args.batch_size)
+        test = trainer.dataset.test  # the first N digits (of --images, if given), N a multiple of the batch size
+        rows = np.arange(min(len(test), args.images or len(test)) // args.batch_size * args.batch_size)
         self.images = np.asarray(data_lib.read_rows(test, rows)["image"])
 
     def objective(self, weighting, time_sampler: str, importance_sampling: str = ""):
@@ -138,12 +158,13 @@ class Study:
         dens = {"weighting": time_sampling.build_density("weighting", weighting, -self.gamma_1, -self.gamma_0,
                                                          num_bins=self.args.density_bins),
                 "adaptive": self.fitted_adaptive_density(weighting)}
+        samplers = TINY_SAMPLERS if self.args.tiny else SAMPLERS
         cases = [(f"learned schedule, {SAMPLERS[s]}", s, False, "") for s in SAMPLERS]
         cases += [(f"fixed linear schedule, {SAMPLERS[s]}", s, True, "") for s in SAMPLERS]
         cases += [(f"importance sampling, p ~ w, {SAMPLERS[s]}", s, False, "weighting") for s in SAMPLERS]
         cases += [(f"importance sampling, adaptive p, {SAMPLERS[s]}", s, False, "adaptive") for s in SAMPLERS]
         rows, raw = [], {}
-        for name, sampler, linear, density in cases:
+        for name, sampler, linear, density in [c for c in cases if c[1] in samplers]:
             start = time.perf_counter()
             v = self.estimates(self.objective(weighting, sampler, density), linear, dens.get(density))
             rows.append({"objective": label, "estimator": name} | common.summary(v["loss"], v["image"]))
@@ -209,7 +230,7 @@ def schedule_grad_rows(args) -> tuple[list, dict, dict, list]:
     from vdm import train, weightings
 
     rows, curves, per_t, runs = [], {}, {}, []
-    for flag in (False, True):
+    for flag in TINY_RUNS if args.tiny else (False, True):
         label = f"schedule gradient {'on' if flag else 'off'}"
         workdir = f"{args.workdir.rstrip('/')}_schedule_grad_{'on' if flag else 'off'}"
         config = small_config(args, flag)
@@ -222,12 +243,13 @@ def schedule_grad_rows(args) -> tuple[list, dict, dict, list]:
             trainer.restore_latest()
             study = Study(trainer, args)
             elbo = weightings.build("elbo")
-            adaptive = study.fitted_adaptive_density(elbo)
+            adaptive = None if args.tiny else study.fitted_adaptive_density(elbo)
             raw = {}
-            for name, sampler, linear, density in [("own schedule, iid", "iid", False, None),
-                                                   ("own schedule, low-discrepancy", "low_discrepancy", False, None),
-                                                   ("fixed linear schedule, iid", "iid", True, None),
-                                                   ("importance sampling, adaptive p, iid", "iid", False, adaptive)]:
+            cases = [("own schedule, iid", "iid", False, None),
+                     ("own schedule, low-discrepancy", "low_discrepancy", False, None),
+                     ("fixed linear schedule, iid", "iid", True, None),
+                     ("importance sampling, adaptive p, iid", "iid", False, adaptive)]
+            for name, sampler, linear, density in [c for c in cases if c[0] in TINY_SMALL] if args.tiny else cases:
                 objective = study.objective(elbo, sampler, "" if density is None else "adaptive")
                 raw[name] = v = study.estimates(objective, linear, density)
                 rows.append({"objective": label, "estimator": name} | common.summary(v["loss"], v["image"]))
@@ -279,6 +301,7 @@ def plot(path, record):
     ax[1, 1].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def tables(record) -> str:
@@ -315,21 +338,29 @@ def tables(record) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.py")
-    parser.add_argument("--workdir", default="workdirs/mnist")
-    parser.add_argument("--num_draws", type=int, default=16, help="estimates per test digit and row")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--density_bins", type=int, default=100)
-    parser.add_argument("--fit_batches", type=int, default=50)
-    parser.add_argument("--fit_batch_size", type=int, default=250)
+    parser.add_argument("--workdir", default=None, help="the trained model (default workdirs/mnist; with --tiny: "
+                                                        "<out>/model, trained there if missing)")
+    parser.add_argument("--num_draws", type=int, help="estimates per test digit and row (default 16)")
+    parser.add_argument("--batch_size", type=int, help="default 32")
+    parser.add_argument("--images", type=int, help="the first N test digits (default 0: all)")
+    parser.add_argument("--density_bins", type=int, help="default 100")
+    parser.add_argument("--fit_batches", type=int, help="default 50")
+    parser.add_argument("--fit_batch_size", type=int, help="default 250")
     parser.add_argument("--fit_decay", type=float, default=0.9)
-    parser.add_argument("--bins", type=int, default=25, help="t bins of the per-t plot")
-    parser.add_argument("--small_steps", type=int, default=1000)
+    parser.add_argument("--bins", type=int, help="t bins of the per-t plot (default 25)")
+    parser.add_argument("--small_steps", type=int, help="default 1000")
     parser.add_argument("--small_channels", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    common.add_output_flags(parser)
+    args = parser.parse_args(argv)
+    out = common.output_dir(args, HERE)
+    for key, value in ((TINY_ARGS if args.tiny else DEFAULT_ARGS) | {
+            "workdir": os.path.join(out, "model") if args.tiny else "workdirs/mnist"}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     start, commit = time.perf_counter(), common.commit()
 
     import jax
@@ -337,7 +368,8 @@ def main() -> None:
     from vdm import objective as objective_lib
     from vdm import weightings
 
-    trainer, step = common.restore(args.config, args.workdir)
+    overrides = common.tiny_model(args.config, args.workdir, common.DEMO) if args.tiny else {}
+    trainer, step = common.restore(args.config, args.workdir, overrides)
     config = trainer.config
     try:
         study = Study(trainer, args)
@@ -361,16 +393,18 @@ def main() -> None:
     small_rows, small_curves, per_t_small, runs = schedule_grad_rows(args)
     record |= {k: getattr(args, k) for k in ("num_draws", "batch_size", "density_bins", "fit_batches",
                                              "fit_batch_size", "fit_decay", "small_steps", "small_channels")}
-    record |= {"small_overrides": f"loss.weighting=elbo, model.network_kwargs.channels={args.small_channels}, "
+    network = "common.TINY's network" if args.tiny else f"model.network_kwargs.channels={args.small_channels}"
+    record |= {"small_overrides": f"loss.weighting=elbo, {network}, "
                                   f"train.num_steps={args.small_steps} (learning rate: "
                                   f"{small_config(args, False).train.lr_schedule})",
                "rows": rows, "small_rows": small_rows, "runs": runs, "per_t": per_t, "per_t_small": per_t_small,
                "curves": curves | {f"small, {k}": v for k, v in small_curves.items()}}
-    plot(os.path.join(HERE, "variance.png"), record)
+    plot(os.path.join(out, "variance.png"), record)
     record["seconds"] = time.perf_counter() - start
     record["device"] = jax.devices()[0].device_kind
-    common.write_results(HERE, record, tables(record))
+    common.write_results(out, record, tables(record))
     print(tables(record))
+    return record
 
 
 if __name__ == "__main__":

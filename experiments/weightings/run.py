@@ -2,9 +2,11 @@
 
     python experiments/weightings/run.py                      # every setting in SETTINGS, then the tables
     python experiments/weightings/run.py --only elbo sigmoid_2 # some of them (the tables keep the others')
+    python experiments/weightings/run.py --tiny --out /tmp/weightings   # every stage in seconds (common.TINY)
 
 Each setting is the demo config (``--config``, ``configs/mnist.py``) with a few fields changed
-(``SETTINGS``), trained from scratch (for the steps and learning-rate schedule each setting names) in ``<workroot>/<setting>`` by
+(``SETTINGS``), trained from scratch (for the steps and learning-rate schedule each setting names) in
+``<workroot>/<setting>`` by
 ``vdm.train.train_and_evaluate``, exactly as ``make demo`` trains. Reported per setting: the
 test bits/dim of the VLB on the 500 held-out digits (what evaluation always reports, whatever
 the weighting trained) with its standard error; FD-MNIST of ``--num_images`` samples (the
@@ -13,7 +15,11 @@ training digits (its floor at that sample size); the wall time of the run. A run
 workdir, so an interrupted study resumes where it stopped.
 
 Writes ``results.json``, ``weightings.png`` (bits/dim against FD-MNIST with the Pareto front,
-and a grid of samples per setting) and the table of ``README.md`` beside this file.
+and a grid of samples per setting) and the table of ``README.md`` beside this file (or in ``--out``).
+``--tiny``: the settings of ``TINY_SETTINGS`` (the VLB's) on ``common.TINY_MNIST``'s network, ``common.TINY_STEPS``
+steps each with the demo's cosine learning rate (``TINY_LR``): the tiny demo model's config (``common.DEMO``), whose
+compiled functions the other tiny studies share; ``TINY_IMAGES`` samples, in ``<out>/runs``: checks the script,
+measures nothing.
 """
 from __future__ import annotations
 
@@ -54,9 +60,17 @@ SETTINGS = {
 }
 
 
+# At --tiny's budget the VLB's setting is the tiny demo model's config (common.DEMO: its compiled functions, where that
+# ran); each other setting would be a config to compile.
+TINY_SETTINGS, TINY_IMAGES = ("elbo",), common.TINY_MNIST["sample.num_images"]
+TINY_LR = "cosine"  # --tiny: every setting with the demo's learning-rate schedule (common.TINY_STEPS steps)
+
+
 def _overrides(setting: dict, args) -> dict:
     # A weighting that does not take the config file's keyword arguments drops them (configlib.override).
-    return {"sample.num_images": args.num_images, "sample.fd_mnist": True} | setting
+    tiny = {k: v for k, v in common.TINY_MNIST.items() if k != "sample.num_images"} | {
+        "train.num_steps": common.TINY_STEPS, "train.checkpoint_every": common.TINY_STEPS, "train.lr_schedule": TINY_LR}
+    return {"sample.num_images": args.num_images, "sample.fd_mnist": True} | setting | (tiny if args.tiny else {})
 
 
 def _reference(args, net) -> dict:
@@ -100,7 +114,10 @@ def _figure(rows, reference, args, path: str) -> None:
     ax.legend(fontsize=8)
     for k, r in enumerate(rows):
         images = np.load(os.path.join(r["workdir"], f"samples_{r['step']}.npz"))["images"][:36, ..., 0]
-        tile = images.reshape(6, 6, 28, 28).transpose(0, 2, 1, 3).reshape(168, 168)
+        side, (h, w) = int(np.ceil(np.sqrt(len(images)))), images.shape[1:]  # 6 x 6 of 28 x 28 (fewer: blanks)
+        grid = np.zeros((side * side, h, w), images.dtype)
+        grid[:len(images)] = images
+        tile = grid.reshape(side, side, h, w).transpose(0, 2, 1, 3).reshape(side * h, side * w)
         sub = fig.add_axes([(k % cols + 0.02) / cols, (grid_rows - 1 - k // cols) * 3.2 / fig.get_figheight() + 0.01,
                             0.96 / cols, 2.9 / fig.get_figheight()])
         sub.imshow(tile, cmap="gray", vmin=0, vmax=255)
@@ -115,31 +132,40 @@ def _tables(rows, reference, args, config_name: str) -> str:
     front = {rows[i]["name"] for i in common.pareto_front([(r["bpd"], r["fd_mnist"]) for r in rows])}
     lines = [f"`{config_name}` with the weighting changed, trained on batches of {batch} digits on the 2-core CPU. "
              f"Bits/dim: the VLB on the 500 test digits (+- standard error over the digits). FD-MNIST: {args.num_images} "
-             "ancestral samples (256 steps) against the test digits. Pareto front (no other row is better in both bits/dim and "
+             "ancestral samples (256 steps) against the test digits. Pareto front (no other row is better in both "
+             "bits/dim and "
              "FD-MNIST) in bold.", "",
              "| setting | monotonic | steps | learning rate | test bits/dim | FD-MNIST | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         name = f"**{r['name']}**" if r["name"] in front else r["name"]
-        lines.append(f"| {name} | {'yes' if r['monotonic'] else 'no'} | {r['steps']:,} | {r['lr_schedule']} | {r['bpd']:.2f} +- {r['bpd_se']:.2f} | "
+        lines.append(f"| {name} | {'yes' if r['monotonic'] else 'no'} | {r['steps']:,} | {r['lr_schedule']} | "
+                     f"{r['bpd']:.2f} +- {r['bpd_se']:.2f} | "
                      f"{r['fd_mnist']:.1f} | {r['train_seconds'] / 60:.1f} min |")
     lines.append(f"| real digits ({args.num_images} random training digits) | | | | | {reference['fd_mnist']:.1f} | |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="mnist", help="the base config: a shipped name or a file")
-    parser.add_argument("--workroot", default="workdirs/weightings", help="one workdir per setting under it")
+    parser.add_argument("--workroot", default=None, help="one workdir per setting under it (default "
+                                                         "workdirs/weightings; with --tiny: <out>/runs)")
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS),
-                        help="run these settings only, in this order (the tables keep the others' saved rows)")
-    parser.add_argument("--num_images", type=int, default=128, help="samples per setting")
-    args = parser.parse_args()
+                        help="run these settings only, in this order (the tables keep the others' saved rows; "
+                             "with --tiny: TINY_SETTINGS)")
+    parser.add_argument("--num_images", type=int, default=None, help="samples per setting (default 128)")
+    common.add_output_flags(parser)
+    args = parser.parse_args(argv)
+    out = common.output_dir(args, HERE)
+    args.workroot = args.workroot or (os.path.join(out, "runs") if args.tiny else "workdirs/weightings")
+    args.num_images = args.num_images or (TINY_IMAGES if args.tiny else 128)
+    args.only = args.only or (list(TINY_SETTINGS) if args.tiny else None)
 
-    from vdm import configs, quality, weightings
+    from vdm import quality, train, weightings
 
-    base = configs.get(args.config)
-    results_path = os.path.join(HERE, "results.json")
+    base = train.resolve_config(args.config, common.TINY_MNIST if args.tiny else {})
+    results_path = os.path.join(out, "results.json")
     saved = {}
     if os.path.exists(results_path):
         with open(results_path) as f:
@@ -152,10 +178,12 @@ def main() -> None:
         label, setting = SETTINGS[name]
         workdir = os.path.join(args.workroot, name)
         print(f"== {name}: {label} -> {workdir}", flush=True)
-        result = common.trained(args.config, workdir, _overrides(setting, args))
+        overrides = _overrides(setting, args)
+        result = common.trained(args.config, workdir, overrides)
         kwargs = {"bias": setting["loss.weighting_kwargs.bias"]} if "loss.weighting_kwargs.bias" in setting else {}
         row = {"name": name, "label": label, "overrides": setting, "workdir": workdir, "step": result["step"],
-               "steps": setting["train.num_steps"], "lr_schedule": setting["train.lr_schedule"], "batch_size": base.train.batch_size,
+               "steps": overrides["train.num_steps"], "lr_schedule": overrides["train.lr_schedule"],
+               "batch_size": base.train.batch_size,
                "monotonic": bool(weightings.build(setting["loss.weighting"], **kwargs).monotonic),
                "bpd": result["bpd"], "bpd_se": result["bpd_se"], "fd_mnist": result["fd_mnist"],
                "train_seconds": result["train_seconds"], "commit": common.commit()}
@@ -163,9 +191,11 @@ def main() -> None:
         done[name] = row
     rows = [done.get(name) or saved[name] for name in SETTINGS if name in done or name in saved]
     reference = _reference(args, net)
-    _figure(rows, reference, args, os.path.join(HERE, "weightings.png"))
-    common.write_results(HERE, {"config": args.config, "workroot": args.workroot, "num_images": args.num_images, "reference": reference,
-                                "rows": rows}, _tables(rows, reference, args, args.config))
+    _figure(rows, reference, args, os.path.join(out, "weightings.png"))
+    record = {"config": args.config, "workroot": args.workroot, "num_images": args.num_images, "reference": reference,
+              "rows": rows}
+    common.write_results(out, record, _tables(rows, reference, args, args.config))
+    return record
 
 
 if __name__ == "__main__":

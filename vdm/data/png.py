@@ -1,0 +1,65 @@
+"""Images in a folder of PNG files: what a user brings to be scored (``vdm.scoring``).
+
+Every ``*.png`` directly in the folder, in name order, read as 8-bit grey (``channels=1``) or RGB
+(``channels=3``) without any resizing or colour conversion that would change a pixel: a grey image
+saved as RGB (R = G = B) is read as grey, but a coloured one is refused, as are transparency,
+16-bit files and files of different sizes. Every problem is one ``DataError`` line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vdm.data.core import ArraySource, DataNotFoundError, PathLike, fail, make_split
+
+
+def png_files(path: PathLike) -> list[str]:
+    """The ``*.png`` files directly in the folder ``path``, in name order (DataError if there are none)."""
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise fail(folder, "no such folder", DataNotFoundError)
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".png") and
+                   os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise fail(folder, "holds no .png files")
+    return names
+
+
+def read_png(path: PathLike, channels: int) -> np.ndarray:
+    """One PNG file as uint8 ``[H, W, channels]`` (channels 1 or 3)."""
+    from PIL import Image, UnidentifiedImageError  # pillow: a dependency, imported where it is used
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raise fail(path, f"is a {mode} (16-bit or float) image; 8-bit grey or RGB PNGs are expected")
+            rgba = np.asarray(image.convert("RGBA"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise fail(path, f"not a readable PNG file ({type(e).__name__}: {e})") from None
+    if (rgba[..., 3] != 255).any():
+        raise fail(path, "has transparent pixels; save it without an alpha channel")
+    rgb = rgba[..., :3]
+    if channels == 3:
+        return rgb
+    if (rgb != rgb[..., :1]).any():
+        raise fail(path, "is a colour image; the model takes grey images (1 channel)")
+    return rgb[..., :1]
+
+
+def read_png_folder(path: PathLike, *, channels: int, vocab_size: int = 256) -> tuple[ArraySource, list[str]]:
+    """(the images of every PNG file in the folder ``path``, their file names), validated as any split is
+    (``make_split``: values below ``vocab_size``). ``channels``: 1 (grey) or 3 (RGB)."""
+    if channels not in (1, 3):
+        raise fail(path, f"PNG files hold grey or RGB images, and the model takes {channels} channels")
+    names = png_files(path)
+    images = [read_png(os.path.join(os.fspath(path), n), channels) for n in names]
+    odd = next((i for i, im in enumerate(images) if im.shape[:2] != images[0].shape[:2]), None)
+    if odd is not None:
+        (h, w), (h0, w0) = images[odd].shape[:2], images[0].shape[:2]
+        raise fail(os.path.join(os.fspath(path), names[odd]), f"is {h}x{w} while {names[0]} is {h0}x{w0}; the "
+                   "folder's images must all have one size")
+    return make_split(np.stack(images), vocab_size=vocab_size, origin=os.fspath(path)), names
