@@ -23,9 +23,9 @@ stays within 10 minutes on 2 cores (it took 1,001 s at 3,500 steps on a loaded m
 the shared 2-core machine, nothing else running, pip's download cache warm; for the FD-MNIST figures' scale,
 (64 random real digits score 14 to 22):
 
-`make demo` from a fresh clone, 3,000 steps: 8.8 min in all, test 2.49 +- 0.10 bits/dim, FD-MNIST 28.1 over its 64 samples
-(set-up 23 s: venv, pip, the editable install; start-up 9 s; compiling and the first 50 steps 23 s; training
-457 s at 6.6 steps/s; evaluation 2 s; sampling 18 s; FD-MNIST 3 s); mostly recognisable digits, some malformed.
+`make demo` from a fresh clone, 3,000 steps: 8.4 min in all, test 2.49 +- 0.10 bits/dim, FD-MNIST 28.1 over its 64 samples
+(set-up 19 s: venv, pip, the editable install; start-up 6 s; compiling and the first 50 steps 12 s; training
+445 s at 6.6 steps/s; evaluation 2 s; sampling 18 s; FD-MNIST 2 s); mostly recognisable digits, some malformed.
 At 2,500 steps the bound was 2.61 +- 0.11, above 2.5.
 
 The 3,500-step checkpoint: test 2.37 +- 0.09 bits/dim, FD-MNIST 25.7 over its 64 samples, 6.9 min in all
