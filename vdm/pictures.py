@@ -42,11 +42,12 @@ def save_png(path: str, picture: np.ndarray) -> None:
     paths.write_bytes(path, buffer.getvalue())
 
 
-def unused_name(base: str) -> str:
-    """``base`` (``DIR/samples_<step>``) if no ``.npz`` or ``.png`` of that name exists, else the first free
-    ``base_2``, ``base_3``, ...: samples drawn again at a step (``--mode sample``) never replace earlier ones."""
+def unused_name(base: str, extensions: tuple[str, ...] = (".npz", ".png")) -> str:
+    """``base`` (``DIR/samples_<step>``) if no file of that name with one of ``extensions`` exists, else the first
+    free ``base_2``, ``base_3``, ...: samples drawn again at a step (``--mode sample``), or images scored again
+    (``vdm.scoring``), never replace earlier ones."""
     name, k = base, 1
-    while paths.path(name + ".npz").exists() or paths.path(name + ".png").exists():
+    while any(paths.path(name + extension).exists() for extension in extensions):
         k += 1
         name = f"{base}_{k}"
     return name

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm import data as data_lib, evaluation, paths, train
+from vdm import data as data_lib, evaluation, paths, pictures, train
 from vdm.data.png import read_png_folder
 from vdm.signals import Signals
 
@@ -126,16 +126,6 @@ def write_csv(path: str, names: list[str], labels: np.ndarray | None, bounds: di
     paths.write_bytes(path, out.getvalue().encode())
 
 
-def unused_csv(workdir: str, step: int) -> str:
-    """``workdir/scores_<step>.csv``, or ``_2``, ``_3``, ... where that exists: nothing earlier is replaced."""
-    base, k = paths.join(workdir, f"scores_{step}"), 1
-    name = base
-    while paths.path(name + ".csv").exists():
-        k += 1
-        name = f"{base}_{k}"
-    return name + ".csv"
-
-
 def score_images(config, workdir: str, images, overrides: Mapping[str, Any] | None = None, *,
                  stop_within_s: float | None = None) -> dict:
     """--mode score: each image's bits/dim under the latest checkpoint of ``workdir`` (EMA parameters).
@@ -160,7 +150,7 @@ def score_images(config, workdir: str, images, overrides: Mapping[str, Any] | No
             bounds = per_image_bounds(trainer, source, config.eval.score_draws, show_progress=True)
     finally:
         trainer.close()
-    path = unused_csv(workdir, step)
+    path = pictures.unused_name(paths.join(workdir, f"scores_{step}"), (".csv",)) + ".csv"
     if jax.process_index() == 0:
         write_csv(path, names, source.labels, bounds)
     labels = {} if source.labels is None else {"labels": np.asarray(source.labels)}
