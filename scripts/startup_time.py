@@ -10,7 +10,8 @@ settings, alternating so that a shared machine's load hits all of them alike:
 - ``warm``: the cache directory the cold run filled (a second run of the same config).
 
 Then, in one Python process, two ``train.train_and_evaluate`` calls of the same config (the
-notebook case): the second reuses the compiled step, evaluation and sampler of the first.
+notebook case), given one ``vdm.compilation.CompileCache``: the second reuses the compiled step, evaluation and
+sampler of the first.
 Prints wall seconds per setting (median over repeats) as JSON lines.
 """
 from __future__ import annotations
@@ -38,15 +39,15 @@ def cli_run(config: str, workdir: str, cache: str, num_steps: int) -> float:
 def notebook(config_path: str, tmp: str, num_steps: int) -> list[float]:
     code = f"""
 import json, time
-from vdm import configlib, train
+from vdm import compilation, configlib, train
 config = configlib.load_file({config_path!r})
 config.train.num_steps = {num_steps}
 config.sample.num_images = 16
 config.train.compilation_cache_dir = ""  # measure what the kernel keeps, not the disk cache
-times = []
+times, cache = [], compilation.CompileCache()  # the notebook's: one cache for both calls
 for name in ("first", "second"):
     start = time.perf_counter()
-    train.train_and_evaluate(config, {tmp!r} + "/nb_" + name)
+    train.train_and_evaluate(config, {tmp!r} + "/nb_" + name, compile_cache=cache)
     times.append(time.perf_counter() - start)
 print(json.dumps(times))
 """

@@ -1,10 +1,12 @@
-"""vdm.bench: every figure is produced, and the FLOP count is right (a closed form for an MLP)."""
+"""vdm.bench: every figure is produced, and the FLOP count is right (a closed form for an MLP); the environment
+recorded beside the figures."""
 import json
+import platform
 
 import pytest
 from conftest import load_config
 
-from vdm import bench, configlib, parallel
+from vdm import bench, configlib, environment, parallel
 from vdm import data as data_lib
 
 
@@ -13,6 +15,7 @@ def test_peak_table_finds_known_accelerators_and_not_the_cpu():
     assert bench.peak_tflops("NVIDIA H100 PCIe", "float32") == 378.0  # before the SXM entry
     assert bench.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
     assert bench.peak_tflops("cpu", "float32") is None
+    assert all(len(row) == 1 + len(bench.PEAK_DTYPES) for row in bench.PEAK_TFLOPS)
 
 
 def _mlp_flops(depth: int, hidden: int = 256, batch: int = 4096) -> float:
@@ -50,8 +53,10 @@ def test_every_figure_is_produced(tmp_path):
     assert s["sampler"] == "ancestral" and s["nfe"] == c.sample.num_steps and s["images_per_s"] > 0
     assert r["eval_images_per_s"] > 0 and r["input_images_per_s"] > 0
     assert r["input_over_train"] == pytest.approx(r["input_images_per_s"] / r["images_per_s"])
+    assert r["environment"]["jax"] == r["jax"] and r["environment"]["device_kind"] == r["device_kind"]
     text = bench.table(r)
-    for label in ("compile (train step)", "train images/s", "model GFLOP per image", "MFU", "peak memory",
+    assert environment.describe(r["environment"]) in text
+    for label in ("environment", "compile (train step)", "train images/s", "model GFLOP per image", "MFU", "peak memory",
                   "sampling: ancestral", "evaluation images/s", "input pipeline images/s"):
         assert label in text
     json.dumps(r, allow_nan=False)
@@ -82,3 +87,46 @@ def test_flops_are_counted_after_compiling_where_the_backend_counts_none_before(
 
     assert bench.program_flops(lowered) == 2 * 64 * 32 * 16
     assert bench.program_flops(CountsNothingBeforeCompiling()) == 2 * 64 * 32 * 16
+
+
+def test_the_environment_names_the_versions_the_cpu_and_the_device():
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    env = environment.environment()
+    assert (env["jax"], env["jaxlib"], env["flax"], env["optax"]) == (jax.__version__, jaxlib.__version__,
+                                                                      flax.__version__, optax.__version__)
+    assert env["orbax"] and env["python"] == platform.python_version() and env["platform"] == platform.platform()
+    assert env["cpu_model"] == environment.cpu_model() and env["cpu_model"] != "unknown" and env["cpu_count"] >= 1
+    assert (env["backend"], env["device_kind"], env["device_count"]) == (
+        jax.default_backend(), jax.devices()[0].device_kind, jax.device_count())
+    assert json.loads(json.dumps(env)) == env
+    without = environment.environment(device=False)
+    assert "device_kind" not in without and without.items() <= env.items()
+    line = environment.describe(env)
+    assert f"jax {jax.__version__} (jaxlib {jaxlib.__version__})" in line and env["cpu_model"] in line
+    assert env["device_kind"] in line and "\n" not in line
+    assert environment.version("surely-not-an-installed-distribution") is None
+
+
+def test_the_cpu_model_is_read_from_cpuinfo_or_else_from_the_platform():
+    x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n\n" \
+          "processor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
+    assert environment.cpu_model(x86) == "AMD EPYC 7B13 64-Core Processor"
+    arm = "processor\t: 0\nBogoMIPS\t: 48.00\nCPU part\t: 0xd0c\n\nHardware\t: BCM2835\nModel\t: Raspberry Pi 4\n"
+    assert environment.cpu_model(arm) == "Raspberry Pi 4"
+    assert environment.cpu_model("model name\t:\n") == (platform.processor() or platform.machine() or "unknown")
+
+
+def test_environment_without_the_device_leaves_jax_backends_alone():
+    """A parent process whose children use the accelerator (experiments/performance's scripts) must not take it."""
+    import jax
+    from conftest import run_python
+
+    out = run_python(["-c", "import json, jax; from jax._src import xla_bridge; from vdm import environment; "
+                            "env = environment.environment(device=False); "
+                            "print(json.dumps([xla_bridge.backends_are_initialized(), env['jax']]))"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, jax.__version__]

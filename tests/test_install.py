@@ -88,7 +88,7 @@ def test_an_installed_wheel_trains_and_scores_with_a_shipped_config_from_outside
     where = outside(installed, tmp_path, "-c",
                     "import json, importlib.metadata as m, vdm, vdm.configs; "
                     f"d = m.distribution({NAME!r}); "
-                    "print(json.dumps([vdm.__file__, vdm.configs.CONFIGS, vdm.__version__, d.metadata['Name'], "
+                    "print(json.dumps([vdm.__file__, dict(vdm.configs.CONFIGS), vdm.__version__, d.metadata['Name'], "
                     "str(d.locate_file(''))]))")
     assert where.returncode == 0, where.stderr
     package, shipped, version, distribution, location = json.loads(where.stdout)

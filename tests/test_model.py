@@ -245,7 +245,7 @@ def test_the_arguments_vdm_passes_its_pieces_are_declared_once(monkeypatch):
             given["network"] = set(kwargs)
             super().__init__(**kwargs)
 
-    monkeypatch.setitem(nets.NETWORKS, "mlp", Recording)
+    monkeypatch.setattr(nets, "lookup", lambda name: Recording)  # the registry itself is append-only
     _model()
     assert given["schedule"] == set(model_lib.ScheduleArguments._fields) | {"hidden"}
     assert given["network"] == set(model_lib.NetworkArguments._fields) | {"hidden", "depth"}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vdm import diffusion, moving_mean
+from vdm import diffusion, moving_mean, predictions
 from vdm import model as model_lib
 from vdm import objective as objective_lib
 
@@ -73,7 +73,7 @@ def test_the_diffusion_term_is_the_limit_of_the_reverse_steps_kl():
         a_s, s_s = (diffusion.expand_to(v, f) for v in diffusion.alpha_sigma(g_s))
         mean_t, mean_s = f + m.mean_offset(f, g_t), f + m.mean_offset(f, g_s)
         z_t = a_t * mean_t + s_t * eps
-        x_hat = (z_t - s_t * diffusion.to_eps("eps", m.denoiser()(z_t, g_t), z_t, g_t)) / a_t
+        x_hat = (z_t - s_t * predictions.to_eps("eps", m.denoiser()(z_t, g_t), z_t, g_t)) / a_t
         hat_t, hat_s = x_hat + m.mean_offset(x_hat, g_t), x_hat + m.mean_offset(x_hat, g_s)
         ratio = diffusion.expand_to(jnp.exp(g_s - g_t), f)  # SNR_t / SNR_s
         gap = a_s * ((mean_s - hat_s) - ratio * (mean_t - hat_t))  # mu_q - mu_p

@@ -1,10 +1,11 @@
-"""Tests for the VDM score networks in ``vdm.nets``.
+"""Tests of ``vdm.nets`` that are not the network contract: the U-Nets' own structure, the layers against
+closed forms, the convolution kernel, the context and the registry.
 
-Every entry of ``NETWORKS`` is checked for the shared interface
-``eps_hat = net(z, gamma, *, dropout_rng=None)`` with tiny sizes so the file
-runs in well under a minute on CPU. Networks are built once per module and
-all forward passes are jit-compiled through a few shared functions (modules
-are pytrees in NNX), so identical network structures reuse compilations.
+What every network must do (shapes, zero at initialisation, conditioning, the gamma map, dropout, gradients,
+remat, bfloat16) is ``vdm.testing.network``, run on every registered network by ``tests/test_contracts.py``;
+here it is tried on deliberately broken networks, each of which must fail the check it breaks. Networks are
+built from their registered tiny examples and their forward passes go through a few shared jitted functions, so
+identical structures share compilations.
 """
 
 from __future__ import annotations
@@ -16,276 +17,50 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from vdm import options
-from vdm.nets import MLP, NETWORKS, MultiResUNet, ScoreUNet, build, fourier_features, kernels, timestep_embedding
+from vdm import nets, options, registry, testing
+from vdm.nets import (MLP, NETWORKS, MultiResUNet, NetworkContext, ScoreUNet, build, fourier_features, kernels,
+                      timestep_embedding)
 from vdm.nets.kernels import Convolutions
 from vdm.nets.layers import normalize_gamma, num_groups
+from vdm.testing import network as network_checks
 
-GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
-
-# Tiny configurations: name -> (constructor kwargs, shape of z).
-CONFIGS = {
-    "unet": (
-        dict(in_channels=1, channels=8, num_blocks=2, attention=True, dropout=0.2, scan_blocks=True, remat=True),
-        (3, 8, 8, 1),
-    ),
-    "multires_unet": (
-        dict(in_channels=2, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), dropout=0.2),
-        (3, 8, 8, 2),
-    ),
-    "mlp": (dict(in_channels=2, hidden=16, depth=2, dropout=0.2), (3, 2)),
-}
-NAMES = sorted(NETWORKS)
+GAMMA_MIN, GAMMA_MAX = network_checks.GAMMA_MIN, network_checks.GAMMA_MAX
+# The scanned, rematerialised U-Net of the scanned-vs-unrolled test: two blocks (a stack), attention in the stages.
+SCANNED_UNET = nets.Example({"channels": 8, "num_blocks": 2, "attention": True, "dropout": 0.2, "scan_blocks": True},
+                            shape=(3, 8, 8, 1))
 
 
-def test_configs_cover_all_networks():
-    assert set(CONFIGS) == set(NETWORKS)
+def example(name: str) -> nets.Example:
+    return NETWORKS.entry(name).example
 
 
-def make(name: str, seed: int = 0, **overrides) -> nnx.Module:
-    kwargs, _ = CONFIGS[name]
-    return build(name, **{**kwargs, "gamma_min": GAMMA_MIN, "gamma_max": GAMMA_MAX, **overrides}, rngs=nnx.Rngs(seed))
+def make(name: str, **overrides) -> nnx.Module:
+    """The network ``name`` built from its registered example; ``overrides``: context fields and kwargs."""
+    context = {k: overrides.pop(k) for k in list(overrides) if k in {f.name for f in dataclasses.fields(NetworkContext)}}
+    ex = example(name)
+    ex = dataclasses.replace(ex, kwargs={**ex.kwargs, **overrides})
+    return network_checks.build(NETWORKS[name], ex, **context)
 
 
 def inputs(name: str, seed: int = 1) -> tuple[jax.Array, jax.Array]:
-    _, shape = CONFIGS[name]
-    z = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-    gamma = jnp.linspace(GAMMA_MIN, GAMMA_MAX, shape[0], dtype=jnp.float32)
-    return z, gamma
+    return network_checks.inputs(NETWORKS[name], example(name), seed)
 
 
-@jax.jit
 def apply(net, z, gamma, key=None):
-    """Jitted forward pass; the network is an ordinary pytree argument."""
-    return net(z, gamma, dropout_rng=key)
+    """The network's output, compiled (``vdm.testing.network.apply``: one compilation per structure)."""
+    return network_checks.apply(net, z, gamma, None, key)
 
 
-def perturb(net, seed, scale=0.1):
-    """Returns a copy of ``net`` with ``scale * N(0, 1)`` noise added to every parameter.
-
-    Makes the zero-initialised layers active. The noise is drawn on the host
-    with numpy, which avoids compiling a random-number kernel per parameter shape.
-    """
-    graphdef, state = nnx.split(net)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    leaves = [jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape).astype(x.dtype)) for x in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_cpu_rng():
-    """Non-partitionable threefry while this module runs.
-
-    With ``jax_threefry_partitionable=True`` (the default in recent JAX) the XLA
-    CPU compilation of every eagerly executed random initialiser of a new shape
-    takes seconds, which dominates the runtime of these tiny networks.
-    """
-    with jax.threefry_partitionable(False):
-        yield
+perturb = network_checks.perturb
 
 
 @pytest.fixture(scope="module")
-def nets():
-    """name -> (network at init, perturbed copy)."""
-    out = {}
-    for name in NAMES:
-        net = make(name)
-        out[name] = (net, perturb(net, 42))
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Interface, initialisation and conditioning.
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_shape_dtype_and_zero_init(nets, name):
-    net, _ = nets[name]
-    z, gamma = inputs(name)
-    out = apply(net, z, gamma)
-    assert out.shape == z.shape
-    assert out.dtype == jnp.float32
-    assert np.all(np.asarray(out) == 0.0), "zero-initialised head must give eps_hat == 0 at init"
-    # The head is zero even with dropout active.
-    assert np.all(np.asarray(apply(net, z, gamma, jax.random.key(0))) == 0.0)
-    params = jax.tree.leaves(nnx.state(net, nnx.Param))
-    assert params and all(p.dtype == jnp.float32 for p in params)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_output_depends_on_gamma_and_z(nets, name):
-    _, net = nets[name]
-    z, gamma = inputs(name)
-    out = np.asarray(apply(net, z, gamma))
-    assert np.all(np.isfinite(out))
-    assert np.abs(out).max() > 1e-3
-    # Different gamma, same z.
-    out_gamma = np.asarray(apply(net, z, gamma[::-1]))
-    for i in range(len(gamma)):
-        if gamma[i] != gamma[::-1][i]:
-            assert np.abs(out[i] - out_gamma[i]).max() > 1e-4, f"example {i} ignores gamma"
-    # Different z, same gamma.
-    z2, _ = inputs(name, seed=7)
-    out_z = np.asarray(apply(net, z2, gamma))
-    assert np.abs(out - out_z).max(axis=tuple(range(1, out.ndim))).min() > 1e-4
-    # A scalar gamma is broadcast over the batch.
-    np.testing.assert_allclose(
-        np.asarray(apply(net, z, gamma[1])), np.asarray(apply(net, z, jnp.full_like(gamma, gamma[1]))), atol=1e-6
-    )
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_a_gamma_per_element(name):
-    """gamma of z's shape: the embedding takes its per-example mean (so a network built without the map sees a
-    constant map as the scalar it is), and a network built with ``gamma_map`` also reads the map per element:
-    changing gamma at one element changes its output, a constant map equals the per-example gamma."""
-    z, gamma = inputs(name)
-    per_element = jnp.broadcast_to(gamma.reshape((-1,) + (1,) * (z.ndim - 1)), z.shape)
-    plain = perturb(make(name), 42)
-    np.testing.assert_allclose(np.asarray(apply(plain, z, per_element)), np.asarray(apply(plain, z, gamma)),
-                               rtol=1e-5, atol=1e-5)
-    mapped = perturb(make(name, gamma_map=True), 42)
-    constant = np.asarray(apply(mapped, z, per_element))
-    np.testing.assert_allclose(constant, np.asarray(apply(mapped, z, gamma)), rtol=1e-5, atol=1e-5)
-    # Raise gamma at one element and lower it at another by the same amount: the mean (the embedding) is unchanged,
-    # so only the map can move the output.
-    first, second = ((0, 0), (0, 1)) if z.ndim == 2 else ((0, 0, 0, 0), (0, 0, 1, 0))
-    moved = per_element.at[first].add(3.0).at[second].add(-3.0)
-    assert float(jnp.mean(moved[0])) == pytest.approx(float(jnp.mean(per_element[0])), abs=1e-5)
-    changed = np.asarray(apply(mapped, z, moved))
-    assert np.abs(changed[0] - constant[0]).max() > 1e-4
-    np.testing.assert_allclose(changed[1:], constant[1:], rtol=1e-5, atol=1e-5)  # the other examples are untouched
-    np.testing.assert_allclose(np.asarray(apply(plain, z, moved)), np.asarray(apply(plain, z, per_element)),
-                               rtol=1e-5, atol=1e-5)  # without the map only the mean counts
-
-
-@jax.jit
-def apply_cond(net, z, gamma, cond):
-    return net(z, gamma, cond)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_class_conditioning(name):
-    """Each example's output depends on its own label; cond=None is the null class; unconditional nets refuse labels."""
-    net = perturb(make(name, num_classes=3), 5)
-    z, gamma = inputs(name)
-    labels = jnp.array([0, 1, 2])
-    out = np.asarray(apply_cond(net, z, gamma, {"label": labels}))
-    changed = np.asarray(apply_cond(net, z, gamma, {"label": jnp.array([0, 2, 2])}))
-    per_example = np.abs(out - changed).max(axis=tuple(range(1, out.ndim)))
-    assert per_example[0] == 0 and per_example[2] == 0 and per_example[1] > 1e-4
-    null = np.asarray(apply_cond(net, z, gamma, {"label": jnp.full((3,), 3)}))
-    np.testing.assert_array_equal(np.asarray(apply_cond(net, z, gamma, None)), null)
-    with pytest.raises(ValueError, match="num_classes=0"):
-        apply_cond(make(name), z, gamma, {"label": labels})
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_dropout_only_with_key_and_reproducible(nets, name):
-    _, net = nets[name]
-    z, gamma = inputs(name)
-    det1, det2 = apply(net, z, gamma), apply(net, z, gamma)
-    np.testing.assert_array_equal(np.asarray(det1), np.asarray(det2))
-    k1, k2 = jax.random.key(1), jax.random.key(2)
-    a, a_again, b = apply(net, z, gamma, k1), apply(net, z, gamma, k1), apply(net, z, gamma, k2)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(a_again))
-    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
-    assert np.abs(np.asarray(a) - np.asarray(det1)).max() > 1e-4
-    # Eager execution agrees with the jitted function.
-    if name != "unet":  # eager nnx.scan is slow to run op by op; jit is what training uses.
-        np.testing.assert_allclose(np.asarray(net(z, gamma, dropout_rng=k1)), np.asarray(a), atol=1e-5)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_batch_independence(nets, name):
-    _, net = nets[name]
-    z, gamma = inputs(name)
-    full = np.asarray(apply(net, z[:2], gamma[:2]))
-    for i in range(2):
-        alone = np.asarray(apply(net, z[i : i + 1], gamma[i : i + 1]))
-        np.testing.assert_allclose(alone[0], full[i], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_nnx_jit_matches_jax_jit(nets, name):
-    _, net = nets[name]
-    z, gamma = inputs(name)
-    out = nnx.jit(lambda m, z, g: m(z, g))(net, z, gamma)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(apply(net, z, gamma)), atol=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_compute(nets, name):
-    _, net32 = nets[name]
-    # Abstract construction (no initialisers run), then the float32 parameters are loaded.
-    net16 = nnx.eval_shape(lambda: make(name, dtype=jnp.bfloat16))
-    nnx.update(net16, nnx.state(net32))
-    params = jax.tree.leaves(nnx.state(net16, nnx.Param))
-    assert all(p.dtype == jnp.float32 for p in params)
-    z, gamma = inputs(name)
-    out32 = np.asarray(apply(net32, z, gamma))
-    out16 = apply(net16, z, gamma)
-    assert out16.dtype == jnp.float32 and out16.shape == z.shape
-    err = np.abs(np.asarray(out16) - out32).max()
-    assert err < 0.05 * np.abs(out32).max() + 1e-3, err
-
-
-# ---------------------------------------------------------------------------
-# Training.
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_gradients_and_training(nets, name):
-    """Adam on a fixed regression batch: finite gradients that reach the whole body, decreasing loss."""
-    net, _ = nets[name]
-    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-    z, gamma = inputs(name)
-    target = jax.random.normal(jax.random.key(3), z.shape)
-    opt = optax.adam(3e-3)
-
-    def loss_fn(params, key):
-        eps_hat = nnx.merge(graphdef, params, rest)(z, gamma, dropout_rng=key)
-        return jnp.mean((eps_hat - target) ** 2)
-
-    @jax.jit
-    def step(params, opt_state, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, key)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, grads
-
-    opt_state = opt.init(params)
-    losses, grads_per_step = [], []
-    for i in range(20):
-        params, opt_state, loss, grads = step(params, opt_state, jax.random.fold_in(jax.random.key(0), i))
-        losses.append(float(loss))
-        grads_per_step.append(grads)
-
-    def is_head(path):
-        return any("_out" in str(k) for k in path)
-
-    def nonzero(g):
-        return bool(np.any(np.asarray(g) != 0))
-
-    for grads in grads_per_step:
-        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
-    # At init only the zero-initialised head gets gradient ...
-    first = jax.tree.leaves_with_path(grads_per_step[0])
-    assert any(nonzero(g) for p, g in first if is_head(p))
-    # ... after one optimiser step the gradient reaches past it ...
-    second = jax.tree.leaves_with_path(grads_per_step[1])
-    assert any(nonzero(g) for p, g in second if not is_head(p)), "gradient does not reach past the head"
-    # ... and after a few steps every parameter receives gradient (no dead zero-initialised paths).
-    dead = [jax.tree_util.keystr(p) for p, g in jax.tree.leaves_with_path(grads_per_step[-1]) if not nonzero(g)]
-    assert not dead, dead
-    assert np.all(np.isfinite(losses))
-    assert losses[-1] < 0.9 * losses[0], losses
+def unet():
+    """The registered U-Net example, scanned, built with remat, its parameters moved (the head awake)."""
+    return perturb(network_checks.initialise(ScoreUNet, example("unet"), remat=True), 42)
 
 
 # ---------------------------------------------------------------------------
@@ -309,24 +84,24 @@ def copy_stacked_into_unrolled(scanned: ScoreUNet, unrolled: ScoreUNet) -> None:
     nnx.update(unrolled, nnx.map_state(value_for, nnx.state(unrolled, nnx.Param)))
 
 
-def test_scanned_and_unrolled_unet_agree(nets):
+def test_scanned_and_unrolled_unet_agree():
     """Given the same parameters the scanned (and rematerialised) and unrolled U-Nets agree.
 
     Checked with and without dropout, so the per-stage dropout keys match too.
     """
-    _, scanned = nets["unet"]
-    kwargs, _ = CONFIGS["unet"]
-    num_blocks = kwargs["num_blocks"]
+    scanned = perturb(network_checks.initialise(ScoreUNet, SCANNED_UNET, remat=True), 42)
+    num_blocks = SCANNED_UNET.kwargs["num_blocks"]
     assert scanned.scan_blocks and scanned.remat
     # Stacked along a leading axis of size num_blocks (down) and num_blocks + 1 (up).
     assert {x.shape[0] for x in jax.tree.leaves(nnx.state(scanned.down, nnx.Param))} == {num_blocks}
     assert {x.shape[0] for x in jax.tree.leaves(nnx.state(scanned.up, nnx.Param))} == {num_blocks + 1}
 
-    unrolled = nnx.eval_shape(lambda: make("unet", scan_blocks=False, remat=False))
+    unrolled = nnx.eval_shape(lambda: network_checks.build(
+        ScoreUNet, dataclasses.replace(SCANNED_UNET, kwargs={**SCANNED_UNET.kwargs, "scan_blocks": False})))
     assert isinstance(unrolled.down, nnx.List) and len(unrolled.down) == num_blocks
     copy_stacked_into_unrolled(scanned, unrolled)
 
-    z, gamma = inputs("unet")
+    z, gamma = network_checks.inputs(ScoreUNet, SCANNED_UNET)
     for key in (None, jax.random.key(9)):
         a, b = np.asarray(apply(scanned, z, gamma, key)), np.asarray(apply(unrolled, z, gamma, key))
         assert np.abs(a).max() > 1e-3
@@ -341,7 +116,8 @@ def test_scanned_and_unrolled_unet_agree(nets):
 def test_multires_unet_sizes():
     # Abstract parameters suffice: the size check happens while tracing.
     net = nnx.eval_shape(
-        lambda: MultiResUNet(1, channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, rngs=nnx.Rngs(0))
+        lambda: MultiResUNet(NetworkContext((8, 8, 1)), channels=8, channel_mult=(1, 2, 2), num_res_blocks=1,
+                             rngs=nnx.Rngs(0))
     )
     gamma = jnp.zeros((2,))
     for size in (28, 8):  # 28 -> 14 -> 7 and 8 -> 4 -> 2
@@ -353,14 +129,17 @@ def test_multires_unet_sizes():
         jax.eval_shape(lambda m, z, g: m(z, g), net, jnp.zeros((2, 8, 6, 1)), gamma)
 
 
+CONTEXT_RGB = NetworkContext((4, 6, 3))
+
+
 @pytest.mark.parametrize(
     "net",
     [
-        lambda: ScoreUNet(3, channels=8, num_blocks=1, with_fourier_features=False, scan_blocks=False, rngs=nnx.Rngs(0)),
-        lambda: MultiResUNet(
-            3, channels=8, channel_mult=(1,), mid_attention=False, resample_with_conv=False, rngs=nnx.Rngs(0)
-        ),
-        lambda: MultiResUNet(3, channels=8, channel_mult=(1, 1), resample_with_conv=False, rngs=nnx.Rngs(0)),
+        lambda: ScoreUNet(CONTEXT_RGB, channels=8, num_blocks=1, with_fourier_features=False, scan_blocks=False,
+                          rngs=nnx.Rngs(0)),
+        lambda: MultiResUNet(CONTEXT_RGB, channels=8, channel_mult=(1,), mid_attention=False, resample_with_conv=False,
+                             rngs=nnx.Rngs(0)),
+        lambda: MultiResUNet(CONTEXT_RGB, channels=8, channel_mult=(1, 1), resample_with_conv=False, rngs=nnx.Rngs(0)),
     ],
 )
 def test_option_variants_shapes(net):
@@ -565,14 +344,14 @@ def takes_custom(net, z) -> bool:
     return has_custom_conv_rule(jax.make_jaxpr(call)(state, z))
 
 
-def test_network_derivatives_with_custom_convolutions_equal_plain(nets):
+def test_network_derivatives_with_custom_convolutions_equal_plain(unet):
     """A network (the scanned, rematerialised U-Net) has the same jvp in z (the ODE likelihood's
     divergence) and the same parameter gradients with the custom convolution derivatives as with
     XLA's own; with the custom ones both hold canonical convolutions only, inside the scan too
     (XLA:CPU's fast kernels). The stride-2 convolution in a network: test_model's ODE likelihood."""
     name = "unet"
-    _, custom = nets[name]  # built with the default setting: the custom derivatives on this CPU
-    plain = nnx.eval_shape(lambda: make(name, convolutions=Convolutions("plain")))
+    custom = unet  # built with the default setting: the custom derivatives on this CPU
+    plain = nnx.eval_shape(lambda: make(name, remat=True, convolutions=Convolutions("plain")))
     nnx.update(plain, nnx.state(custom))
     z, gamma = inputs(name)
     v = jax.random.normal(jax.random.key(5), z.shape)
@@ -608,53 +387,158 @@ def test_normalize_gamma():
 
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_a_network_built_directly_checks_its_gamma_range_as_the_schedule_does(name):
+# ---------------------------------------------------------------------------
+# The context.
+# ---------------------------------------------------------------------------
+
+
+def test_the_context_checks_its_values_and_gives_each_network_its_input_size():
     with pytest.raises(options.OptionError, match="^gamma_min=5.0: must be below gamma_max=5.0$"):
-        make(name, gamma_min=5.0, gamma_max=5.0)
+        NetworkContext((8, 8, 1), gamma_min=5.0, gamma_max=5.0)
+    with pytest.raises(ValueError, match=r"^data_shape=\(\): must be the shape of one example"):
+        NetworkContext(())
+    with pytest.raises(ValueError, match="^num_classes=-1: must be >= 0$"):
+        NetworkContext((2,), num_classes=-1)
+    context = NetworkContext([28, 28, 1])
+    assert context.data_shape == (28, 28, 1) and hash(context) == hash(NetworkContext((28, 28, 1)))
+    assert context.in_channels(4) == 1 and context.in_channels(2) == 784
+    with pytest.raises(ValueError, match=r"^a network of images \[B, H, W, C\] needs data of shape \(H, W, C\); "):
+        NetworkContext((2,)).in_channels(4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.remat = True
+
+
+def test_a_network_keeps_the_fields_it_uses_not_the_context():
+    """The context holds the model's Rngs-free facts; stored on a module it would join its graph."""
+    net = nnx.eval_shape(lambda: make("mlp", num_classes=2, gamma_map=True))
+    assert not any(isinstance(node, NetworkContext) for _, node in nnx.iter_graph(net))
+    assert not any(isinstance(v, NetworkContext) for v in vars(net).values())
 
 
 # ---------------------------------------------------------------------------
-# Registry.
+# Registry and contract.
 # ---------------------------------------------------------------------------
 
 
 def test_registry():
     assert NETWORKS == {"unet": ScoreUNet, "multires_unet": MultiResUNet, "mlp": MLP}
-    with pytest.raises(ValueError, match="unknown network 'resnet'; valid names: ") as info:
-        build("resnet")
-    assert all(name in str(info.value) for name in NETWORKS)
+    assert list(NETWORKS) == ["unet", "multires_unet", "mlp"]
+    assert all(issubclass(cls, nets.Network) for cls in NETWORKS.values())
+    assert {name: cls.input_rank for name, cls in NETWORKS.items()} == {"unet": 4, "multires_unet": 4, "mlp": 2}
+    with pytest.raises(ValueError, match="unknown network 'resnet'; valid names: unet, multires_unet, mlp$"):
+        build("resnet", NetworkContext((2,)), rngs=nnx.Rngs(0))
+    net = build("mlp", NetworkContext((3,)), hidden=8, depth=1, rngs=nnx.Rngs(0))
+    assert isinstance(net, MLP) and net.in_channels == 3
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_declared_input_rank_matches_what_the_network_takes(nets, name):
-    net, _ = nets[name]
-    z, gamma = inputs(name)
-    assert z.ndim == NETWORKS[name].input_rank
-    with pytest.raises(ValueError, match="expected z of shape"):
-        apply(net, z.reshape(z.shape[0], -1) if z.ndim == 4 else z[:, None, None, :], gamma)
+class _Flat(nets.Network):
+    input_rank = 2
+
+    def __init__(self, context, *, rngs):
+        self.dense = nnx.Linear(context.in_channels(2), context.in_channels(2), rngs=rngs)
+
+    def __call__(self, z, gamma, cond=None, *, dropout_rng=None):
+        return self.dense(z)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_remat_changes_memory_not_the_function(name):
-    """Rematerialisation recomputes activations in the backward pass: same outputs, same gradients.
+class _NoRank(nets.Network):
+    def __init__(self, context, *, rngs):
+        pass
 
-    With plain convolutions: the custom ones rematerialise a piece of their own (``vdm.nets.kernels``),
-    which would hide whether the blocks are."""
-    z, gamma = inputs(name)
-    results, checkpointed = [], []
-    for remat in (False, True):
-        net = perturb(make(name, remat=remat, convolutions=Convolutions("plain")), 11)
-        graphdef, params = nnx.split(net, nnx.Param)
+    def __call__(self, z, gamma, cond=None, *, dropout_rng=None):
+        return z
 
-        def loss(params, graphdef=graphdef):
-            return jnp.sum(nnx.merge(graphdef, params)(z, gamma) ** 2)
 
-        results.append(jax.jit(jax.value_and_grad(loss))(params))
-        checkpointed.append("remat" in str(jax.make_jaxpr(jax.grad(loss))(params)))
-    assert checkpointed == [False, True]  # the blocks really are rematerialised
-    (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
-    # float32 summation order differs when activations are recomputed: compare the whole gradient vector
-    g0, g1 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in (g0, g1))
-    assert np.linalg.norm(g1 - g0) <= 1e-5 * np.linalg.norm(g0)
+class _NoCall(nets.Network):
+    input_rank = 2
+
+    def __init__(self, context, *, rngs):
+        pass
+
+
+class _NoContext(_Flat):
+    def __init__(self, in_channels, *, rngs):
+        pass
+
+
+class _NoDropoutKey(_Flat):
+    def __call__(self, z, gamma, cond=None):
+        return z
+
+
+class _Plain(nnx.Module):
+    input_rank = 2
+
+    def __init__(self, context, *, rngs):
+        pass
+
+    def __call__(self, z, gamma, cond=None, *, dropout_rng=None):
+        return z
+
+
+class _Volume(_Flat):
+    input_rank = 3
+
+
+@pytest.mark.parametrize("piece, problem", [
+    (_Plain, "<class 'test_nets._Plain'> is not a subclass of vdm.nets.Network"),
+    (MLP.__call__, "<function MLP.__call__ at .*> is not a subclass of vdm.nets.Network"),
+    (_NoRank, "_NoRank does not declare input_rank"),
+    (_Volume, r"_Volume.input_rank=3: must be 4 \(images\) or 2 \(vectors\)"),
+    (_NoCall, "_NoCall does not define __call__"),
+    (_NoContext, r"_NoContext.__init__ does not take 'context' \(Net\(context, \*, ..., rngs\)\)"),
+    (_NoDropoutKey, r"_NoDropoutKey.__call__ does not take \(z, gamma, cond=None, \*, dropout_rng=None\)"),
+])
+def test_a_piece_without_the_contract_is_refused_and_nothing_is_added(piece, problem):
+    before = dict(NETWORKS)
+    with pytest.raises(registry.RegistrationError, match=f"^network 'broken' does not meet the network contract: "
+                                                         f"{problem}"):
+        nets.register("broken")(piece)
+    assert dict(NETWORKS) == before and "broken" not in NETWORKS
+
+
+def test_a_taken_name_or_a_bad_example_is_refused():
+    with pytest.raises(registry.RegistrationError, match=r"^network 'mlp' is already registered \(by vdm.nets.mlp\)"):
+        nets.register("mlp")(_Flat)
+    with pytest.raises(registry.RegistrationError, match="^network 'flat': example=.*must be a vdm.nets.Example, a dict "
+                                                         "with keys among kwargs, shape, or None$"):
+        nets.register("flat", example={"width": 8})(_Flat)
+    assert NETWORKS["mlp"] is MLP and "flat" not in NETWORKS
+
+
+# ---------------------------------------------------------------------------
+# Broken networks fail the check they break (the tiny MLP: a few compilations each).
+# ---------------------------------------------------------------------------
+
+TINY = nets.Example({"hidden": 8, "depth": 1, "dropout": 0.2})
+
+
+class _WrongShape(MLP):
+    def __call__(self, z, gamma, cond=None, *, dropout_rng=None):
+        return super().__call__(z, gamma, cond, dropout_rng=dropout_rng)[:, :1]
+
+
+class _NotZero(MLP):
+    def __call__(self, z, gamma, cond=None, *, dropout_rng=None):
+        return super().__call__(z, gamma, cond, dropout_rng=dropout_rng) + 1.0
+
+
+class _DropoutAlways(MLP):
+    def __call__(self, z, gamma, cond=None, *, dropout_rng=None):
+        key = jax.random.key(0) if dropout_rng is None else dropout_rng
+        return super().__call__(z, gamma, cond, dropout_rng=key)
+
+
+class _Images(MLP):
+    input_rank = 4  # declares images, takes vectors
+
+
+@pytest.mark.parametrize("piece, check", [
+    (_WrongShape, r"output shape and dtype: output \(2, 1\) for z \(2, 2\)"),
+    (_NotZero, r"zero at initialisation: max \|out\| = 1.0"),
+    (_Images, r"input rank: ValueError: expected z of shape \[B, 1\], got \(2, 8, 8, 1\)"),
+    (_DropoutAlways, "dropout only with a key: without a key, dropout is on"),
+])
+def test_a_broken_network_fails_the_check_it_breaks(piece, check):
+    with pytest.raises(AssertionError, match=f"^network 'broken' fails {check}"):
+        testing.check("network", piece, name="broken", example=TINY)

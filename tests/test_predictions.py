@@ -1,11 +1,12 @@
-"""The parameterisations (eps, x, v, F, o): each loss is its converted eps-MSE, and each trains from the command line."""
+"""The parameterisations (eps, x, v, F, o): each loss is its converted eps-MSE, and each trains from the command line;
+broken ones fail the contract (which runs on every registered one in test_contracts.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import parse_command_line
 
-from vdm import diffusion, main, predictions, schedules, train, weightings
+from vdm import diffusion, main, predictions, registry, schedules, testing, time_sampling, train, weightings
 
 
 def _textbook(f, eps, gamma):
@@ -36,17 +37,44 @@ def test_each_parameterisations_loss_is_its_converted_eps_mse():
     textbook = _textbook(f, eps, gamma)
     assert sorted(textbook) == sorted(predictions.PREDICTIONS)
     for name, (target, k) in textbook.items():
-        eps_hat = np.asarray(diffusion.to_eps(name, jnp.asarray(out, jnp.float32), z, jnp.asarray(gamma, jnp.float32)))
+        eps_hat = np.asarray(predictions.to_eps(name, jnp.asarray(out, jnp.float32), z, jnp.asarray(gamma, jnp.float32)))
         np.testing.assert_allclose(np.sum((eps - eps_hat) ** 2, -1), k[:, 0] * np.sum((target - out) ** 2, -1),
                                    rtol=2e-3, err_msg=name)
-        ours = diffusion.prediction_target(name, jnp.asarray(f, jnp.float32), jnp.asarray(eps, jnp.float32),
-                                           jnp.asarray(gamma, jnp.float32))
+        ours = predictions.prediction_target(name, jnp.asarray(f, jnp.float32), jnp.asarray(eps, jnp.float32),
+                                             jnp.asarray(gamma, jnp.float32))
         np.testing.assert_allclose(np.asarray(ours), target, rtol=2e-3, atol=2e-4, err_msg=name)
         # The target is the output that makes eps_hat = eps.
-        exact = diffusion.to_eps(name, ours, z, jnp.asarray(gamma, jnp.float32))
+        exact = predictions.to_eps(name, ours, z, jnp.asarray(gamma, jnp.float32))
         np.testing.assert_allclose(np.asarray(exact), eps, atol=2e-3, err_msg=name)
     with pytest.raises(ValueError, match="valid names: eps, x, v, F, o"):
-        diffusion.to_eps("score", out, z, gamma)
+        predictions.to_eps("score", out, z, gamma)
+
+
+def _v_swapped(gamma, alpha, sigma):  # v's coefficients the wrong way round: eps_hat = alpha z + sigma v_hat
+    return alpha, sigma
+
+
+@pytest.mark.parametrize("piece, example, check", [
+    (_v_swapped, predictions.PREDICTIONS.entry("v").example, "eps from its declared target"),
+    (lambda gamma, alpha, sigma: (1.0 / sigma, 0.0 * gamma), None, "finite coefficients"),  # b = 0: no target
+    (lambda gamma, alpha, sigma: (jnp.log(gamma), alpha), None, "finite coefficients"),  # log of gamma < 0
+    (lambda gamma, alpha, sigma: (0.0, jnp.ones(7)), None, "shapes per example and per element"),
+    (lambda gamma, alpha, sigma: (sigma, jnp.reshape(alpha, (alpha.shape[0], -1))), None,
+     "shapes per example and per element"),  # b flattened: [B, 1] against gamma [B, 1, 1]
+])
+def test_a_broken_prediction_fails_the_check_it_breaks(piece, example, check):
+    with pytest.raises(AssertionError, match=f"^prediction 'broken' fails {check}: "):
+        testing.check("prediction", piece, name="broken", example=example)
+
+
+def test_a_prediction_that_breaks_the_static_contract_is_refused_and_nothing_is_added():
+    before = dict(predictions.PREDICTIONS)
+    for piece in (lambda gamma, alpha: (0.0, 1.0), "eps"):
+        with pytest.raises(registry.RegistrationError, match="^prediction 'new' does not meet the prediction contract: "):
+            predictions.register("new")(piece)
+    with pytest.raises(registry.RegistrationError, match="^prediction 'v' is already registered"):
+        predictions.register("v")(_v_swapped)
+    assert dict(predictions.PREDICTIONS) == before
 
 
 def test_flow_matching_is_o_prediction_on_the_optimal_transport_path_with_its_weighting():
@@ -69,7 +97,7 @@ def test_flow_matching_is_o_prediction_on_the_optimal_transport_path_with_its_we
     np.testing.assert_allclose(np.asarray(z), np.asarray(diffusion.diffuse(jnp.asarray(f, jnp.float32), gamma,
                                                                            jnp.asarray(eps, jnp.float32))), atol=1e-5)
     fm = np.sum((eps - f - out) ** 2, -1)  # ||o - o_hat||^2
-    eps_hat = np.asarray(diffusion.to_eps("o", jnp.asarray(out, jnp.float32), z, gamma))
+    eps_hat = np.asarray(predictions.to_eps("o", jnp.asarray(out, jnp.float32), z, gamma))
     w = np.asarray(weightings.build("flow_matching")(-gamma))
     weighted = 0.5 * w * np.asarray(rate) * np.sum((eps - eps_hat) ** 2, -1)
     np.testing.assert_allclose(weighted, (s1 - s0) * fm, rtol=2e-3)
@@ -108,8 +136,8 @@ def test_importance_sampling_weighs_the_networks_own_error_equally_as_i_dode_doe
     np.testing.assert_allclose(np.asarray(eps_density.mass), 0.01, rtol=1e-5)  # eps: p ~ w = 1, uniform
 
     u = jnp.linspace(0.0, 1.0, 1001)[:-1] + 0.0005
-    levels = diffusion.noise_levels(u, None, logsnr_density=density)
-    weight = np.asarray(levels.rate * diffusion.prediction_error_scale("v", levels.gamma), np.float64)
+    levels = time_sampling.noise_levels(u, None, logsnr_density=density)
+    weight = np.asarray(levels.rate * predictions.prediction_error_scale("v", levels.gamma), np.float64)
     z_norm = softplus[-1] - softplus[0]  # i-DODE's Z: the weight of every v-error, 0.5 Z ||v - v_hat||^2
     # Constant up to the grid: within a bin alpha^2 changes by at most this factor, the density does not.
     within_bin = np.expm1(np.max(np.abs(np.diff(np.log(1 / (1 + np.exp(-edges)))))))

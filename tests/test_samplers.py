@@ -1,9 +1,11 @@
-"""Every sampler in SAMPLERS against the known answers for Gaussian data.
+"""The samplers against the known answers for Gaussian data, and the sampler contract's own tests.
 
 For x ~ N(0, s^2 I) and the Bayes-optimal denoiser the marginal of z_gamma is N(0, v(gamma) I)
 with v = alpha^2 s^2 + sigma^2, and the probability-flow ODE is linear: it maps z_1 to
-z_0 = z_1 sqrt(v(gamma_0) / v(gamma_1)) exactly. The deterministic samplers are checked
-against that map (and their order of convergence), the stochastic ones against the marginal.
+z_0 = z_1 sqrt(v(gamma_0) / v(gamma_1)) exactly. Every registered sampler, with the options of each of its
+registered examples, is checked against the marginal; the deterministic ones also against that map (and their
+order of convergence). What every sampler must do (shapes, its key, chunks, cond) is ``vdm.testing.sampler``,
+run on each registered sampler by ``tests/test_contracts.py``; here, deliberately broken samplers fail it.
 """
 import inspect
 
@@ -13,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import analytic, diffusion, options, samplers, schedules
+from vdm import analytic, diffusion, options, registry, samplers, schedules, testing
+from vdm.testing import sampler as sampler_checks
 
 DATA = analytic.GaussianData(dim=2, scale=0.5)
 G0, G1 = -8.0, 8.0
@@ -33,12 +36,9 @@ def _flow_map_error(name, num_steps, z1, schedule="fixed_linear", **kwargs):
     return float(np.abs(np.asarray(z0, np.float64) - exact).max()), int(nfe)
 
 
-SAMPLER_CASES = [("ancestral", {}), ("ddim", {"eta": 1.0}), ("ddim", {"eta": 0.0}), ("ddim", {"spacing": "logsnr"}),
-                 ("dpm_solver_2m", {}), ("ode", {"rtol": 1e-5, "atol": 1e-5})]
-
-
-def test_every_sampler_is_tested():
-    assert {name for name, _ in SAMPLER_CASES} == set(samplers.SAMPLERS)
+# Every registered sampler with the options of each of its registered examples.
+SAMPLER_CASES = [(name, dict(example.options)) for name in samplers.SAMPLERS
+                 for example in sampler_checks.examples(samplers.SAMPLERS.entry(name).example)]
 
 
 @pytest.mark.parametrize("name,kwargs", SAMPLER_CASES, ids=[f"{n}{k}" for n, k in SAMPLER_CASES])
@@ -55,7 +55,7 @@ def test_sampler_with_bayes_denoiser_recovers_the_data_distribution(name, kwargs
     # Sample variance of n normals has relative standard error sqrt(2 / n) = 1%.
     np.testing.assert_allclose(var, v(G0), rtol=0.05)
     assert abs(float(np.mean(z0))) < 4 * np.sqrt(v(G0) / (2 * n))
-    assert int(nfe) == 200 or name == "ode"
+    assert int(nfe) == 200 or name not in ("ancestral", "ddim", "dpm_solver_2m")  # the fixed-step ones: one call a step
 
 
 def test_ddim_with_eta_1_is_the_ancestral_sampler():
@@ -129,42 +129,6 @@ def test_generate_shapes_and_range_and_unknown_sampler():
         samplers.ddim(None, DATA.eps_fn, sched, jnp.zeros((2, 2)), num_steps=2, spacing="cubic")
 
 
-@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
-def test_sampler_passes_cond_to_the_denoiser(name):
-    """cond reaches eps_fn untouched: here it switches the Bayes denoiser on or off."""
-    sched = schedules.build("fixed_linear", gamma_min=G0, gamma_max=G1)
-
-    def eps_fn(z, gamma, cond):
-        return cond["on"][:, None] * DATA.eps_fn(z, gamma)
-
-    z1 = jax.random.normal(jax.random.PRNGKey(0), (4000, 2))
-    run = jax.jit(lambda cond: samplers.build(name)(jax.random.PRNGKey(1), eps_fn, sched, z1, cond, num_steps=50)[0])
-    on = np.asarray(run({"on": jnp.ones(4000)}))
-    off = np.asarray(run({"on": jnp.zeros(4000)}))
-    # With the denoiser the samples shrink towards the data (variance ~0.25); without it they stay wider.
-    assert on.var() < 0.5 < off.var()
-
-
-@pytest.mark.parametrize("name,kwargs", SAMPLER_CASES + [("ode", {"segments": 3})],
-                         ids=[f"{n}{k}" for n, k in SAMPLER_CASES + [("ode", {"segments": 3})]])
-def test_a_plan_run_in_chunks_gives_what_one_call_gives(name, kwargs):
-    """The trainer runs a sampler's loop in chunks of steps (to show progress and stop on a
-    signal); the chunks, of uneven lengths, must give the one-call z_0 and nfe."""
-    sched = schedules.build("cosine", gamma_min=G0, gamma_max=G1)
-    z1 = jax.random.normal(jax.random.PRNGKey(0), (64, 2))
-    sampler = samplers.build(name)
-    one_call, nfe = jax.jit(lambda z: sampler(jax.random.PRNGKey(1), DATA.eps_fn, sched, z, num_steps=13, **kwargs))(z1)
-    plan = sampler.plan(jax.random.PRNGKey(1), DATA.eps_fn, sched, 64, None, num_steps=13, **kwargs)
-    assert plan.num_steps == (kwargs.get("segments", 1) if name == "ode" else 13)
-    advance = jax.jit(lambda carry, lo, hi: samplers.advance(plan, carry, lo, hi))
-    carry, done = plan.init(z1), 0
-    for length in (1, 5, 2, 100):
-        carry, done = advance(carry, done, min(done + length, plan.num_steps)), min(done + length, plan.num_steps)
-    chunked, chunked_nfe = plan.result(carry)
-    np.testing.assert_allclose(np.asarray(chunked), np.asarray(one_call), rtol=1e-6, atol=1e-6)
-    assert int(chunked_nfe) == int(nfe)
-
-
 def test_every_option_of_every_sampler_has_its_check_and_the_registries_hold_the_pieces():
     for name, sampler in samplers.SAMPLERS.items():
         params = inspect.signature(sampler).parameters.values()
@@ -233,3 +197,81 @@ def test_deterministic_samplers_follow_the_closed_form_flow_with_a_schedule_per_
     z_0, _ = jax.jit(lambda z: samplers.build(sampler)(jax.random.PRNGKey(1), data.eps_fn, sched, z, **kwargs))(z_1)
     expected = np.asarray(z_1, np.float64) * np.sqrt(v(g0) / v(g1))
     np.testing.assert_allclose(np.asarray(z_0, np.float64), expected, atol=tol * np.abs(expected).max())
+
+
+def _keyless(rng, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int) -> samplers.Plan:
+    """Broken: the ancestral sampler with its own fixed key in place of ``rng``."""
+    return samplers.ancestral.plan(jax.random.PRNGKey(0), eps_fn, gamma_fn, batch, cond, num_steps=num_steps)
+
+
+def _wrong_shape(rng, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int) -> samplers.Plan:
+    """Broken: z_0 loses all but the first element of each row."""
+    plan = samplers.ancestral.plan(rng, eps_fn, gamma_fn, batch, cond, num_steps=num_steps)
+    return plan._replace(result=lambda carry: (plan.result(carry)[0][:, :1], plan.result(carry)[1]))
+
+
+def _float_nfe(rng, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int) -> samplers.Plan:
+    """Broken: the network evaluations as a float."""
+    plan = samplers.ancestral.plan(rng, eps_fn, gamma_fn, batch, cond, num_steps=num_steps)
+    return plan._replace(result=lambda carry: (plan.result(carry)[0], jnp.float32(num_steps)))
+
+
+def _uncond(rng, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int) -> samplers.Plan:
+    """Broken: cond never reaches eps_fn."""
+    return samplers.ancestral.plan(rng, eps_fn, gamma_fn, batch, {"on": jnp.ones((batch,))}, num_steps=num_steps)
+
+
+@pytest.mark.parametrize("plan_fn,example,message", [
+    (_keyless, None, "the key used: two keys give the same z_0"),
+    (_wrong_shape, None, r"output shape and dtype: z_0 is float32\[3, 1, 2\] for z_1 float32\[3, 4, 2\]"),
+    (_float_nfe, None, "nfe: nfe is float32"),
+    (_uncond, None, "cond reaching eps_fn"),
+    (samplers.ancestral.plan, samplers.Example(deterministic=True), "determinism whatever the key"),
+], ids=["ignores-key", "wrong-shape", "float-nfe", "ignores-cond", "falsely-deterministic"])
+def test_a_broken_sampler_fails_the_check_that_names_its_fault(plan_fn, example, message):
+    with pytest.raises(AssertionError, match=f"^sampler 'broken' fails {message}"):
+        testing.check("sampler", samplers.stepped(plan_fn), name="broken", example=example)
+
+
+def test_every_shipped_sampler_was_registered_by_register_with_its_example():
+    assert list(samplers.SAMPLERS) == ["ancestral", "ddim", "dpm_solver_2m", "ode"]
+    assert samplers.SAMPLERS["ddim"] is samplers.ddim and samplers.build("ode") is samplers.ode
+    assert samplers.SAMPLERS.entry("dpm_solver_2m").example == samplers.Example(deterministic=True)
+    assert [dict(e.options) for e in sampler_checks.examples(samplers.SAMPLERS.entry("ddim").example)] == [
+        {}, {"eta": 1.0}, {"spacing": "logsnr"}]
+
+
+def _plan(rng, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int) -> samplers.Plan:
+    return samplers.ancestral.plan(rng, eps_fn, gamma_fn, batch, cond, num_steps=num_steps)
+
+
+def _keyed(key, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int):
+    raise AssertionError("never called")
+
+
+def _no_num_steps(rng, eps_fn, gamma_fn, batch, cond=None, *, eta: float = 0.0):
+    raise AssertionError("never called")
+
+
+def _required_option(rng, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int, tau: float):
+    raise AssertionError("never called")
+
+
+@pytest.mark.parametrize("name,piece,example,message", [
+    ("not_callable", 3, None, "sampler 'not_callable' does not meet the sampler contract: 3 is not callable"),
+    ("ddim", _plan, None, r"sampler 'ddim' is already registered \(by vdm.samplers\)"),
+    ("keyed", _keyed, None, r"sampler 'keyed' does not meet the sampler contract: its plan function must begin \(rng, eps_fn, gamma_fn, batch, cond, \.\.\.\); it begins "
+                            r"\(key, eps_fn, gamma_fn, batch, cond\)"),
+    ("no_steps", _no_num_steps, None, "sampler 'no_steps' does not meet the sampler contract: its plan function takes "
+                                      "no num_steps keyword"),
+    ("required", _required_option, None, "sampler 'required' does not meet the sampler contract: its option 'tau' has "
+                                         "no default"),
+    ("bad_example", _plan, {"eta": 1.0}, r"sampler 'bad_example': example=\{'eta': 1.0\}: must be a "),
+])
+def test_a_broken_registration_is_refused_and_nothing_is_added(name, piece, example, message):
+    before = dict(samplers.SAMPLERS)
+    with pytest.raises(registry.RegistrationError, match=f"^{message}"):
+        samplers.register(name, example=example)(piece)
+    with pytest.raises(registry.RegistrationError, match="has no .plan: register a plan function"):
+        samplers.SAMPLERS.register("raw", _plan)  # a plan function itself: register() makes its sampler
+    assert dict(samplers.SAMPLERS) == before

@@ -38,7 +38,7 @@ def _variance_grads(graphdef, interior, rest, rng):
         return nnx.merge(graphdef, interior, rest).shape(t)
 
     def per_example(other, s, ds):
-        levels = diffusion.NoiseLevels(G0 + (G1 - G0) * s, (G1 - G0) * ds)
+        levels = time_sampling.NoiseLevels(G0 + (G1 - G0) * s, (G1 - G0) * ds)
         loss, _ = diffusion.diffusion_terms(rng_eps, f, levels, DATA.eps_fn)
         return loss, loss, {}
 

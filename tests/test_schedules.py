@@ -1,4 +1,7 @@
-"""Contract tests over every schedule, plus closed forms for the analytic ones."""
+"""Schedules: closed forms of the analytic ones, learning, registration and its static contract, and the contract
+checks (``vdm.testing.schedule``, run on every registered schedule by ``tests/test_contracts.py``) failing on
+deliberately broken schedules."""
+import functools
 import math
 
 import jax
@@ -7,87 +10,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vdm import schedules
+from vdm import configlib, diffusion, registry, schedules, testing
+from vdm.configs import get as get_config
 
 G0, G1 = -13.3, 5.0
 T = jnp.linspace(0.0, 1.0, 1001)
-
-
 DATA_SHAPE = (2, 3)  # for the schedules that are per element
 
 
-LATENT_SIZE = 3  # for the schedules conditioned on a latent
-
-
-class _OneLatent(nnx.Module):
-    """A schedule conditioned on a latent (``conditioned``) as a schedule of t alone, for the contract: one random
-    latent, with coefficients far from the initial line, for every t. It declares what the schedule declares."""
-
-    def __init__(self, schedule):
-        self.schedule = schedule
-        self.latent = nnx.Variable(3.0 * jax.random.normal(jax.random.PRNGKey(1), (1, LATENT_SIZE)))
-        for w in (schedule.w2, schedule.b2):  # away from the initial straight line
-            w[...] = w[...] + 0.5 * jax.random.normal(jax.random.PRNGKey(2), w.shape)
-        self.elementwise, self.learns_interior = schedule.elementwise, schedule.learns_interior
-        self.learns_endpoints = schedule.learns_endpoints
-
-    def _latents(self, t):
-        return jnp.broadcast_to(self.latent[...], (jnp.shape(t)[0], LATENT_SIZE))
-
-    def __call__(self, t):
-        return self.schedule(t, self._latents(t))
-
-    def shape(self, t):
-        return self.schedule.shape(t, self._latents(t))
-
-    def endpoints(self):
-        return self.schedule.endpoints()
-
-
-def _build(name, gamma_min=G0, gamma_max=G1):
-    sched = schedules.build(name, gamma_min=gamma_min, gamma_max=gamma_max, rngs=nnx.Rngs(0), data_shape=DATA_SHAPE,
-                            latent_size=LATENT_SIZE)
-    return _OneLatent(sched) if getattr(sched, "conditioned", False) else sched
-
-
-def _columns(gamma):
-    """gamma [T] or per element [T, *DATA_SHAPE] as [T, curves]: one column per element's curve."""
-    gamma = np.asarray(gamma)
-    return gamma.reshape(gamma.shape[0], -1)
-
-
-@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
-@pytest.mark.parametrize("endpoints", [(G0, G1), (-20.0, 20.0), (-2.0, 2.0)])
-def test_increasing_with_exact_endpoints_under_jit(name, endpoints):
-    sched = _build(name, *endpoints)
-    gamma, slope = jax.jit(lambda s, t: jax.jvp(s, (t,), (jnp.ones_like(t),)))(sched, T)
-    expected_shape = T.shape + (DATA_SHAPE if getattr(sched, "elementwise", False) else ())
-    assert gamma.shape == slope.shape == expected_shape
-    gamma, slope = _columns(gamma), _columns(slope)
-    assert np.all(np.isfinite(gamma)) and np.all(np.isfinite(slope))
-    np.testing.assert_allclose(gamma[[0, -1]], np.broadcast_to(np.array(endpoints)[:, None], (2, gamma.shape[1])),
-                               atol=2e-4 * max(1, abs(endpoints[0])))
-    assert np.all(np.diff(gamma, axis=0) > 0), "gamma must be strictly increasing"
-    assert np.all(slope > 0), "gamma'(t) must be positive"
-    # jvp agrees with a finite difference of the same function (away from the ends).
-    fd = (gamma[2:] - gamma[:-2]) / (2 * float(T[1]))
-    np.testing.assert_allclose(slope[100:-100], fd[99:-99], rtol=2e-2, atol=2e-2)
-    # Same values without jit.
-    np.testing.assert_allclose(_columns(sched(T)), gamma, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
-def test_parameter_gradients_are_finite(name):
-    sched = _build(name)
-    params = jax.tree_util.tree_leaves(nnx.state(sched, nnx.Param))
-    learned = sched.learns_endpoints or sched.learns_interior  # what it declares it learns
-    assert bool(params) == learned, f"{name}: learned parameters {params} (expected: {learned})"
-    if not learned:
-        return
-    grads = nnx.grad(lambda s: jnp.sum(jnp.sin(s(T))))(sched)
-    leaves = jax.tree_util.tree_leaves(grads)
-    assert leaves and all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
-    assert any(np.any(np.asarray(g) != 0) for g in leaves)
+def _build(name, gamma_min=G0, gamma_max=G1, **kwargs):
+    return schedules.build(name, gamma_min=gamma_min, gamma_max=gamma_max, rngs=nnx.Rngs(0), data_shape=DATA_SHAPE,
+                           **kwargs)
 
 
 def test_cosine_matches_its_closed_form_and_shift_moves_it():
@@ -149,36 +82,15 @@ def test_bad_schedule_arguments_give_one_line_errors():
         schedules.build("cosine", gamma_min=5.0, gamma_max=5.0)
     with pytest.raises(ValueError, match="monotone_net"):
         schedules.build("monotone_net", gamma_min=G0, gamma_max=G1, width=3)
+    with pytest.raises(ValueError, match="^schedule 'per_pixel_polynomial' is per element: it needs data_shape$"):
+        schedules.build("per_pixel_polynomial", gamma_min=G0, gamma_max=G1)
+    with pytest.raises(ValueError, match="^latent_size=0: schedule 'latent_polynomial' is conditioned"):
+        schedules.build("latent_polynomial", gamma_min=G0, gamma_max=G1, data_shape=DATA_SHAPE)
 
 
-@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
-def test_declared_endpoints_match_the_curve_and_leave_the_interior_without_gradient(name):
-    from vdm import diffusion
-
-    sched = _build(name)
-    g0, g1 = diffusion.schedule_endpoints(sched)
-    curve = np.asarray(sched(jnp.array([0.0, 1.0])))
-    np.testing.assert_allclose(np.concatenate([g0, g1]) if curve.ndim > 1 else [g0, g1], curve, atol=2e-4)
-    np.testing.assert_allclose(np.ravel(g0), G0, atol=1e-5)
-    np.testing.assert_allclose(np.ravel(g1), G1, atol=1e-5)
-    grads = nnx.grad(lambda s: sum(jnp.sum(g) for g in diffusion.schedule_endpoints(s)))(sched)
-    for path, g in jax.tree_util.tree_flatten_with_path(nnx.state(grads, schedules.ScheduleShape))[0]:
-        assert np.all(np.asarray(g) == 0), path
-    # A plain function has no declared endpoints: it is evaluated at t = 0 and 1.
-    assert [float(v) for v in diffusion.schedule_endpoints(lambda t: 3.0 * t - 1.0)] == [-1.0, 2.0]
-
-
-@pytest.mark.parametrize("name", list(schedules.SCHEDULES))
-def test_declarations_match_the_parameters(name):
-    """learns_endpoints / learns_interior say what the schedule's parameters are; an interior has a shape(t)."""
-    sched = _build(name)
-    endpoints = jax.tree_util.tree_leaves(nnx.state(sched, schedules.ScheduleEndpoint))
-    interior = jax.tree_util.tree_leaves(nnx.state(sched, schedules.ScheduleShape))
-    assert sched.learns_endpoints == bool(endpoints)
-    assert sched.learns_interior == bool(interior)
-    if sched.learns_interior:
-        ends = _columns(sched.shape(jnp.array([0.0, 1.0])))
-        np.testing.assert_allclose(ends, np.broadcast_to([[0.0], [1.0]], ends.shape), atol=1e-6)
+def test_a_plain_function_declares_the_endpoints_it_takes_at_0_and_1():
+    assert [float(v) for v in diffusion.schedule_endpoints(diffusion.FunctionSchedule(lambda t: 3.0 * t - 1.0))] == [
+        -1.0, 2.0]
 
 
 def test_per_pixel_polynomial_is_its_closed_form_per_element_whatever_its_parameters():
@@ -209,3 +121,143 @@ def test_per_pixel_polynomial_is_its_closed_form_per_element_whatever_its_parame
     assert g0.shape == g1.shape == (1,) + DATA_SHAPE
     np.testing.assert_allclose(np.asarray(g0[0]), low, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(g1[0]), high, rtol=1e-5)
+
+
+def test_a_conditioned_schedule_is_bound_to_its_latent_and_others_pass_through():
+    sched = _build("latent_polynomial", latent_size=4, hidden=8)
+    latent = jnp.ones((5, 4))
+    bound = schedules.bind(sched, latent)
+    assert isinstance(bound, schedules.BoundToLatent)
+    for a, b in zip(bound.endpoints(), sched.endpoints()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(bound(T[:5]), sched(T[:5], latent))
+    with pytest.raises(ValueError, match="conditioned on a latent"):
+        schedules.bind(sched, None)
+    linear, plain = _build("fixed_linear"), diffusion.FunctionSchedule(lambda t: t)
+    assert schedules.bind(linear, latent) is linear and schedules.bind(plain, None) is plain
+
+
+def test_the_shipped_schedules_are_registered_in_the_table_order_and_declare_the_contract():
+    assert list(schedules.SCHEDULES) == ["fixed_linear", "learned_linear", "monotone_net", "cosine", "shifted_cosine",
+                                         "optimal_transport", "per_pixel_polynomial", "latent_polynomial"]
+    assert schedules.SCHEDULES.entry("cosine").module == "vdm.schedules.cosine"
+    assert schedules.SCHEDULES.entry("fixed_linear").module == "vdm.schedules.linear"  # a partial, read through
+    for name in schedules.SCHEDULES:
+        sched = _build(name, latent_size=4)
+        assert isinstance(sched, schedules.Schedule), name
+        assert (sched.elementwise, sched.conditioned) == {"per_pixel_polynomial": (True, False),
+                                                          "latent_polynomial": (True, True)}.get(name, (False, False))
+    assert _build("learned_linear").learns_endpoints and not _build("fixed_linear").learns_endpoints
+
+
+# --------------------------------------------------------------------------------------
+# Deliberately broken schedules: the static contract refuses their registration, the checks fail them
+# --------------------------------------------------------------------------------------
+
+
+class _Curve(schedules.Schedule):
+    """A fixed schedule gamma = g0 + (g1 - g0) (t + bend sin(2 pi t)), declaring (g0, g1 + lie)."""
+
+    learns_endpoints = False
+    bend, lie = 0.0, 0.0
+
+    def __init__(self, gamma_min, gamma_max, *, rngs=None):
+        self.low, self.high = float(gamma_min), float(gamma_max)
+
+    def endpoints(self):
+        return jnp.float32(self.low), jnp.float32(self.high + self.lie)
+
+    def __call__(self, t):
+        return self.low + (self.high - self.low) * (t + self.bend * jnp.sin(2 * jnp.pi * t))
+
+
+class _Falls(_Curve):
+    bend = 0.3  # gamma'(t) = (g1 - g0) (1 + 0.6 pi cos(2 pi t)) < 0 around t = 1/2
+
+
+class _Lies(_Curve):
+    lie = 1.0
+
+
+def test_a_sound_schedule_outside_the_table_passes_the_checks():
+    testing.check("schedule", _Curve, name="curve")
+
+
+def test_a_schedule_whose_gamma_falls_fails_monotonicity():
+    with pytest.raises(AssertionError, match=r"^schedule 'falls' fails monotonicity: gamma does not increase"):
+        testing.check("schedule", _Falls, name="falls")
+
+
+def test_a_schedule_whose_endpoints_lie_fails_declared_endpoints():
+    with pytest.raises(AssertionError, match="^schedule 'lies' fails declared endpoints: "):
+        testing.check("schedule", _Lies, name="lies")
+
+
+def test_a_schedule_declaring_what_it_does_not_learn_fails_declarations():
+    class Claims(_Curve):
+        learns_interior = True
+
+    with pytest.raises(AssertionError, match="^schedule 'claims' fails declarations: learns_interior=True but it "
+                                             "holds 0 ScheduleShape parameters"):
+        testing.check("schedule", Claims, name="claims")
+
+
+def test_the_static_contract_refuses_a_broken_registration_and_adds_nothing():
+    before = dict(schedules.SCHEDULES)
+
+    class NotASchedule(nnx.Module):
+        def __call__(self, t):
+            return t
+
+    class NoEndpoints(schedules.Schedule):
+        learns_endpoints = False
+
+        def __call__(self, t):
+            return t
+
+    class NoDataShape(_Curve):
+        elementwise = True
+
+    class NoLatentSize(_Curve):
+        conditioned = True
+
+    class NoRange(_Curve):
+        def __init__(self, *, rngs=None):
+            pass
+
+    cases = {NotASchedule: "is not a subclass of vdm.schedules.Schedule",
+             functools.partial(NotASchedule): "is not a subclass of vdm.schedules.Schedule",
+             NoEndpoints: "NoEndpoints does not implement endpoints",
+             NoDataShape: r"NoDataShape's constructor must take \(gamma_min, gamma_max, \*, rngs, data_shape, \*\*kwargs",
+             NoLatentSize: "NoLatentSize's constructor must take .*latent_size",
+             NoRange: "NoRange's constructor must take"}
+    for piece, problem in cases.items():
+        with pytest.raises(registry.RegistrationError, match=f"^schedule 'broken' does not meet the schedule "
+                                                             f"contract: .*{problem}"):
+            schedules.register("broken")(piece)
+        with pytest.raises(AssertionError, match="^schedule 'broken' fails the static contract: "):
+            testing.check("schedule", piece, name="broken")
+    with pytest.raises(registry.RegistrationError, match=r"^schedule 'cosine' is already registered \(by "
+                                                         r"vdm.schedules.cosine\)"):
+        schedules.register("cosine")(_Curve)
+    assert dict(schedules.SCHEDULES) == before
+
+
+# --------------------------------------------------------------------------------------
+# What the objective says about a schedule
+# --------------------------------------------------------------------------------------
+
+
+def test_importance_sampling_with_mulan_suggests_what_works():
+    """MuLAN's schedule is per element: importance sampling (one log-SNR per example) cannot train it, with fixed
+    endpoints or not, so the refusal suggests uniform t -- and that change validates."""
+    config, _ = configlib.override(get_config("mnist_mulan"), {"loss.importance_sampling": "weighting"})
+    with pytest.raises(configlib.ConfigError, match=r"^config.loss.importance_sampling='weighting': draws one log-SNR "
+                                                    r"per example; the schedule gives one per element.*"
+                                                    r"loss.importance_sampling=''\)$"):
+        configlib.validate(config)
+    config.model.schedule_kwargs.learn_endpoints = False  # what the message used to suggest: refused all the same
+    with pytest.raises(configlib.ConfigError, match="the schedule gives one per element"):
+        configlib.validate(config)
+    config.loss.importance_sampling = ""
+    configlib.validate(config)

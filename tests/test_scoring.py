@@ -95,7 +95,7 @@ def test_bad_images_are_one_line_before_anything_is_compiled(digits_cond, tmp_pa
         (_write(tmp_path / "unlabelled.npz", digits[:2]), "the model is class-conditional (10 classes)"),
         (_write(tmp_path / "label.npz", digits[:2], labels=[0, 12]), "label 12 is out of range"),
         (str(png_folder), "the model is class-conditional"),
-        (str(tmp_path / "text.npz"), "not a readable .npz file"),
+        (str(tmp_path / "text.npz"), "not an .npz file"),
         (str(tmp_path / "missing"), "no such file or folder"),
     ]
     for images, message in cases:

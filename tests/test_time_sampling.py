@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import analytic, diffusion, schedules, time_sampling, weightings
+from vdm import analytic, diffusion, registry, schedules, time_sampling, weightings
 
 
 def _ks_uniform(u):
@@ -41,6 +41,17 @@ def test_unknown_sampler_and_density_names():
         time_sampling.build_density("beta", weightings.build("elbo"), -5.0, 13.0)
     with pytest.raises(ValueError, match="logsnr_min < logsnr_max"):
         time_sampling.build_density("weighting", weightings.build("elbo"), 5.0, -5.0)
+
+
+def test_samplers_and_densities_are_registries_that_refuse_a_wrong_signature_or_a_taken_name():
+    before = (dict(time_sampling.TIME_SAMPLERS), dict(time_sampling.DENSITIES))
+    with pytest.raises(registry.RegistrationError, match=r"^time sampler 'sobol' .*callable as \(rng, batch_size\)"):
+        time_sampling.TIME_SAMPLERS.register("sobol", lambda rng: rng)
+    with pytest.raises(registry.RegistrationError, match="^log-SNR density 'beta' .*callable as \\(weighting, "):
+        time_sampling.DENSITIES.register("beta", lambda weighting: weighting)
+    with pytest.raises(registry.RegistrationError, match="^time sampler 'iid' is already registered"):
+        time_sampling.TIME_SAMPLERS.register("iid", time_sampling.iid)
+    assert (dict(time_sampling.TIME_SAMPLERS), dict(time_sampling.DENSITIES)) == before
 
 
 @pytest.mark.parametrize("name", list(time_sampling.DENSITIES))

@@ -11,7 +11,7 @@ import pytest
 from conftest import (ROOT, compile_count, config_names, free_port, load_config as _config, run_python as _run,
                       xla_flags)
 
-from vdm import checkpoint, configlib, data, health, metrics, optimizer, resume, steps, train
+from vdm import checkpoint, compilation, configlib, data, health, metrics, optimizer, resume, steps, train
 
 
 @pytest.mark.slow
@@ -195,7 +195,7 @@ def test_cli_reports_bad_input_as_one_line(tmp_path):
     for program, error in ((["-m", "vdm.main", "--mode", "eval"], "error: no checkpoint in"),
                            (["scripts/class_accuracy.py"], "error: no checkpoint in"),
                            (["-m", "vdm.main", "--mode", "score", "--images", str(not_images)],
-                            f"error: {not_images}: not a readable .npz file")):
+                            f"error: {not_images}: not an .npz file (")):
         missing = _run(program + ["--config", "configs/digits_cond.py", "--workdir", str(tmp_path / "none")])
         lines = missing.stderr.strip().splitlines()
         assert missing.returncode == 2 and len(lines) == 1 and lines[0].startswith(error), lines
@@ -332,21 +332,68 @@ def test_coordinator_problems_end_in_one_line(tmp_path):
     assert last.startswith("error: jax.distributed.initialize failed:") and "JAX_NUM_PROCESSES" in last
 
 
-def test_a_second_run_of_a_config_in_one_process_reuses_the_compiled_step(tmp_path):
+def test_runs_given_one_compile_cache_share_what_reads_the_same_fields_and_no_others(tmp_path):
+    """Two runs given one CompileCache: the second, differing only in fields the train step does not read (the
+    length of a run at a constant learning rate, the seed, the evaluation's size), takes the first's compiled train
+    step, compiled once; a field it reads (loss.weighting) builds it again, and nothing else that does not read it.
+    A Trainer given no cache shares nothing."""
     config = _config()
     config.train.num_steps = 2
     config.eval.num_examples = 16
     config.sample.num_images = 2
     config.sample.num_steps = 2
-    train.train_and_evaluate(config, str(tmp_path / "a"))
-    first = train.Trainer(config, str(tmp_path / "a"))
-    config.train.num_steps = 4  # not part of what is compiled
-    train.train_and_evaluate(config, str(tmp_path / "b"))
-    second = train.Trainer(config, str(tmp_path / "b"))
+    assert config.train.lr_schedule == "constant"
+    cache = compilation.CompileCache()
+    train.train_and_evaluate(config, str(tmp_path / "a"), compile_cache=cache)
+    first = train.Trainer(config, str(tmp_path / "a"), compile_cache=cache)
+    first.close()
+    config.train.num_steps, config.eval.num_examples, config.seed = 4, 32, 1  # no train step reads these
+    train.train_and_evaluate(config, str(tmp_path / "b"), compile_cache=cache)
+    second = train.Trainer(config, str(tmp_path / "b"), compile_cache=cache)
+    second.close()
     assert second.train_step is first.train_step and compile_count(second.train_step) == 1
-    assert second.eval_step is first.eval_step
-    config.train.lr = 1e-3  # this is compiled into the step: a new one
-    assert train.Trainer(config, str(tmp_path / "c")).train_step is not first.train_step
+    assert second.sampling is first.sampling and second.graphdef is first.graphdef
+    assert second.eval_step is not first.eval_step  # the eval step is given the whole eval section
+    assert cache.builds["train_step"] == cache.builds["model"] == cache.builds["sampling"] == 1
+
+    config.loss.weighting = "sigmoid"  # read by the objective, and so by the train step
+    third = train.Trainer(config, str(tmp_path / "b"), compile_cache=cache)
+    third.close()
+    assert third.train_step is not first.train_step and cache.builds["train_step"] == 2
+    assert third.eval_step is second.eval_step and third.sampling is first.sampling and cache.builds["model"] == 1
+    third.state, _ = third.train_step(third.state, third.train_batch(0))
+    assert compile_count(third.train_step) == 1 and compile_count(first.train_step) == 1
+    alone = train.Trainer(config, str(tmp_path / "c"))
+    alone.close()
+    assert alone.train_step is not third.train_step and alone.compile_cache is not cache
+
+
+def test_a_compile_cache_keys_each_part_on_exactly_what_its_builder_is_given():
+    """Equal inputs give the one part built; a part given as an input counts by its key; a builder's config holds
+    only the fields it reads (reading another fails); a learning rate without decay does not read the run's length."""
+    cache, built = compilation.CompileCache(), []
+
+    def build(*inputs):
+        built.append(inputs)
+        return len(built)
+
+    config = _config()
+    a = cache.part("a", build, compilation.optimizer_view(config), (1, 2.0), {"x": [1]})
+    assert cache.part("a", build, compilation.optimizer_view(config), (1, 2.0), {"x": [1]}) is a and a.value == 1
+    assert cache.part("a", build, compilation.optimizer_view(config), (1, 2), {"x": [1]}).value == 2  # 2 is not 2.0
+    assert cache.part("b", build, a).value == 3 and built[-1] == (1,)  # given the part's value
+    assert cache.part("b", build, a).value == 3 and cache.builds == {"a": 2, "b": 1} and len(cache) == 3
+    with pytest.raises(TypeError, match="cannot be keyed on a function"):
+        cache.part("c", build, build)
+    view = compilation.optimizer_view(config)
+    assert view.train.num_steps == 0 and not hasattr(view.train, "ema_decay") and set(view) == {"train"}
+    config.train.num_steps = 7
+    assert compilation.optimizer_view(config).train.num_steps == 0
+    config.train.lr_schedule = "cosine"
+    assert compilation.optimizer_view(config).train.num_steps == 7  # the decay's length is compiled in
+    assert set(compilation.objective_view(config).model) == {"gamma_min", "gamma_max", "prediction", "mean_encoder"}
+    config.train.num_steps = 2
+    assert optimizer.learning_rate(compilation.optimizer_view(config))(1) == optimizer.learning_rate(config)(1)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Weightings: contract over the table, monotonicity flags, and each named objective's identity."""
+"""Weightings: the flags of the shipped ones, broken ones refused by the contract, and each named objective's identity
+(the contract itself runs on every registered weighting in test_contracts.py)."""
 import math
 
 import jax
@@ -6,20 +7,56 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import analytic, diffusion, schedules, weightings
+from vdm import analytic, diffusion, registry, schedules, testing, weightings
 
 LAM = jnp.linspace(-20.0, 20.0, 4001)
 
 
-@pytest.mark.parametrize("name", list(weightings.WEIGHTINGS))
-def test_contract_positive_finite_jittable_and_monotonic_flag_is_true(name):
-    w = weightings.build(name)
-    values = np.asarray(jax.jit(w)(LAM))
-    assert values.shape == LAM.shape and np.all(np.isfinite(values)) and np.all(values > 0)
-    non_increasing = bool(np.all(np.diff(values) <= 1e-7 * np.abs(values[:-1])))
-    assert non_increasing == w.monotonic, f"{name}: monotonic flag {w.monotonic}, data says {non_increasing}"
-    grad = jax.grad(lambda lam: jnp.sum(w(lam)))(LAM)
-    assert np.all(np.isfinite(np.asarray(grad)))
+def test_the_shipped_flags_are_exact_a_weighting_not_declared_monotonic_rises_somewhere():
+    """The contract (``vdm.testing.weighting``, run on every weighting by test_contracts.py) checks that a declared
+    flag holds; for the shipped weightings the flags are also the whole truth."""
+    for name, w in weightings.WEIGHTINGS.items():
+        values = np.asarray(w(LAM))
+        non_increasing = bool(np.all(np.diff(values) <= 1e-7 * np.abs(values[:-1])))
+        assert non_increasing == w.monotonic, f"{name}: monotonic flag {w.monotonic}, data says {non_increasing}"
+    assert weightings.WEIGHTINGS["sigmoid"].fn is weightings.sigmoid  # register returns the function unchanged
+
+
+def _broken(fn, monotonic=False, is_elbo=False):
+    return weightings.Weighting("broken", fn, monotonic, is_elbo)
+
+
+@pytest.mark.parametrize("piece, check", [
+    (_broken(lambda logsnr: jnp.exp(0.1 * logsnr), monotonic=True), "declared monotonicity"),  # rises
+    (_broken(weightings.sigmoid, monotonic=True, is_elbo=True), "declared is_elbo"),  # not 1
+    (_broken(lambda logsnr: jnp.ones_like(logsnr)), "declared is_elbo"),  # 1 but not declared
+    (_broken(lambda logsnr: jnp.tanh(logsnr) + 1.0), "finiteness and positivity"),  # 0 at the low end
+    (_broken(lambda logsnr: jnp.float32(1.5)), "jit, float32 and shapes"),  # a scalar for a grid
+    (_broken(lambda logsnr: jnp.exp(-logsnr).astype(jnp.bfloat16)), "jit, float32 and shapes"),
+    (_broken(lambda logsnr: jnp.asarray(np.exp(-np.asarray(logsnr)))), "jit, float32 and shapes"),  # not traceable
+    (_broken(lambda logsnr, bias=0.0: jnp.exp(bias - logsnr)), "its example parameters"),  # {"scale": 2.0}
+])
+def test_a_broken_weighting_fails_the_check_it_breaks(piece, check):
+    with pytest.raises(AssertionError, match=f"^weighting 'broken' fails {check}: "):
+        testing.check("weighting", piece, name="broken", example={"scale": 2.0} if "example" in check else None)
+
+
+def test_a_weighting_that_breaks_the_static_contract_is_refused_and_nothing_is_added():
+    before = dict(weightings.WEIGHTINGS)
+    for fn, flags, problem in [
+        (lambda x: x, {}, "first parameter must be logsnr"),
+        (lambda logsnr, bias: logsnr, {}, "parameter 'bias' needs a default"),
+        (lambda logsnr, **kw: logsnr, {}, "name each parameter"),
+        (weightings.sigmoid, {"is_elbo": True}, "is_elbo .* needs monotonic=True"),
+    ]:
+        with pytest.raises(registry.RegistrationError, match=f"^weighting 'new' does not meet the weighting contract: "
+                                                            f".*{problem}"):
+            weightings.register("new", monotonic=flags.get("monotonic", False), **flags)(fn)
+    with pytest.raises(registry.RegistrationError, match="monotonic=1 must be a bool"):
+        weightings.register("new", monotonic=1)(weightings.sigmoid)
+    with pytest.raises(registry.RegistrationError, match="^weighting 'sigmoid' is already registered"):
+        weightings.register("sigmoid", monotonic=True)(weightings.sigmoid)
+    assert dict(weightings.WEIGHTINGS) == before
 
 
 def test_build_errors_name_the_valid_choices():

@@ -24,6 +24,8 @@ Prints one table and writes the figures as JSON (``--json``, default ``DIR/bench
 * **sampling**: images/s and network evaluations of each sampler (``--samplers``) at
   ``sample.num_steps`` with ``sample.num_images`` images, one compiled call after a warm-up.
 * **evaluation**: test images/s of ``Trainer.evaluate`` (its second pass; the first compiles).
+* **environment**: the jax, jaxlib, Flax, Optax and Orbax versions, Python, the operating system, the CPU's model
+  and the device kind (``vdm.environment.environment``), beside the figures in the table and the JSON.
 * **input pipeline**: images/s of the training batches alone (the grain pipeline's shuffled positions, one
   batched read of those records, put on the devices; there is no augmentation), which should be at least 10x
   the train throughput.
@@ -43,29 +45,30 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from vdm import (compilation, configlib, main as cli, metrics, model as model_lib, paths, samplers as samplers_lib,
-                 steps, train)
+from vdm import (compilation, configlib, environment, main as cli, metrics, model as model_lib, paths,
+                 samplers as samplers_lib, steps, train)
 
-# Dense peak TFLOP/s per device by compute dtype (vendor data sheets; SXM parts for NVIDIA).
-# Matched against jax.Device.device_kind, first match wins.
+# Dense peak TFLOP/s per device by compute dtype (vendor data sheets; SXM parts for NVIDIA): rows of
+# (device kind, then one peak per dtype of PEAK_DTYPES). Matched against jax.Device.device_kind, first match wins.
+PEAK_DTYPES = ("bfloat16", "float32")
 PEAK_TFLOPS = (
-    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
-    ("H100", {"bfloat16": 989.4, "float32": 494.7}),
-    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
-    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
-    ("L4", {"bfloat16": 121.0, "float32": 60.0}),
-    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
-    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
-    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),
-    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.4, 494.7),
+    ("H200", 989.4, 494.7),
+    ("A100", 312.0, 156.0),
+    ("L4", 121.0, 60.0),
+    ("TPU v6 lite", 918.0, 918.0),
+    ("TPU v5 lite", 197.0, 197.0),
+    ("TPU v5", 459.0, 459.0),
+    ("TPU v4", 275.0, 275.0),
 )
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
     """The dense peak of one device of ``device_kind`` at ``dtype`` (``PEAK_TFLOPS``), or None."""
-    for name, peaks in PEAK_TFLOPS:
+    for name, *peaks in PEAK_TFLOPS:
         if name.lower() in device_kind.lower():
-            return peaks[dtype]
+            return peaks[PEAK_DTYPES.index(dtype)]
     return None
 
 
@@ -87,7 +90,7 @@ def _flop_config(config):
 def flops_per_image(config, info, mesh) -> float:
     """Model FLOPs of one optimizer step per training image (XLA's cost analysis, loops unrolled)."""
     c = _flop_config(config)
-    compiled = compilation.compile_run(c, info, mesh)
+    compiled = compilation.compile_run(c, info, mesh)  # a cache of its own: nothing of the run is reused
     params = compiled.init(c.seed)
     state = jax.eval_shape(lambda: steps.initial_state(c.seed, params, compiled.tx, compiled.objective))
     batch = {"image": jax.ShapeDtypeStruct((1, c.train.batch_size) + tuple(info.shape), jax.numpy.int32)}
@@ -200,7 +203,8 @@ def run(config, workdir: str | None = None, *, calls: int = 20, samplers: list[s
                    "devices": jax.device_count(), "processes": jax.process_count(),
                    "batch_size": config.train.batch_size, "steps_per_call": config.train.steps_per_call,
                    "dtype": config.model.dtype, "remat": bool(config.model.remat),
-                   "parameters": sum(int(x.size) for x in jax.tree_util.tree_leaves(trainer.state.params))}
+                   "parameters": sum(int(x.size) for x in jax.tree_util.tree_leaves(trainer.state.params)),
+                   "environment": environment.environment()}
             out |= _time_train(trainer, batch, calls)
             out["flops_per_image"] = flops_per_image(config, trainer.dataset.info, trainer.mesh)
             out["achieved_tflops_per_device"] = out["flops_per_image"] * out["images_per_s"] / out["devices"] / 1e12
@@ -222,6 +226,7 @@ def table(r: dict) -> str:
     mfu = "-- (no peak known: pass --peak_tflops)" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops_per_device']:g}"
     rows = [
         ("device", f"{r['device_kind']} x {r['devices']} ({r['backend']}, {r['processes']} process(es)), jax {r['jax']}"),
+        ("environment", environment.describe(r["environment"])),
         ("batch", f"{r['batch_size']} global, {r['steps_per_call']} step(s) per call, {r['dtype']}"
                   f"{', remat' if r['remat'] else ''}, {r['parameters']:,} parameters"),
         ("compile (train step)", f"{r['compile_s']:.1f} s"),

@@ -30,7 +30,12 @@ metadata (the trainer's config and data) in Orbax's step metadata; :meth:`Checkp
 recomputes the fingerprint and raises :class:`DamagedCheckpoint` when it differs, or when
 the files cannot be read. :meth:`Checkpointer.restore_newest_good` falls back to the newest
 step that restores intact and moves the damaged newer ones aside (``<step>.damaged``),
-never deleting them; when no step is good it moves nothing.
+never deleting them; when no step is good it moves nothing. The fingerprint and the comparison of a
+tree with its restore target are ``vdm.checkpoint_tree``'s.
+
+Unfinished saves: a save writes ``<step>.orbax-checkpoint-tmp`` and renames it when whole, so a process
+stopped in between leaves that directory; :meth:`Checkpointer.remove_unfinished` (called by a training run,
+which holds the workdir's lock) deletes such directories, with a note each.
 
 Errors from a checkpoint that cannot be used (corrupted files, or a tree whose
 structure, shapes or dtypes differ from the restore target) are raised as
@@ -46,15 +51,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from vdm import paths
+from vdm.checkpoint_tree import abstract_like, describe_mismatch, fingerprint, listed
 
-__all__ = ["CheckpointError", "Checkpointer", "DamagedCheckpoint", "abstract_like", "fingerprint"]
-
-_MAX_LISTED_MISMATCHES = 3
+__all__ = ["CheckpointError", "Checkpointer", "DamagedCheckpoint", "abstract_like", "fingerprint", "finished_steps"]
 
 
 class CheckpointError(RuntimeError):
@@ -63,36 +66,6 @@ class CheckpointError(RuntimeError):
 
 class DamagedCheckpoint(CheckpointError):
     """A step's files cannot be read, or what they hold differs from what was saved."""
-
-
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-    """sum_i bits_i * (2654435761 i + 1) mod 2^32 over the leaf's raw bits: any changed or moved value changes it."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    width = x.dtype.itemsize
-    if width in (2, 4) and not jax.numpy.issubdtype(x.dtype, jax.numpy.bool_):
-        bits = jax.lax.bitcast_convert_type(x, {2: jax.numpy.uint16, 4: jax.numpy.uint32}[width])
-    else:
-        bits = x
-    bits = bits.ravel().astype(jax.numpy.uint32)
-    position = jax.numpy.arange(bits.size, dtype=jax.numpy.uint32)
-    return jax.numpy.sum(bits * (position * jax.numpy.uint32(2654435761) + jax.numpy.uint32(1)),
-                         dtype=jax.numpy.uint32)
-
-
-@jax.jit
-def _fingerprints(leaves: list) -> list:
-    return [_leaf_fingerprint(x) for x in leaves]
-
-
-def fingerprint(tree: Any) -> dict[str, Any]:
-    """``{"params/dense/kernel": uint32, ...}``: one number per array leaf of ``tree`` (see
-    ``_leaf_fingerprint``), Python scalars as they are. Keyed by path, so a state restored
-    as plain dicts compares with the dataclass it was saved from."""
-    leaves = _paths(tree)
-    arrays = {k: x for k, x in leaves.items() if isinstance(x, (jax.Array, np.ndarray))}
-    sums = jax.device_get(_fingerprints([jax.numpy.asarray(x) for x in arrays.values()]))
-    return {k: int(sums.pop(0)) if k in arrays else x for k, x in leaves.items()}
 
 
 def _one_line(err: BaseException) -> str:
@@ -107,81 +80,10 @@ def _megabytes(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def _names(keys: list[str], limit: int = 4) -> str:
-    """``a, b, c`` or ``a, b, c, d (+3 more)``."""
-    shown = ", ".join(keys[:limit])
-    return shown if len(keys) <= limit else f"{shown} (+{len(keys) - limit} more)"
-
-
-def abstract_like(tree: Any) -> Any:
-    """Turn a concrete state into a restore target of ``jax.ShapeDtypeStruct``.
-
-    ``jax.Array`` leaves keep their sharding (typed PRNG keys keep their key
-    dtype); other leaves (``ShapeDtypeStruct``, Python scalars, numpy arrays)
-    are kept, which makes Orbax restore the latter two as the same host type.
-    """
-
-    def convert(x: Any) -> Any:
-        if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return x
-
-    return jax.tree.map(convert, tree)
-
-
-def _leaf_signature(x: Any) -> tuple[tuple[int, ...], np.dtype | None]:
-    """(shape, dtype) as stored on disk for a restore-target leaf; dtype None = any."""
-    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
-        x.dtype, jax.dtypes.prng_key
-    ):
-        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-        return tuple(data.shape), np.dtype(data.dtype)
-    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
-        return tuple(x.shape), np.dtype(x.dtype)
-    # Python scalars: Orbax stores them with its own dtype choice.
-    return tuple(np.shape(x)), None
-
-
-def _paths(tree: Any) -> dict[str, Any]:
-    """``{"params/dense/kernel": leaf}`` for every leaf of ``tree``."""
-    return {
-        jax.tree_util.keystr(path, simple=True, separator="/"): leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "(" + ",".join(map(str, shape)) + ")"
-
-
-def _describe_mismatch(stored: Any, target: Any) -> str | None:
-    """Human-readable list of differences between on-disk metadata and target, or None."""
-    on_disk = _paths(stored)
-    wanted = _paths(target)
-    problems: list[str] = []
-    missing = sorted(set(wanted) - set(on_disk))
-    extra = sorted(set(on_disk) - set(wanted))
-    if missing:
-        problems.append("target has " + _names(missing) + " not in the checkpoint")
-    if extra:
-        problems.append("checkpoint has " + _names(extra) + " not in the target")
-    for key in sorted(set(wanted) & set(on_disk)):
-        shape, dtype = _leaf_signature(wanted[key])
-        meta = on_disk[key]
-        disk_shape = tuple(getattr(meta, "shape", None) or ())
-        disk_dtype = getattr(meta, "dtype", None)
-        if disk_shape != shape:
-            problems.append(
-                f"{key}: checkpoint shape {_fmt_shape(disk_shape)} != target shape {_fmt_shape(shape)}"
-            )
-        elif dtype is not None and disk_dtype is not None and np.dtype(disk_dtype) != dtype:
-            problems.append(f"{key}: checkpoint dtype {np.dtype(disk_dtype)} != target dtype {dtype}")
-    if not problems:
-        return None
-    shown = problems[:_MAX_LISTED_MISMATCHES]
-    if len(problems) > len(shown):
-        shown.append(f"and {len(problems) - len(shown)} more difference(s)")
-    return "; ".join(shown)
+def finished_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of the finished saves in ``directory``, sorted; ``[]`` when there is none or no directory.
+    Reads only (a ``Checkpointer`` creates its directory)."""
+    return sorted(ocp.utils.checkpoint_steps(os.fspath(directory)))
 
 
 class _Protected:
@@ -344,7 +246,7 @@ class Checkpointer:
         abstract = None
         if target is not None:
             abstract = abstract_like(target)
-            mismatch = _describe_mismatch(stored_tree, abstract)
+            mismatch = describe_mismatch(stored_tree, abstract)
             if mismatch is not None:
                 raise CheckpointError(f"{where} does not match the restore target: {mismatch}")
         try:
@@ -356,7 +258,7 @@ class Checkpointer:
             now = fingerprint(restored)
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             if changed:
-                raise DamagedCheckpoint(f"{where} is damaged: {_names(changed)} differ(s) from what was saved "
+                raise DamagedCheckpoint(f"{where} is damaged: {listed(changed)} differ(s) from what was saved "
                                         "(fingerprint)")
         return restored
 
@@ -387,6 +289,24 @@ class Checkpointer:
             raise CheckpointError(f"no intact checkpoint in {self._directory} (nothing was moved): "
                                   + "; ".join(reason for _, reason in damaged))
         return None, None, []
+
+    def remove_unfinished(self) -> list[str]:
+        """Delete the directories of saves that never finished, one note each.
+
+        A save writes ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` when it is whole; a process
+        stopped in between (a second Ctrl-C during a save, a kill) leaves the temporary directory for good. Only
+        the run holding the workdir's lock may call this (``vdm.resume.restore_newest`` when training): a save in
+        progress is such a directory too, so a reader (eval, sample, score) must not. (Orbax's own
+        ``cleanup_tmp_directories`` option removes them silently whenever a manager opens, readers' included.)
+        """
+        names = sorted(ocp.path.step.tmp_checkpoints(self._directory))
+        if jax.process_index() == 0:
+            for name in names:
+                (paths.path(self._directory) / name).rmtree()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"vdm unfinished saves {names} removed")
+        return [f"removed {paths.join(self._directory, name)}: a save that never finished (its process was stopped "
+                "during the save)" for name in names]
 
     def move_aside(self, steps: list[int], why: str) -> list[str]:
         """Rename each of ``steps`` to ``<step>.<why>`` (``.<why>2``, ... where taken); never deletes. The new paths."""

@@ -30,10 +30,11 @@ Conventions (stated once, here)
   0.5 sum_i w(lambda_i) rate_i (eps_i - eps_hat_i)^2; w = 1 (``elbo``) makes it the diffusion term.
 - bits/dim = nats / (num_dims ln 2) (``bits_per_dim``, the only place that converts).
 
-A schedule is any callable ``gamma_fn(t [B]) -> gamma`` of shape ``[B]`` or ``[B, *f.shape[1:]]``; a
+A schedule is a callable ``gamma_fn(t [B]) -> gamma`` of shape ``[B]`` or ``[B, *f.shape[1:]]``; the bound also
+takes its declared endpoints (``DeclaresEndpoints``: a ``vdm.schedules`` schedule, or ``FunctionSchedule(fn)``). A
 denoiser is any callable ``eps_fn(z_t, gamma_t, cond) -> output`` receiving that same gamma, whose output
-is an eps-, x-, v-, F- or o-prediction (``prediction=``, ``vdm.predictions``), converted to eps in exactly one
-place, ``to_eps``.
+is an eps-, x-, v-, F- or o-prediction (``prediction=``), converted to eps in exactly one place,
+``vdm.predictions.to_eps``. The noise levels and their rate are drawn by ``vdm.time_sampling.noise_levels``.
 ``cond`` is whatever the denoiser is conditioned on (``None``, or ``{"label": int [B]}``); the
 functions here pass it through untouched.
 
@@ -46,17 +47,18 @@ gamma anywhere in [-20, 20] is safe in float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
-from vdm import predictions, registry, time_sampling, weightings
+from vdm import predictions, time_sampling, weightings
 
 # --------------------------------------------------------------------------------------
-# Data <-> bin centres
+# Data <-> bin centres; shapes (per example or per element); the forward process
 # --------------------------------------------------------------------------------------
 
 
@@ -69,11 +71,6 @@ def decode(f: jax.Array, vocab_size: int = 256) -> jax.Array:
     """Inverse of ``encode``: nearest bin index of values in [-1, 1], as int32."""
     x = jnp.round((f + 1.0) * vocab_size / 2.0 - 0.5)
     return jnp.clip(x, 0, vocab_size - 1).astype(jnp.int32)
-
-
-# --------------------------------------------------------------------------------------
-# Shapes: per example or per element
-# --------------------------------------------------------------------------------------
 
 
 def expand_to(v: jax.Array, like: jax.Array) -> jax.Array:
@@ -93,11 +90,6 @@ def half_weighted_sum(c: jax.Array, squares: jax.Array) -> jax.Array:
     if jnp.ndim(c) <= 1:
         return 0.5 * c * sum_per_example(squares)
     return sum_per_example(0.5 * expand_to(c, squares) * squares)
-
-
-# --------------------------------------------------------------------------------------
-# The forward process
-# --------------------------------------------------------------------------------------
 
 
 def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -206,79 +198,8 @@ def _decoder_log_normaliser_jvp(vocab_size, primals, tangents):
 
 
 # --------------------------------------------------------------------------------------
-# Network parameterisations (``vdm.predictions``): everything becomes an eps-prediction here, and only here
+# The diffusion term
 # --------------------------------------------------------------------------------------
-
-
-def _prediction_coefficients(prediction: str, g: jax.Array):
-    """(a, b) of ``prediction`` at gamma ``g`` (already shaped to broadcast against the data)."""
-    return registry.lookup(predictions.PREDICTIONS, prediction, "prediction")(g, *alpha_sigma(g))
-
-
-def to_eps(prediction: str, out: jax.Array, z: jax.Array, gamma: jax.Array) -> jax.Array:
-    """eps_hat = a z + b out: a network output of kind ``prediction`` (``vdm.predictions``) as an eps-prediction."""
-    if prediction == "eps":  # a = 0, b = 1: the output itself, with no 0 z + 1 out in the compiled program
-        return out
-    a, b = _prediction_coefficients(prediction, expand_to(gamma, z))
-    return a * z + b * out
-
-
-def prediction_error_scale(prediction: str, gamma: jax.Array) -> jax.Array:
-    """b(gamma)^2 = ||eps - eps_hat||^2 / ||target - out||^2, the eps error per unit of the network's own error,
-    element-wise in gamma."""
-    g = jnp.asarray(gamma, jnp.float32)
-    _, b = _prediction_coefficients(prediction, g)
-    return jnp.broadcast_to(jnp.square(b), g.shape)
-
-
-def prediction_target(prediction: str, f: jax.Array, eps: jax.Array, gamma: jax.Array) -> jax.Array:
-    """What a network of kind ``prediction`` should output at z = diffuse(f, gamma, eps): (eps - a z) / b."""
-    z = diffuse(f, gamma, eps)
-    a, b = _prediction_coefficients(prediction, expand_to(gamma, z))
-    return (eps - a * z) / b
-
-
-# --------------------------------------------------------------------------------------
-# Noise levels and the diffusion term
-# --------------------------------------------------------------------------------------
-
-
-class NoiseLevels(NamedTuple):
-    """The noise level drawn for each example, and its rate d gamma / du (see the conventions)."""
-
-    gamma: jax.Array  # gamma_t: [B] or per element
-    rate: jax.Array  # gamma'(t); T expm1(gamma_t - gamma_s); or 1 / p(lambda): the shape of gamma
-
-
-def check_noise_levels(*, num_steps: int = 0, importance_sampling: bool = False) -> None:
-    """ValueError when the way of drawing noise levels is not one of the bound's: T steps draw t on a grid,
-    importance sampling draws lambda from a density, and the two do not combine."""
-    if num_steps < 0:
-        raise ValueError(f"num_steps={num_steps}: must be >= 0 (0 = continuous time)")
-    if num_steps and importance_sampling:
-        raise ValueError("importance sampling of the noise level is for continuous time (num_steps=0)")
-
-
-def noise_levels(u: jax.Array, gamma_fn: Callable, *, num_steps: int = 0, logsnr_density=None) -> NoiseLevels:
-    """Map uniforms u [B] to the noise levels of the bound's estimator:
-
-    - continuous time (``num_steps=0``): t = u, gamma = gamma(t), rate = gamma'(t) (``jax.jvp``);
-    - T steps (``num_steps=T``): i = floor(u T) + 1, t = i / T, s = t - 1 / T,
-      rate = T expm1(gamma_t - gamma_s);
-    - importance sampling (``logsnr_density`` given): lambda = F^{-1}(u), gamma = -lambda,
-      rate = 1 / p(lambda) (one log-SNR per example: the schedule is not used).
-    """
-    check_noise_levels(num_steps=num_steps, importance_sampling=logsnr_density is not None)
-    if logsnr_density is not None:
-        logsnr, log_p = logsnr_density.sample(u)
-        return NoiseLevels(-logsnr, jnp.exp(-log_p))
-    if num_steps:
-        t = (jnp.floor(u * num_steps) + 1.0) / num_steps
-        t = jnp.minimum(t, 1.0)
-        gamma_t = gamma_fn(t)
-        gamma_s = gamma_fn(t - 1.0 / num_steps)
-        return NoiseLevels(gamma_t, num_steps * jnp.expm1(gamma_t - gamma_s))
-    return NoiseLevels(*jax.jvp(gamma_fn, (u,), (jnp.ones_like(u),)))
 
 
 def check_weighting(weighting, *, num_steps: int = 0) -> weightings.Weighting:
@@ -289,15 +210,15 @@ def check_weighting(weighting, *, num_steps: int = 0) -> weightings.Weighting:
     return w
 
 
-def diffusion_terms(rng: jax.Array, f: jax.Array, levels: NoiseLevels, eps_fn: Callable, *, weighting="elbo",
-                    prediction: str = "eps", cond=None) -> tuple[jax.Array, jax.Array]:
+def diffusion_terms(rng: jax.Array, f: jax.Array, levels: time_sampling.NoiseLevels, eps_fn: Callable, *,
+                    weighting="elbo", prediction: str = "eps", cond=None) -> tuple[jax.Array, jax.Array]:
     """(diffusion term, weighted loss) per example [B] for eps ~ N(0, I) from ``rng``:
     0.5 sum_i rate_i (eps_i - eps_hat_i)^2 and 0.5 sum_i w(lambda_i) rate_i (eps_i - eps_hat_i)^2, from one
     network call. For the elbo weighting the two are the same array."""
     w = weightings.build(weighting)
     eps = jax.random.normal(rng, f.shape, f.dtype)
     z_t = diffuse(f, levels.gamma, eps)
-    eps_hat = to_eps(prediction, eps_fn(z_t, levels.gamma, cond), z_t, levels.gamma)
+    eps_hat = predictions.to_eps(prediction, eps_fn(z_t, levels.gamma, cond), z_t, levels.gamma)
     squares = jnp.square(eps - eps_hat)
     diffusion = half_weighted_sum(levels.rate, squares)
     if w.is_elbo:
@@ -331,7 +252,8 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
     check_weighting(weighting, num_steps=num_steps)
     rng_t, rng_eps = jax.random.split(rng)
     sampler = time_sampling.build(time_sampler) if isinstance(time_sampler, str) else time_sampler
-    levels = noise_levels(sampler(rng_t, f.shape[0]), gamma_fn, num_steps=num_steps, logsnr_density=logsnr_density)
+    levels = time_sampling.noise_levels(sampler(rng_t, f.shape[0]), gamma_fn, num_steps=num_steps,
+                                        logsnr_density=logsnr_density)
     _, loss = diffusion_terms(rng_eps, f, levels, eps_fn, weighting=weighting, prediction=prediction, cond=cond)
     if return_aux:
         log_p = None if logsnr_density is None else -jnp.log(levels.rate)
@@ -344,19 +266,44 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
 # --------------------------------------------------------------------------------------
 
 
-def schedule_endpoints(gamma_fn: Callable) -> tuple[jax.Array, jax.Array]:
-    """(gamma_0, gamma_1) of a schedule: scalars, or per element [1, ...] for a per-element schedule.
+@runtime_checkable
+class DeclaresEndpoints(Protocol):
+    """A schedule as the bound takes it, ``gamma = schedule(t)`` with the ``endpoints()`` it declares: a schedule of
+    ``vdm.schedules`` (or one bound to a latent, ``schedules.bind``), or a plain function as ``FunctionSchedule``."""
 
-    Schedules from ``vdm.schedules`` declare their endpoints (``gamma_fn.endpoints()``):
-    exact, and with no gradient to the schedule's interior (evaluating the interior at
-    t = 0 and 1 cancels only up to rounding, and Adam would turn that rounding into full
-    steps). Any other callable is evaluated at t = 0 and t = 1.
+    def __call__(self, t: jax.Array) -> jax.Array: ...
+
+    def endpoints(self) -> tuple[jax.Array, jax.Array]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionSchedule:
+    """A plain function ``fn(t [B]) -> gamma`` as a schedule whose endpoints are its values at t = 0 and t = 1."""
+
+    fn: Callable
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.fn(t)
+
+    def endpoints(self) -> tuple[jax.Array, jax.Array]:
+        """(fn(0), fn(1)): scalars, or [1, ...] each for a function per element."""
+        gamma = self.fn(jnp.array([0.0, 1.0]))
+        return (gamma[0:1], gamma[1:2]) if gamma.ndim > 1 else (gamma[0], gamma[1])
+
+
+def schedule_endpoints(schedule: DeclaresEndpoints) -> tuple[jax.Array, jax.Array]:
+    """(gamma_0, gamma_1) that ``schedule`` declares: scalars, or per element [1, ...] for a per-element schedule.
+
+    Declared, not evaluated: exact, and with no gradient to the schedule's interior (evaluating the
+    interior at t = 0 and 1 cancels only up to rounding, and Adam would turn that rounding into full steps).
+
+    Raises:
+        TypeError: ``schedule`` declares no endpoints (wrap a plain function as ``FunctionSchedule(fn)``).
     """
-    endpoints = getattr(gamma_fn, "endpoints", None)
-    if callable(endpoints):
-        return endpoints()
-    gamma = gamma_fn(jnp.array([0.0, 1.0]))
-    return gamma[0:1] if gamma.ndim > 1 else gamma[0], gamma[1:2] if gamma.ndim > 1 else gamma[1]
+    if not isinstance(schedule, DeclaresEndpoints):
+        raise TypeError(f"the bound needs a schedule that declares endpoints(), not {schedule!r}: wrap a plain "
+                        "t -> gamma function as vdm.diffusion.FunctionSchedule(fn)")
+    return schedule.endpoints()
 
 
 def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
@@ -417,9 +364,9 @@ class Bound(NamedTuple):
         return {name: getattr(self, name) for name in TERMS}
 
 
-def bound(d: Draw, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, vocab_size: int = 256,
+def bound(d: Draw, x: jax.Array, gamma_fn: DeclaresEndpoints, eps_fn: Callable, *, vocab_size: int = 256,
           num_steps: int = 0, weighting="elbo", prediction: str = "eps", logsnr_density=None, cond=None,
-          levels: NoiseLevels | None = None) -> Bound:
+          levels: time_sampling.NoiseLevels | None = None) -> Bound:
     """The variational bound -log p(x) <= prior + reconstruction + diffusion per example, and the weighted loss.
 
     ``x`` holds integers in {0..V-1}, shape [B, ...]; ``d`` its randomness (``draw``); ``cond`` goes
@@ -433,14 +380,14 @@ def bound(d: Draw, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, vocab_
     prior = prior_kl(f, gamma_1)
     reconstruction = reconstruction_nll(d.reconstruction, x, gamma_0, vocab_size)
     if levels is None:
-        levels = noise_levels(d.u, gamma_fn, num_steps=num_steps, logsnr_density=logsnr_density)
+        levels = time_sampling.noise_levels(d.u, gamma_fn, num_steps=num_steps, logsnr_density=logsnr_density)
     diffusion, weighted = diffusion_terms(d.eps, f, levels, eps_fn, weighting=weighting, prediction=prediction,
                                           cond=cond)
     return Bound(prior=prior, reconstruction=reconstruction, diffusion=diffusion, weighted=weighted,
                  logsnr=-levels.gamma, gamma_0=gamma_0, gamma_1=gamma_1)
 
 
-def vlb(rng: jax.Array, x: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, vocab_size: int = 256,
+def vlb(rng: jax.Array, x: jax.Array, gamma_fn: DeclaresEndpoints, eps_fn: Callable, *, vocab_size: int = 256,
         num_steps: int = 0, time_sampler="low_discrepancy", prediction: str = "eps", cond=None) -> dict:
     """``bound`` for one key, as a dict of [B] arrays in nats: "prior", "reconstruction", "diffusion",
     "total", and "bpd" (total in bits per dim)."""

@@ -76,6 +76,12 @@ def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol
     return (nll if latent_kl is None else nll + latent_kl), nfe
 
 
+# name (config.eval.method) -> method(model, batch, rng, settings) -> Evaluated; a new method is a function
+# decorated with @EVALUATIONS.register(name)
+EVALUATIONS: registry.Registry[Callable[..., Evaluated]] = registry.Registry("evaluation method")
+
+
+@EVALUATIONS.register("vlb")
 def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
     """``bpd``: the VLB (``vlb_bound``, ``settings["num_steps"]`` steps), and its terms as ``bpd_<term>``; for a
     model with an auxiliary latent also ``bpd_latent``, the part of ``bpd_prior`` that is the latent's KL."""
@@ -85,6 +91,7 @@ def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
     return Evaluated({"bpd": b.total}, {f"bpd_{name}": v for name, v in b.terms().items()} | latent_part, {})
 
 
+@EVALUATIONS.register("ode")
 def ode(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
     """``bpd_ode``: the probability-flow ODE's dequantised bound (``ode_nll`` with ``settings["ode"]``), and
     ``ode_nfe``, the solver's network evaluations."""
@@ -93,17 +100,11 @@ def ode(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
     return Evaluated({"bpd_ode": nll}, {}, {"ode_nfe": nfe.astype(jnp.float32)})
 
 
+@EVALUATIONS.register("both")
 def both(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
     """``vlb`` and ``ode`` on the same images."""
     a, b = vlb(model, batch, rng, settings), ode(model, batch, rng, settings)
     return Evaluated(a.bounds | b.bounds, a.parts | b.parts, a.counts | b.counts)
-
-
-EVALUATIONS: dict[str, Callable[..., Evaluated]] = {
-    "vlb": vlb,
-    "ode": ode,
-    "both": both,
-}
 
 
 def build(name: str) -> Callable[..., Evaluated]:

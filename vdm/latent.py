@@ -30,6 +30,12 @@ from vdm import options, registry
 STREAM = 0x1A7E
 
 
+# name (config.model.latent_encoder) -> the encoder's class; a new one is a class decorated with
+# @LATENT_ENCODERS.register(name)
+LATENT_ENCODERS: registry.Registry = registry.Registry("latent encoder")
+
+
+@LATENT_ENCODERS.register("mlp")
 class LatentEncoder(nnx.Module):
     """q(c | x): encoded data f [B, *data_shape] -> (mu, log_var), each [B, latent_size]."""
 
@@ -62,9 +68,6 @@ def kl_to_prior(mu: jax.Array, log_var: jax.Array) -> jax.Array:
 def prior_sample(rng: jax.Array, batch_size: int, latent_size: int) -> jax.Array:
     """c ~ p(c) = N(0, I), [B, latent_size]: the latents of generated samples."""
     return jax.random.normal(rng, (batch_size, latent_size))
-
-
-LATENT_ENCODERS = {"mlp": LatentEncoder}
 
 
 def build(name: str, **kwargs) -> nnx.Module:

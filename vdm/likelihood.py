@@ -25,13 +25,18 @@ to the bin in each dimension with s = sigma_0 / alpha_0 = exp(gamma_0 / 2), the 
 noise at t = 0 (after i-DODE, Zheng et al. 2023), which puts the dequantised points where the
 model has seen data.
 
-The estimators and dequantisations are registries, ``DIVERGENCES`` and ``DEQUANTIZATIONS``;
-the options (``config.eval.ode``) are checked in one place, :func:`check_options`.
+The estimators and dequantisations are registries, ``DIVERGENCES`` (a ``Divergence`` record) and
+``DEQUANTIZATIONS`` (a function ``(rng, x, vocab_size, gamma_0) -> (offset, log q)``); a new one is
+``DIVERGENCES.register(name, Divergence(probe, estimate))`` or a function decorated with
+``@DEQUANTIZATIONS.register(name)``. The options (``config.eval.ode``) are checked in one place,
+:func:`check_options`.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import types
 from collections.abc import Mapping
 from typing import Callable, NamedTuple
 
@@ -53,6 +58,26 @@ class Divergence(NamedTuple):
 
     probe: Callable
     estimate: Callable
+
+
+def _divergence_contract(name: str, piece) -> None:
+    """A divergence is a ``Divergence`` of two callables (TypeError if not)."""
+    if not (isinstance(piece, Divergence) and callable(piece.probe) and callable(piece.estimate)):
+        raise TypeError(f"a divergence is a vdm.likelihood.Divergence(probe, estimate) of two callables, not {piece!r}")
+
+
+def _dequantization_contract(name: str, piece) -> None:
+    """A dequantisation is callable as ``(rng, x, vocab_size, gamma_0)`` (TypeError if not)."""
+    try:
+        inspect.signature(piece).bind(None, None, None, None)
+    except (TypeError, ValueError):
+        raise TypeError("a dequantization is a function (rng, x, vocab_size, gamma_0) -> (offset, log q)") from None
+
+
+# name -> Divergence
+DIVERGENCES: registry.Registry[Divergence] = registry.Registry("divergence", _divergence_contract)
+# name -> (rng, x, vocab_size, gamma_0) -> (offset from the bin's centre, log q per example)
+DEQUANTIZATIONS: registry.Registry[Callable] = registry.Registry("dequantization", _dequantization_contract)
 
 
 def _rademacher_probe(key: jax.Array, f: jax.Array) -> jax.Array:
@@ -81,10 +106,8 @@ def _exact_divergence(fn: Callable, z: jax.Array, probe: None):
     return fn(z), jnp.sum(jax.lax.map(column, basis), axis=0)
 
 
-DIVERGENCES = {
-    "hutchinson": Divergence(_rademacher_probe, _hutchinson_divergence),
-    "exact": Divergence(_no_probe, _exact_divergence),
-}
+DIVERGENCES.register("hutchinson", Divergence(_rademacher_probe, _hutchinson_divergence))
+DIVERGENCES.register("exact", Divergence(_no_probe, _exact_divergence))
 
 
 def ode_log_likelihood(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Callable, *, cond=None,
@@ -97,7 +120,7 @@ def ode_log_likelihood(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn:
     progress inside one long solve; the solves (``num_probes``) run one after another, each from t = 0 to 1."""
     check_options(dict(rtol=rtol, atol=atol, divergence=divergence, num_probes=num_probes, solver=solver,
                        max_steps=max_steps))
-    estimator = registry.lookup(DIVERGENCES, divergence, "divergence")
+    estimator = DIVERGENCES.lookup(divergence)
     batch = f.shape[0]
     drift = samplers.pf_ode_drift(eps_fn, gamma_fn, cond)
     dims = math.prod(f.shape[1:])
@@ -123,10 +146,11 @@ def dequantize(rng: jax.Array, x: jax.Array, vocab_size: int, method: str = "uni
                gamma_0: float | jax.Array = 0.0) -> tuple[jax.Array, jax.Array]:
     """(f, log q) for one draw: continuous points f in the bins of x (in ``diffusion.encode``'s
     units, bins of width 2 / V) and their dequantisation log-density per example [B], in f units."""
-    offset, log_q = registry.lookup(DEQUANTIZATIONS, method, "dequantization")(rng, x, vocab_size, gamma_0)
+    offset, log_q = DEQUANTIZATIONS.lookup(method)(rng, x, vocab_size, gamma_0)
     return diffusion.encode(x, vocab_size) + offset, log_q
 
 
+@DEQUANTIZATIONS.register("uniform")
 def _uniform(rng: jax.Array, x: jax.Array, vocab_size: int, gamma_0) -> tuple[jax.Array, jax.Array]:
     """q uniform on the bin: (offset from the bin's centre, log q = d log(V / 2) per example)."""
     half = 1.0 / vocab_size
@@ -136,6 +160,7 @@ def _uniform(rng: jax.Array, x: jax.Array, vocab_size: int, gamma_0) -> tuple[ja
     return offset, log_q
 
 
+@DEQUANTIZATIONS.register("truncated_normal")
 def _truncated_normal(rng: jax.Array, x: jax.Array, vocab_size: int, gamma_0) -> tuple[jax.Array, jax.Array]:
     """q = N(centre, s^2) truncated to the bin, s = exp(gamma_0 / 2): (offset from the centre, log q per example)."""
     half = 1.0 / vocab_size
@@ -144,10 +169,6 @@ def _truncated_normal(rng: jax.Array, x: jax.Array, vocab_size: int, gamma_0) ->
     mass = norm.cdf(half / scale) - norm.cdf(-half / scale)
     log_q = norm.logpdf(offset / scale) - jnp.log(scale) - jnp.log(mass)
     return offset, jnp.sum(jnp.reshape(log_q, (x.shape[0], -1)), axis=-1)
-
-
-# name -> (rng, x, vocab_size, gamma_0) -> (offset from the bin's centre, log q per example)
-DEQUANTIZATIONS = {"uniform": _uniform, "truncated_normal": _truncated_normal}
 
 
 def discrete_nll(rng: jax.Array, x: jax.Array, vocab_size: int, log_density: Callable, *,
@@ -171,7 +192,7 @@ def discrete_nll(rng: jax.Array, x: jax.Array, vocab_size: int, log_density: Cal
 
 
 # Option name -> check(name, value): the options of ``config.eval.ode`` (and ``max_steps``).
-OPTIONS = {
+OPTIONS = types.MappingProxyType({
     "rtol": options.positive,
     "atol": options.positive,
     "solver": functools.partial(options.choice, table=samplers.SOLVERS),
@@ -180,7 +201,7 @@ OPTIONS = {
     "max_steps": options.positive_int,
     "dequantization": functools.partial(options.choice, table=DEQUANTIZATIONS),
     "num_samples": options.positive_int,
-}
+})
 
 
 def check_options(kwargs: Mapping) -> None:

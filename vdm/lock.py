@@ -50,15 +50,26 @@ class WorkdirLock:
     def supported(self) -> bool:
         return paths.is_local(self.workdir)
 
+    def _open(self):
+        """The lock file opened for appending (the workdir made if missing; nothing in it changed), or
+        WorkdirError: this process cannot write in the workdir."""
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            return open(self.path, "a+")
+        except OSError as e:
+            raise WorkdirError(f"cannot write to the workdir {self.workdir}: {e.strerror or e}") from None
+
+    def check_writable(self) -> None:
+        """WorkdirError (one line) when this process cannot write in the workdir: the check ``acquire`` makes,
+        without taking the lock (a mode that writes its results beside a run's checkpoints, ``--mode score``)."""
+        if self.supported:
+            self._open().close()
+
     def acquire(self, is_main: bool = True) -> WorkdirLock:
         """Take the lock (process 0 only: ``is_main``), or raise WorkdirBusy naming the holder."""
         if not (is_main and self.supported):
             return self
-        try:
-            os.makedirs(self.workdir, exist_ok=True)
-            f = open(self.path, "a+")
-        except OSError as e:
-            raise WorkdirError(f"cannot write to the workdir {self.workdir}: {e.strerror or e}") from None
+        f = self._open()
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -9,9 +9,11 @@ The command line (scripts/class_accuracy.py reuses its flags). Any config field 
 with ``--config.train.num_steps=500`` and the like, the pieces' keyword arguments too
 (``--config.loss.weighting_kwargs.bias=1.0``, ``--config.data.kwargs.data_dir=...``). The config
 is locked, so a misspelt field is an error; choosing another piece by name drops the file's
-keyword arguments that it does not take, and says so. Bad input (a misspelt field, a config
-file that is not there, config values, data files, checkpoints, an unreachable coordinator) is
-reported as one ``error:`` line with exit code 2, before anything is compiled.
+keyword arguments that it does not take, and says so. Bad input (a misspelt field, an argument
+that is not a flag, a config file that is not there, config values and names, data files,
+checkpoints, a workdir that cannot be written, an unreachable coordinator) is reported as one
+``error:`` line with exit code 2, before anything is written or compiled. A non-finite result
+(a diverged run, NaN bits/dim or samples) is one ``error:`` line with exit code 3.
 """
 from __future__ import annotations
 
@@ -78,10 +80,11 @@ def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[
 
     absl prints a flag error in two lines, and an override of a field the locked config does not
     have (``--config.train.num_step=3``) escapes it as a KeyError with the whole config section in
-    its message; both become one line here.
+    its message; both become one line here. The programs take flags only: an argument left over
+    (``extra``, or the image file of ``--mode score`` without its ``--images``) is a mistake too.
     """
     try:
-        return flag_values(argv)
+        left = flag_values(argv)
     except KeyError as e:
         message = str(e.args[0]) if e.args else ""
         if not ('Key "' in message or "Did you mean" in message):
@@ -100,6 +103,21 @@ def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[
         raise CommandLineError(lines[0]) from None
     except Exception as e:  # the config file's own code failed while it was loaded
         raise CommandLineError(_config_file_error(e)) from None
+    if len(left) > 1:
+        raise CommandLineError(_left_over(left[1:], flag_values))
+    return left
+
+
+def _left_over(arguments: list[str], flag_values: flags.FlagValues) -> str:
+    """The message for arguments that are not flags: each named, and where one looks like the file that
+    ``--mode score`` was to read, ``--images`` suggested."""
+    named = ", ".join(repr(a) for a in arguments)
+    what = f"unexpected argument{'s' * (len(arguments) > 1)} {named}"
+    scoring = "mode" in flag_values and flag_values["mode"].value == "score" and "images" in flag_values
+    files = [a for a in arguments if os.path.splitext(a)[1] or os.sep in a or os.path.exists(a)]
+    if scoring and files and not flag_values["images"].value:
+        return f"{what}: give the images to score with --images (--images {files[0]})"
+    return f"{what}: the command takes flags only (--help lists them)"
 
 
 def _config_file_error(e: BaseException) -> str:
@@ -198,16 +216,18 @@ class _ClosedLoopsQuiet:
         self.hook(unraisable)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+    """The program, once ``parse`` has read the command line into ``flag_values``: its exit code (0; 2 for bad
+    input, one ``error:`` line; 3 for a non-finite result; a signal's code when one stopped it)."""
+    del argv  # parse() has refused any argument that is not a flag
     quiet_logs()
     from vdm import health, scoring, signals, train  # after flag parsing: keep --help fast
 
+    images = flag_values["images"].value
     modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint,
-             "score": lambda config, workdir, **kw: scoring.score_images(config, workdir, flags.FLAGS.images, **kw)}
+             "score": lambda config, workdir, **kw: scoring.score_images(config, workdir, images, **kw)}
     try:
-        config, workdir, mode, notes = resolve()
+        config, workdir, mode, notes = resolve(flag_values)
         for note in notes:
             print(note, file=sys.stderr)
         result = modes[mode](config, workdir, stop_within_s=STOP_WITHIN_S)
@@ -230,17 +250,14 @@ def non_finite(result: dict) -> list[str]:
 
 
 def report_scores(result: dict, config) -> int:
-    """--mode score: the bounds' spread over the images and the CSV's path, then the figures as one JSON line."""
+    """--mode score: the bounds' spread over the images and the CSV's path, then the figures as one JSON line.
+    (Non-finite bounds never get here: ``vdm.scoring.check_finite`` refuses them before the CSV, exit code 3.)"""
     from vdm import metrics, scoring  # after flag parsing: keep --help fast
 
     for line in scoring.summary(result, config.eval.score_draws):
         print(line)
     figures = {k: result[k] for k in ("scores", "step", "count")} | {
         f"mean_{k}": float(v.mean()) for k, v in result.items() if f"{k}_se" in result}
-    bad = non_finite(figures)
-    if bad:
-        print(f"error: non-finite bits/dim ({', '.join(bad)}): see the rows of {result['scores']}", file=sys.stderr)
-        return 3
     print(json.dumps(metrics.strict(figures), allow_nan=False))
     return 0
 
@@ -275,8 +292,8 @@ def report(result: dict, config) -> int:
               + (f"; the requested digit in {result['sample_accuracy']:.1%} of the samples"
                  if "sample_accuracy" in result else ""))
     if "fid" in result:
-        print(f"FID {result['fid']:.2f} over {result['fid_images']} samples against the {result['fid_reference_images']} "
-              f"test images (InceptionV3 pool3, {config.eval.inception_weights})")
+        print(f"FID {result['fid']:.2f} over {result['fid_images']} samples against the "
+              f"{result['fid_reference_images']} test images (InceptionV3 pool3, {config.eval.inception_weights})")
     print(json.dumps(metrics.strict(result), allow_nan=False))
     return 0
 

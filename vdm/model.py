@@ -19,15 +19,16 @@ the conditional one, -log p(x | y).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, latent, moving_mean, nets, options, samplers, schedules
+from vdm import diffusion, latent, moving_mean, nets, options, predictions, samplers, schedules
 from vdm.nets import kernels
 
 
@@ -44,19 +45,12 @@ class ScheduleArguments(NamedTuple):
 class NetworkArguments(NamedTuple):
     """What VDM passes every network itself; ``config.model.network_kwargs`` cannot set these.
 
-    Every argument VDM gives a network is a field here (``vdm.configlib`` reads the fields), so a
-    new one is a field here and its value in ``VDM.__init__``.
+    ``vdm.configlib`` reads the fields. Whatever the model tells its networks (the data's shape, the gamma
+    range, classes, the gamma map, remat, convolutions, dtype) is one ``vdm.nets.NetworkContext``: a new
+    argument is a field there and its value in ``VDM.__init__``, and no network's signature changes.
     """
 
-    in_channels: int
-    gamma_min: float
-    gamma_max: float
-    num_classes: int
-    dtype: Any
-    remat: bool
-    gamma_map: bool  # the schedule is per element: take the gamma map as input channels too
-    latent_size: int  # > 0: condition on MuLAN's auxiliary latent cond["latent"] too
-    convolutions: kernels.Convolutions  # the convolution kernel's setting (model.convolution_gradient, weight_gradient)
+    context: nets.NetworkContext
     rngs: nnx.Rngs
 
 
@@ -85,27 +79,25 @@ class VDM(nnx.Module):
         self.schedule = schedules.build(schedule, **arguments._asdict(), **(schedule_kwargs or {}))
         network_cls = nets.lookup(network)
         self.flatten = network_cls.input_rank == 2  # the network takes vectors [B, D], not images
-        in_channels = math.prod(self.image_shape) if self.flatten else self.image_shape[-1]
-        convolutions = kernels.Convolutions(gradient=convolution_gradient, weight_gradient=weight_gradient)
-        given = NetworkArguments(in_channels=in_channels, gamma_min=gamma_min, gamma_max=gamma_max,
-                                 num_classes=self.num_classes, dtype=jnp.dtype(dtype), remat=remat,
-                                 gamma_map=self.elementwise, latent_size=self.latent_size,
-                                 convolutions=convolutions, rngs=rngs)
-        self.network = network_cls(**given._asdict(), **(network_kwargs or {}))
-        encoder = None  # DiffEnc's y(f, gamma) (``vdm.moving_mean``): a network of ``vdm.nets`` too
+        context = nets.NetworkContext(
+            data_shape=self.image_shape, gamma_min=gamma_min, gamma_max=gamma_max, num_classes=self.num_classes,
+            latent_size=self.latent_size, gamma_map=self.elementwise, remat=remat,
+            convolutions=kernels.Convolutions(gradient=convolution_gradient, weight_gradient=weight_gradient),
+            dtype=jnp.dtype(dtype))
+        self.network = network_cls(**NetworkArguments(context, rngs)._asdict(), **(network_kwargs or {}))
+        encoder = None  # DiffEnc's y(f, gamma) (``vdm.moving_mean``): a network of ``vdm.nets`` too, unconditioned
         self.mean_encoder_flat = False
         if mean_encoder:
             encoder_cls = nets.lookup(mean_encoder)
             self.mean_encoder_flat = encoder_cls.input_rank == 2
-            in_channels = math.prod(self.image_shape) if self.mean_encoder_flat else self.image_shape[-1]
-            plain = given._replace(in_channels=in_channels, num_classes=0, gamma_map=False, latent_size=0)
-            encoder = encoder_cls(**plain._asdict(), **(mean_encoder_kwargs or {}))
+            plain = dataclasses.replace(context, num_classes=0, latent_size=0, gamma_map=False)
+            encoder = encoder_cls(**NetworkArguments(plain, rngs)._asdict(), **(mean_encoder_kwargs or {}))
         self.mean_encoder = encoder
 
     @property
     def elementwise(self) -> bool:
         """Whether gamma has one value per element of the data (the schedule's declaration)."""
-        return bool(getattr(self.schedule, "elementwise", False))
+        return self.schedule.elementwise
 
     @classmethod
     def from_config(cls, config, *, image_shape: tuple, vocab_size: int, rngs: nnx.Rngs) -> "VDM":
@@ -136,9 +128,9 @@ class VDM(nnx.Module):
         return jax.nn.sigmoid(diffusion.expand_to(gamma, f)) * y
 
     def to_eps(self, out: jax.Array, z: jax.Array, gamma: jax.Array) -> jax.Array:
-        """The network's output as the model's eps-prediction: ``diffusion.to_eps`` of its parameterisation, and for
+        """The network's output as the model's eps-prediction: ``predictions.to_eps`` of its parameterisation, and for
         a model with a mean encoder (DiffEnc) ``vdm.moving_mean.effective_eps`` of that."""
-        eps_hat = diffusion.to_eps(self.prediction, out, z, gamma)
+        eps_hat = predictions.to_eps(self.prediction, out, z, gamma)
         if self.mean_encoder is None:
             return eps_hat
         return moving_mean.effective_eps(self.mean_offset, eps_hat, z, gamma)

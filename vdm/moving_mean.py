@@ -6,8 +6,9 @@ The forward process diffuses an encoding of the data instead of the data:
 
 with f = encode(x) and the encoder's shift r(f, gamma) = sigma^2(gamma) y(f, gamma), y a network (DiffEnc's
 "sigma^2" parameterisation: the encoder can move the mean most where the noise is large, and not at all at
-gamma -> -inf; ``VDM`` builds it from a network of ``vdm.nets`` whose output starts at zero, so an untrained
-encoder is the identity). Every function here takes the shift as ``offset_fn(f, gamma) -> r``.
+gamma -> -inf; ``VDM`` builds it from a network of ``vdm.nets`` (``model.mean_encoder``), with the model's
+``vdm.nets.NetworkContext`` less its conditioning: no classes, no latent, no gamma map. Its output starts at zero,
+so an untrained encoder is the identity). Every function here takes the shift as ``offset_fn(f, gamma) -> r``.
 
 The model's reverse step is DiffEnc's, p(z_s | z_t) = q(z_s | z_t, x = x_hat): the posterior of the forward
 process with the data replaced by the model's prediction x_hat = (z_t - sigma_t eps_hat) / alpha_t, encoded at
@@ -35,7 +36,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from vdm import diffusion
+from vdm import diffusion, time_sampling
 
 
 def check(*, elbo: bool, num_steps: int, elementwise: bool) -> None:
@@ -76,7 +77,7 @@ def bound(d: diffusion.Draw, x: jax.Array, gamma_fn: Callable, eps_fn: Callable,
     prior = diffusion.prior_kl(f + offset_fn(f, jnp.broadcast_to(gamma_1, (b,))), gamma_1)
     reconstruction = diffusion.reconstruction_nll(d.reconstruction, x, gamma_0, vocab_size,
                                                   mean=f + offset_fn(f, jnp.broadcast_to(gamma_0, (b,))))
-    levels = diffusion.noise_levels(d.u, gamma_fn, logsnr_density=logsnr_density)
+    levels = time_sampling.noise_levels(d.u, gamma_fn, logsnr_density=logsnr_density)
     gamma = levels.gamma
     r, dr = _shift_and_slope(offset_fn, f, gamma)
     eps = jax.random.normal(d.eps, f.shape, f.dtype)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import diffusion, latent, moving_mean, schedules, second_order, time_sampling, weightings
+from vdm import diffusion, latent, moving_mean, predictions, schedules, second_order, time_sampling, weightings
 from vdm.model import VDM
 
 
@@ -66,7 +66,7 @@ class Objective:
     def check(self, schedule) -> None:
         """ObjectiveError when this objective cannot train ``schedule`` (a built, possibly abstract, schedule)."""
         try:
-            diffusion.check_noise_levels(num_steps=self.num_steps, importance_sampling=bool(self.importance_sampling))
+            time_sampling.check_noise_levels(num_steps=self.num_steps, importance_sampling=bool(self.importance_sampling))
         except ValueError as e:
             field = "loss.num_steps" if self.num_steps < 0 else "loss.importance_sampling"
             raise ObjectiveError(field, self.num_steps if self.num_steps < 0 else self.importance_sampling,
@@ -74,15 +74,18 @@ class Objective:
         if self.num_steps and not self.weighting.is_elbo:
             raise ObjectiveError("loss.weighting", self.weighting.name, "discrete time (loss.num_steps > 0) trains only "
                                  "the elbo")
+        # Per element first: no option of such a schedule (fixed endpoints included) lets importance sampling
+        # work, so its refusal names the way out, uniform t.
+        if self.importance_sampling and schedule.elementwise:
+            raise ObjectiveError("loss.importance_sampling", self.importance_sampling,
+                                 "draws one log-SNR per example; the schedule gives one per element, with fixed "
+                                 "endpoints too: sample t uniformly instead (loss.importance_sampling='')")
         if self.importance_sampling and schedule.learns_endpoints:
             raise ObjectiveError("loss.importance_sampling", self.importance_sampling,
                                  "draws log-SNR on a fixed range; the schedule learns its endpoints (use fixed "
                                  "endpoints, e.g. model.schedule_kwargs.learn_endpoints=False)")
-        if self.importance_sampling and getattr(schedule, "elementwise", False):
-            raise ObjectiveError("loss.importance_sampling", self.importance_sampling,
-                                 "draws one log-SNR per example; the schedule gives one per element")
         if self.variance_schedule_grad:
-            if getattr(schedule, "conditioned", False):
+            if schedule.conditioned:
                 raise ObjectiveError("loss.variance_schedule_grad", True, "needs a schedule of t alone (this one is "
                                      "conditioned on the auxiliary latent)")
             if not schedule.learns_interior:
@@ -93,14 +96,14 @@ class Objective:
         if self.second_order_weight:
             if self.second_order_weight < 0:
                 raise ObjectiveError("loss.second_order_weight", self.second_order_weight, "must be >= 0 (0 = off)")
-            if self.prediction != "v" or self.num_steps or self.variance_schedule_grad or self.mean_encoder or getattr(
-                    schedule, "elementwise", False):
+            if (self.prediction != "v" or self.num_steps or self.variance_schedule_grad or self.mean_encoder
+                    or schedule.elementwise):
                 raise ObjectiveError("loss.second_order_weight", self.second_order_weight,
                                      "i-DODE's term is for a v-prediction (model.prediction=v) in continuous time, "
                                      "with one gamma per example and no mean encoder")
         if self.mean_encoder:
             try:
-                self.check_mean_encoder(getattr(schedule, "elementwise", False))
+                self.check_mean_encoder(schedule.elementwise)
             except ValueError as e:
                 raise ObjectiveError("model.mean_encoder", self.mean_encoder, str(e)) from None
         if not 0.0 <= self.label_dropout <= 1.0:
@@ -116,7 +119,7 @@ class Objective:
         """The log-SNR density that importance sampling starts from, or None (uniform t).
 
         It is shaped by w(lambda) b(lambda)^2, with b^2 = ||eps - eps_hat||^2 / ||target - out||^2 of the model's
-        parameterisation (``diffusion.prediction_error_scale``): the network's own squared error then gets one
+        parameterisation (``predictions.prediction_error_scale``): the network's own squared error then gets one
         weight at every noise level. For eps (b = 1) that is w itself; for v with the elbo it is alpha^2 =
         sigmoid(lambda), the importance sampling of i-DODE (Zheng et al. 2023) for its velocity parameterisation.
         """
@@ -124,7 +127,7 @@ class Objective:
             return None
 
         def shape(logsnr):
-            return self.weighting(logsnr) * diffusion.prediction_error_scale(self.prediction, -logsnr)
+            return self.weighting(logsnr) * predictions.prediction_error_scale(self.prediction, -logsnr)
 
         return time_sampling.build_density(self.importance_sampling, shape, *self.logsnr_range,
                                            num_bins=self.density_bins)
@@ -170,12 +173,13 @@ def draw(rng: jax.Array, batch_size: int, objective: Objective) -> Draw:
 
 
 def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=None, *, train: bool = True,
-             levels: diffusion.NoiseLevels | None = None, schedule: Callable | None = None) -> diffusion.Bound:
+             levels: time_sampling.NoiseLevels | None = None, schedule: Callable | None = None) -> diffusion.Bound:
     """``vdm.diffusion.bound`` of ``model`` on ``batch`` for the randomness ``d``.
 
     ``train=False`` turns dropout and label dropout off. ``levels`` replaces the noise levels (the
-    variance-minimising schedule gradient differentiates through them). ``schedule`` (any ``t -> gamma``
-    callable, see ``diffusion.schedule_endpoints``) replaces the model's own; the network sees only
+    variance-minimising schedule gradient differentiates through them). ``schedule`` (one that declares its
+    endpoints, ``diffusion.DeclaresEndpoints``: a plain function as ``diffusion.FunctionSchedule(fn)``) replaces the
+    model's own; the network sees only
     gamma_t, so with the same endpoints the expected bound is unchanged (VDM Sec. 5.1) and only the
     estimator's variance moves.
     """
@@ -194,7 +198,7 @@ def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=Non
                         vocab_size=model.vocab_size, num_steps=objective.num_steps, weighting=objective.weighting,
                         prediction=model.prediction, logsnr_density=density, cond=cond, levels=levels)
     if train and objective.second_order_weight:  # i-DODE's fine-tuning: trained, not part of the bound
-        same = diffusion.noise_levels(d.u, gamma_fn, logsnr_density=density) if levels is None else levels
+        same = time_sampling.noise_levels(d.u, gamma_fn, logsnr_density=density) if levels is None else levels
         extra = second_order.term(d.eps, diffusion.encode(batch["image"], model.vocab_size), same, denoise,
                                   weighting=objective.weighting, weight=objective.second_order_weight, cond=cond)
         b = b._replace(weighted=b.weighted + extra)
@@ -253,7 +257,7 @@ def _loss_and_grads_with_schedule_variance(graphdef, params, batch, d: Draw, obj
     def per_example(other, shape, slope):  # in bits/dim: the interior minimises E[L_diffusion^2] in bpd^2
         m = nnx.merge(graph2, jax.lax.stop_gradient(interior), other)
         gamma_0, gamma_1 = diffusion.schedule_endpoints(m.schedule)
-        levels = diffusion.NoiseLevels(gamma_0 + (gamma_1 - gamma_0) * shape, (gamma_1 - gamma_0) * slope)
+        levels = time_sampling.NoiseLevels(gamma_0 + (gamma_1 - gamma_0) * shape, (gamma_1 - gamma_0) * slope)
         bound = estimate(m, batch, d, objective, levels=levels)
         return (diffusion.bits_per_dim(bound.loss, m.num_dims), diffusion.bits_per_dim(bound.weighted, m.num_dims),
                 bound)

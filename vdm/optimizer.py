@@ -33,16 +33,19 @@ def learning_rate(config) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(opt.lr / warmup, opt.lr, warmup - 1), after], [warmup - 1])
 
 
+# name -> (lr, steps from the warm-up's last step to train.num_steps) -> the schedule after the warm-up; a new one
+# is a function decorated with @LR_SCHEDULES.register(name)
+LR_SCHEDULES: registry.Registry = registry.Registry("learning-rate schedule")
+
+
+@LR_SCHEDULES.register("constant")
 def constant(lr: float, decay_steps: int) -> optax.Schedule:
     """lr throughout."""
     del decay_steps
     return optax.constant_schedule(lr)
 
 
+@LR_SCHEDULES.register("cosine")
 def cosine(lr: float, decay_steps: int) -> optax.Schedule:
     """A cosine from lr to 0 over ``decay_steps`` (which ``train.num_steps`` sets: it is compiled in)."""
     return optax.cosine_decay_schedule(lr, decay_steps)
-
-
-# name -> (lr, steps from the warm-up's last step to train.num_steps) -> the schedule after the warm-up
-LR_SCHEDULES = {"constant": constant, "cosine": cosine}

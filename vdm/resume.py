@@ -29,7 +29,7 @@ from vdm import checkpoint as ckpt_lib, configlib, data as data_lib, paths
 HEALTH_FILE = "health.json"
 
 # Model fields that change no parameter: a checkpoint may be resumed with other values.
-_COMPATIBLE_MODEL_FIELDS = {"dtype", "remat", "convolution_gradient", "weight_gradient"}
+_COMPATIBLE_MODEL_FIELDS = frozenset({"dtype", "remat", "convolution_gradient", "weight_gradient"})
 
 
 def _data_identity(info: data_lib.DatasetInfo) -> dict:
@@ -71,6 +71,27 @@ def check_compatible(checkpointer: ckpt_lib.Checkpointer, config, info: data_lib
                 f"checkpoint step {step} in {checkpointer.directory} is of another model or data: {shown}; "
                 "use another --workdir, or the checkpoint's config")
         return
+
+
+def check_required(config, directory: str) -> None:
+    """The checkpoint a second stage starts from, checked before anything is written.
+
+    A run that continues another (``configs/mnist_idode_finetune.py`` continues ``mnist_idode``'s) names it in
+    ``train.continues``; in a workdir without a checkpoint it would train from scratch, silently.
+
+    Args:
+        config: the run's config.
+        directory: the workdir's checkpoint directory (only read).
+
+    Raises:
+        CheckpointError: one line naming the directory and the run it should hold, when ``train.continues`` is
+            set and ``directory`` holds no finished checkpoint.
+    """
+    first = config.train.continues
+    if first and not ckpt_lib.finished_steps(directory):
+        raise ckpt_lib.CheckpointError(
+            f"no checkpoint in {directory}: this config continues a run of {first} (train.continues), and "
+            f"without one it would start from scratch; train {first} in this workdir first, or copy its workdir here")
 
 
 @dataclasses.dataclass
@@ -135,13 +156,14 @@ def restore_newest(checkpointer: ckpt_lib.Checkpointer, state, read_only: bool =
     an unhealthy step the last healthy one, ``HealthRecord``) restored onto ``state``'s structure and
     shardings, or ``state`` itself if there is none. Damaged newer ones are moved aside (left in place
     with ``read_only``), each with a note, and a note says when the checkpoint was written on another
-    number of devices."""
+    number of devices. Without ``read_only`` (training, which holds the workdir's lock) the directories of
+    saves that never finished are removed first, each with a note (``Checkpointer.remove_unfinished``)."""
     record = HealthRecord.read(checkpointer)
     checkpointer.protect(record.healthy)
-    upto, notes = None, []
+    upto, notes = None, [] if read_only else checkpointer.remove_unfinished()
     if record.stopped_at is not None:
         upto = record.healthy or 0
-        notes = _set_aside_unhealthy(checkpointer, record, read_only)
+        notes += _set_aside_unhealthy(checkpointer, record, read_only)
     step, restored, damaged = checkpointer.restore_newest_good(ckpt_lib.abstract_like(state), read_only, upto)
     notes += damaged
     if step is None:

@@ -1,4 +1,4 @@
-"""Samplers: from z_1 ~ N(0, I) to z_0, then to data through the decoder.
+"""Samplers: from z_1 ~ N(0, I) to z_0, then to data through the decoder; ``SAMPLERS``, filled by ``register``.
 
 Interface: ``sampler(rng, eps_fn, gamma_fn, z_1, cond=None, *, num_steps, **kwargs) -> (z_0, nfe)``
 where ``eps_fn(z_t, gamma_t, cond)`` returns eps_hat, ``gamma_fn`` follows
@@ -8,11 +8,15 @@ untouched: classifier-free guidance is part of the ``eps_fn`` the model hands in
 sampler supports it. ``kwargs`` come from ``config.sample.sampler_kwargs``.
 
 Each sampler is written as a loop, a :class:`Plan` (``init``, ``step(i, carry)`` for
-``i < num_steps``, ``result``), by a function decorated with :func:`stepped`, which makes the
-one-call sampler above of it and keeps the plan as ``sampler.plan``. The trainer runs a plan
-in chunks of steps, one compiled call each (:func:`advance`), so a long sampling shows
-progress and stops promptly on a signal; chunks give the same z_0 as one call. A new sampler
-is one such function here plus its entry in ``SAMPLERS``, and any new option its check in ``OPTIONS``.
+``i < num_steps``, ``result``), by a *plan function* ``plan(rng, eps_fn, gamma_fn, batch, cond, *,
+num_steps, **options) -> Plan`` (``vdm.sampler_plan``: the contract). :func:`register` makes the one-call
+sampler above of it (:func:`stepped`), keeps the plan function as ``sampler.plan`` and adds the sampler
+to ``SAMPLERS``. The trainer runs a plan in chunks of steps, one compiled call each (:func:`advance`), so
+a long sampling shows progress and stops promptly on a signal; chunks give the same z_0 as one call.
+A new sampler, here or in a user's module, is a plan function decorated with ``@register(name,
+example=...)``; a new option of a shipped sampler gets its check in ``OPTIONS`` (a user's sampler checks its
+own in its plan function). ``vdm.testing.check_piece("sampler", name)``
+runs the contract's checks on it.
 
 Options (``config.sample.sampler_kwargs``) are checked in one place, :func:`check_options`: an
 option means the same in every sampler that takes it, so ``OPTIONS`` holds one check per option
@@ -22,12 +26,7 @@ and ``vdm.configlib.validate`` asks it before anything is compiled.
 Conventions (those of ``vdm.diffusion``): alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 =
 sigmoid(gamma_t), SNR = exp(-gamma), x_hat = (z_t - sigma_t eps_hat) / alpha_t, all element-wise,
 so a schedule whose gamma differs per element works in every sampler. The probability-flow ODE
-(Song et al. 2021) of this variance-preserving process, over t and per element i, is
-
-    dz_i / dt = gamma_i'(t) (sigma_i eps_hat_i(z, gamma_t) - sigma_i^2 z_i) / 2      (PF-ODE)
-
-(with a scalar gamma, gamma itself could be the time variable; over t, one schedule per element
-works too, and gamma'(t) comes from ``jax.jvp`` of the schedule as in the loss).
+(PF-ODE) and its adaptive solve are in ``vdm.ode_sampler``.
 
 | sampler | what | network calls |
 | --- | --- | --- |
@@ -38,40 +37,24 @@ works too, and gamma'(t) comes from ``jax.jvp`` of the schedule as in the loss).
 
 The fixed-step samplers take ``spacing``: ``"time"`` (t uniform, the schedule's own
 spacing: the default) or ``"logsnr"`` (uniform in gamma between the endpoints, per element): ``SPACINGS``.
-The adaptive solvers are ``SOLVERS`` (name -> diffrax solver class name; ``vdm.ode_solver`` runs them).
+The adaptive solvers are ``SOLVERS`` (``vdm.ode_sampler``).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
+import types
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from vdm import diffusion, options, registry
+from vdm import diffusion, ode_sampler, options, registry, sampler_plan
+from vdm.ode_sampler import SOLVERS, SolverError, naming_max_steps, pf_ode_drift, solve_ode  # noqa: F401 (re-exported)
+from vdm.sampler_plan import Example, Plan, PlanFunction, Sampler, advance, run  # noqa: F401 (re-exported)
 
-
-class Plan(NamedTuple):
-    """A sampler as a loop: ``carry = init(z_1)``; ``carry = step(i, carry)`` for i = 0..num_steps-1;
-    ``(z_0, nfe) = result(carry)``. ``step`` depends on ``i`` only through its argument, so
-    running the steps in several calls gives what one call gives."""
-
-    num_steps: int
-    init: Callable[[jax.Array], Any]
-    step: Callable[[jax.Array, Any], Any]
-    result: Callable[[Any], tuple[jax.Array, jax.Array]]
-
-
-def advance(plan: Plan, carry, start, stop):
-    """Steps ``start``..``stop - 1`` of ``plan`` (traced bounds: one compiled loop serves every chunk)."""
-    return jax.lax.fori_loop(start, stop, plan.step, carry)
-
-
-def run(plan: Plan, z_1: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The whole loop in one call: z_1 -> (z_0, nfe)."""
-    return plan.result(jax.lax.fori_loop(0, plan.num_steps, plan.step, plan.init(z_1)))
+# name (config.sample.sampler) -> the Sampler; filled by @register
+SAMPLERS: registry.Registry[Sampler] = registry.Registry("sampler", sampler_plan.contract)
 
 
 def _fixed_steps(num_steps: int, step: Callable) -> Plan:
@@ -79,11 +62,17 @@ def _fixed_steps(num_steps: int, step: Callable) -> Plan:
     return Plan(num_steps, lambda z_1: z_1, step, lambda z_0: (z_0, jnp.int32(num_steps)))
 
 
-def stepped(plan_fn: Callable[..., Plan]) -> Callable:
-    """The sampler ``(rng, eps_fn, gamma_fn, z_1, cond=None, **kwargs) -> (z_0, nfe)`` that runs
-    ``plan_fn(rng, eps_fn, gamma_fn, batch, cond, **kwargs)`` in one call; ``sampler.plan`` is
-    ``plan_fn``. Both check the options ``kwargs`` first (:func:`check_options`): the samplers
-    themselves never re-check them."""
+def stepped(plan_fn: PlanFunction) -> Sampler:
+    """The sampler of a plan function, unregistered (:func:`register` registers it).
+
+    Args:
+        plan_fn: ``plan_fn(rng, eps_fn, gamma_fn, batch, cond, *, num_steps, **options) -> Plan``.
+
+    Returns:
+        ``sampler(rng, eps_fn, gamma_fn, z_1, cond=None, **kwargs) -> (z_0, nfe)``, which runs the plan in one
+        call; ``sampler.plan`` is ``plan_fn``. Both check the options ``kwargs`` first (:func:`check_options`):
+        the samplers themselves never re-check them.
+    """
     @functools.wraps(plan_fn)
     def plan(rng, eps_fn, gamma_fn, batch, cond=None, **kwargs):
         check_options(kwargs)
@@ -97,18 +86,52 @@ def stepped(plan_fn: Callable[..., Plan]) -> Callable:
     return sampler
 
 
+def register(name: str, *, example: Example | tuple[Example, ...] | None = None) -> Callable[[PlanFunction], Sampler]:
+    """Register the sampler of a plan function as ``name`` (a decorator)::
+
+        @samplers.register("my_sampler", example=samplers.Example(deterministic=True))
+        def my_sampler(rng, eps_fn, gamma_fn, batch, cond=None, *, num_steps: int, spacing: str = "time") -> Plan:
+            ...
+
+    Args:
+        name: the name ``config.sample.sampler`` gives.
+        example: what the contract checks (``vdm.testing.sampler``) run: an :class:`Example` (options,
+            num_steps, whether the sampler with those options is deterministic), a tuple of them (each is
+            checked), or ``None``: ``Example()``, 8 steps of the sampler's default options, stochastic.
+
+    Returns:
+        A decorator that registers ``stepped(plan_fn)`` and returns that sampler.
+
+    Raises:
+        RegistrationError: the name is taken, the example is not one, or the plan function does not meet the
+            static contract (``vdm.sampler_plan.contract``).
+    """
+    try:
+        sampler_plan.examples(example)
+    except TypeError as e:
+        raise registry.RegistrationError(f"sampler {name!r}: {e}") from None
+
+    def add(plan_fn: PlanFunction) -> Sampler:
+        return SAMPLERS.register(name, stepped(plan_fn) if callable(plan_fn) else plan_fn, example=example)
+
+    return add
+
+
+# name (the ``spacing`` option) -> (gamma_fn, batch, t [T + 1]) -> the gamma grid [T + 1, batch, ...]
+SPACINGS: registry.Registry[Callable] = registry.Registry("spacing")
+
+
+@SPACINGS.register("time")
 def _time_spacing(gamma_fn: Callable, batch: int, t: jax.Array) -> jax.Array:
     """gamma(t) at the grid times: the schedule's own spacing."""
     return jax.vmap(lambda ti: gamma_fn(jnp.full((batch,), ti)))(t)
 
 
+@SPACINGS.register("logsnr")
 def _logsnr_spacing(gamma_fn: Callable, batch: int, t: jax.Array) -> jax.Array:
     """gamma uniform between the endpoints (per element, for a schedule per element): gamma(0) + t (gamma(1) - gamma(0))."""
     g1, g0 = gamma_fn(jnp.ones((batch,))), gamma_fn(jnp.zeros((batch,)))
     return g0[None] + jnp.reshape(t, (-1,) + (1,) * g0.ndim) * (g1 - g0)[None]
-
-
-SPACINGS = {"time": _time_spacing, "logsnr": _logsnr_spacing}  # name -> (gamma_fn, batch, t [T + 1]) -> gamma grid
 
 
 def gamma_grid(gamma_fn: Callable, batch: int, num_steps: int, spacing: str = "time") -> jax.Array:
@@ -123,7 +146,7 @@ def _x_hat(z, g, eps_hat):
     return (z - sigma * eps_hat) / alpha
 
 
-@stepped
+@register("ancestral")
 def ancestral(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *,
               num_steps: int) -> Plan:
     """The ancestral sampler of VDM (Kingma et al. 2021, App. A.4), T = ``num_steps``.
@@ -149,7 +172,8 @@ def ancestral(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, 
     return _fixed_steps(num_steps, step)
 
 
-@stepped
+@register("ddim", example=(Example(deterministic=True), Example({"eta": 1.0}),
+                          Example({"spacing": "logsnr"}, deterministic=True)))
 def ddim(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *, num_steps: int,
          eta: float = 0.0, spacing: str = "time") -> Plan:
     """DDIM (Song, Meng & Ermon 2021, Eq. 12) on a grid of ``num_steps`` steps.
@@ -200,7 +224,7 @@ def ddim_invert(eps_fn: Callable, gamma_fn: Callable, z_0: jax.Array, cond=None,
     return jax.lax.fori_loop(0, num_steps, step, z_0)
 
 
-@stepped
+@register("dpm_solver_2m", example=Example(deterministic=True))
 def dpm_solver_2m(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *,
                   num_steps: int, spacing: str = "logsnr") -> Plan:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): a second-order multistep solver of the PF-ODE.
@@ -235,85 +259,13 @@ def dpm_solver_2m(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: i
     return Plan(num_steps, lambda z_1: (z_1, jnp.zeros_like(z_1)), step, lambda carry: (carry[0], jnp.int32(num_steps)))
 
 
-def pf_ode_drift(eps_fn: Callable, gamma_fn: Callable, cond=None) -> Callable:
-    """(t, z) -> dz / dt of the probability-flow ODE (PF-ODE above), t a scalar."""
-    def drift(t, z):
-        tt = jnp.full((z.shape[0],), t, z.dtype)
-        gamma, rate = jax.jvp(gamma_fn, (tt,), (jnp.ones_like(tt),))
-        sigma_sq = jax.nn.sigmoid(diffusion.expand_to(gamma, z))
-        return 0.5 * diffusion.expand_to(rate, z) * (jnp.sqrt(sigma_sq) * eps_fn(z, gamma, cond) - sigma_sq * z)
-    return drift
+# The probability-flow ODE solved adaptively (vdm.ode_sampler); segments=2: its plan has steps to run in chunks.
+ode = register("ode", example=Example({"segments": 2}, deterministic=True))(ode_sampler.ode)
 
 
-SOLVERS = {"tsit5": "Tsit5", "dopri5": "Dopri5"}  # name -> the diffrax solver class's name
-
-
-class SolverError(RuntimeError):
-    """An adaptive ODE solve ran out of steps before the end of its interval (one line)."""
-
-
-@contextlib.contextmanager
-def naming_max_steps(field: str):
-    """Within it, diffrax's "maximum number of solver steps" (raised inside a compiled call, it reaches
-    Python as a JAX runtime error) becomes a one-line SolverError naming the config ``field``."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - only the solver's running out of steps is turned into one line
-        if "maximum number of solver steps was reached" not in str(e):
-            raise
-        raise SolverError(f"the adaptive ODE solver used all {field} steps before the end of its interval: "
-                          "raise it, or loosen rtol / atol") from None
-
-
-def solve_ode(vector_field: Callable, y0, t_start: jax.Array, t_end: jax.Array, *, rtol: float,
-              atol: float, solver: str = "tsit5", max_steps: int = 4096, on_progress: Callable | None = None):
-    """diffrax: integrate dy/dt = vector_field(t, y) from t_start to t_end.
-
-    Returns (y at t_end, network evaluations). Tsit5 and Dopri5 are 7-stage methods whose
-    last stage is the next step's first (FSAL): 6 new evaluations per attempted step plus one.
-    ``on_progress``: called on the host with the fraction of the interval done after each step (a
-    ``jax.debug.callback``: diffrax's progress meter).
-    """
-    solver_class = registry.lookup(SOLVERS, solver, "ODE solver")
-    from vdm import ode_solver  # diffrax: imported when an ODE is first solved (0.6 s), see vdm.ode_solver
-
-    return ode_solver.solve(vector_field, y0, t_start, t_end, rtol=rtol, atol=atol, solver_class=solver_class,
-                            max_steps=max_steps, on_progress=on_progress)
-
-
-@stepped
-def ode(rng: jax.Array, eps_fn: Callable, gamma_fn: Callable, batch: int, cond=None, *, num_steps: int = 0,
-        rtol: float = 1e-4, atol: float = 1e-4, solver: str = "tsit5", max_steps: int = 4096,
-        segments: int = 1) -> Plan:
-    """The PF-ODE from t = 1 down to t = 0, solved adaptively by diffrax (Kidger 2021).
-
-    ``num_steps`` is not used: the PID controller picks the steps for ``rtol``/``atol``
-    (score_sde's sampler uses RK45 at 1e-5). Deterministic: ``rng`` is unused. ``segments`` > 1
-    solves the ODE over that many equal t intervals in turn (each with its own step-size start, a
-    few more evaluations): the trainer then shows progress and can stop between them.
-    """
-    del rng, num_steps
-    edges = jnp.linspace(1.0, 0.0, segments + 1)
-    drift = pf_ode_drift(eps_fn, gamma_fn, cond)
-
-    def step(i, carry):
-        z, nfe = carry
-        z, n = solve_ode(drift, z, edges[i], edges[i + 1], rtol=rtol, atol=atol, solver=solver, max_steps=max_steps)
-        return z, nfe + n
-
-    return Plan(segments, lambda z_1: (z_1, jnp.int32(0)), step, lambda carry: carry)
-
-
-SAMPLERS = {
-    "ancestral": ancestral,
-    "ddim": ddim,
-    "dpm_solver_2m": dpm_solver_2m,
-    "ode": ode,
-}
-
-
-# Option name -> check(name, value), for every keyword option of every sampler but num_steps (the caller's).
-OPTIONS = {
+# Option name -> check(name, value), for every keyword option of every shipped sampler but num_steps (the caller's).
+# A fixed table: a user's sampler checks its own new options in its plan function.
+OPTIONS = types.MappingProxyType({
     "eta": functools.partial(options.in_range, low=0.0, high=1.0, meaning="(0: deterministic, 1: ancestral)"),
     "spacing": functools.partial(options.choice, table=SPACINGS),
     "solver": functools.partial(options.choice, table=SOLVERS),
@@ -321,7 +273,7 @@ OPTIONS = {
     "atol": options.positive,
     "max_steps": options.positive_int,
     "segments": options.positive_int,
-}
+})
 
 
 def check_options(kwargs: Mapping) -> None:
@@ -333,9 +285,13 @@ def check_options(kwargs: Mapping) -> None:
     options.check_all(OPTIONS, kwargs)
 
 
-def build(name: str):
-    """The sampler called ``name``."""
-    return registry.lookup(SAMPLERS, name, "sampler")
+def build(name: str) -> Sampler:
+    """The sampler registered as ``name``.
+
+    Raises:
+        ValueError: an unknown name (naming every valid one).
+    """
+    return SAMPLERS.lookup(name)
 
 
 def decode_samples(rng: jax.Array, z_0: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:

@@ -33,8 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm import data as data_lib, evaluation, paths, pictures, train
-from vdm.data.png import read_png_folder
+from vdm import data as data_lib, evaluation, health, paths, pictures, train
+from vdm.data.png import read_png_folder, skipped_note
 from vdm.signals import Signals
 
 
@@ -49,6 +49,8 @@ def read_images(images, info: data_lib.DatasetInfo, num_classes: int) -> tuple[d
                 raise data_lib.DataError(f"{path}: a folder of PNG files holds images, and this model's data are "
                                          f"{info.kind}; pass an .npz file")
             source, names = read_png_folder(path, channels=info.shape[-1], vocab_size=info.vocab_size)
+            if (note := skipped_note(path)) is not None:  # not an error: the CSV names each file it scores
+                print(f"note: {note}", file=sys.stderr)
         elif path.endswith(".npz") or os.path.isfile(path):
             source = data_lib.read_npz(path, vocab_size=info.vocab_size)
             names = [str(i) for i in range(len(source))]
@@ -142,7 +144,7 @@ def score_images(config, workdir: str, images, overrides: Mapping[str, Any] | No
     def check(info):  # after the config and data are checked, before anything is compiled
         read["source"], read["names"] = read_images(images, info, config.model.num_classes)
 
-    trainer = train.restored_trainer(config, workdir, check_data=check)
+    trainer = train.restored_trainer(config, workdir, check_data=check, writes=True)  # the CSV goes to workdir
     source, names = read["source"], read["names"]
     step = int(trainer.state.step)
     try:
@@ -150,11 +152,32 @@ def score_images(config, workdir: str, images, overrides: Mapping[str, Any] | No
             bounds = per_image_bounds(trainer, source, config.eval.score_draws, show_progress=True)
     finally:
         trainer.close()
+    check_finite(bounds, step)
     path = pictures.unused_name(paths.join(workdir, f"scores_{step}"), (".csv",)) + ".csv"
     if jax.process_index() == 0:
         write_csv(path, names, source.labels, bounds)
     labels = {} if source.labels is None else {"labels": np.asarray(source.labels)}
     return {"scores": path, "step": step, "count": len(source), "names": names} | bounds | labels
+
+
+def check_finite(bounds: dict[str, np.ndarray], step: int) -> None:
+    """NonFiniteError (one line; the command line's exit code 3) when an image's bound is NaN or infinite: the
+    parameters give no bound of it, and a CSV of such rows is no result (none is written).
+
+    Args:
+        bounds: ``per_image_bounds``'s (``bpd`` ``[N]``, ``bpd_se`` ``[N]``, ...).
+        step: the checkpoint's step, for the message.
+
+    Raises:
+        vdm.health.NonFiniteError: naming the bounds' means and how many images have a non-finite bound.
+    """
+    bad = [k for k, v in bounds.items() if not np.all(np.isfinite(v))]
+    if bad:
+        means = [f"mean_{k}={float(np.mean(bounds[k]))}" for k in bounds if f"{k}_se" in bounds]
+        images = int(np.sum(~np.all(np.isfinite(np.stack([bounds[k] for k in bad])), axis=0)))
+        raise health.NonFiniteError(f"non-finite bits/dim at step {step} ({', '.join(means)}; {images} of "
+                                    f"{len(bounds[bad[0]])} images): the parameters give no finite bound (nothing "
+                                    "was written)")
 
 
 def summary(result: dict, draws: int) -> list[str]:

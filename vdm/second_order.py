@@ -20,7 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from vdm import diffusion, weightings
+from vdm import diffusion, predictions, time_sampling, weightings
 
 # The probe's key is fold_in(the diffusion noise's key, PROBE_STREAM): the bound's own draws are unchanged.
 PROBE_STREAM = 0x2D0
@@ -36,16 +36,16 @@ def residual(eps_key: jax.Array, f: jax.Array, gamma: jax.Array, velocity_fn: Ca
     v_hat, vjp = jax.vjp(lambda zz: velocity_fn(zz, gamma, cond), z)
     (pulled,) = vjp(probe)
     divergence = diffusion.sum_per_example(pulled * probe)
-    error = diffusion.sum_per_example(jnp.square(diffusion.prediction_target("v", f, eps, gamma) - v_hat))
+    error = diffusion.sum_per_example(jnp.square(predictions.prediction_target("v", f, eps, gamma) - v_hat))
     alpha, sigma = diffusion.alpha_sigma(gamma)
     return sigma * divergence - alpha * (f[0].size - jax.lax.stop_gradient(error)), error
 
 
-def term(eps_key: jax.Array, f: jax.Array, levels: diffusion.NoiseLevels, velocity_fn: Callable, *,
+def term(eps_key: jax.Array, f: jax.Array, levels: time_sampling.NoiseLevels, velocity_fn: Callable, *,
          weighting: weightings.Weighting, weight: float, cond=None) -> jax.Array:
     """lambda_2 w R^2 / d per example [B] at the bound's own z_t (``residual``; ``levels`` as the bound drew them)."""
     r, _ = residual(eps_key, f, levels.gamma, velocity_fn, cond)
     # the first-order term's weight on ||v - v_hat||^2: 0.5 w(lambda) rate b^2 (b^2 = alpha^2 for v)
     gamma = levels.gamma
-    w = 0.5 * weighting(-gamma) * levels.rate * diffusion.prediction_error_scale("v", gamma)
+    w = 0.5 * weighting(-gamma) * levels.rate * predictions.prediction_error_scale("v", gamma)
     return weight * w * jnp.square(r) / f[0].size

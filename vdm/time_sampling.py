@@ -29,10 +29,22 @@ Two layers, each small:
      proportional to E[|f| | lambda] only when the ratio of the two is the same at every lambda
      (as when f is deterministic given lambda).
 
+3. **The noise level and its rate** (``noise_levels``): u becomes gamma and the rate d gamma / du that
+   the bound's estimator weighs each example by (``vdm.diffusion``'s conventions): gamma'(t) in continuous
+   time, T expm1(gamma_t - gamma_s) with T steps, 1 / p(lambda) through a density.
+
 Densities are pytrees (``flax.struct.dataclass``), so they live in the training state,
 pass through ``jit`` and are checkpointed with it.
+
+The samplers and densities are registries, ``TIME_SAMPLERS`` (a function ``(rng, batch_size) -> u``) and
+``DENSITIES`` (a builder ``(weighting, logsnr_min, logsnr_max, num_bins=..., **kw) -> density`` whose result
+has ``sample(u) -> (lambda, log p)`` and ``log_prob(lambda)``); a new one is a function decorated with
+``TIME_SAMPLERS.register(name)`` or ``DENSITIES.register(name)``.
 """
 from __future__ import annotations
+
+import inspect
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,31 +52,59 @@ from flax import struct
 
 from vdm import registry
 
+
+def _takes(*args):
+    """A registry's contract: the piece is callable with these positional arguments (its signature binds them)."""
+    def contract(name: str, piece) -> None:
+        if not callable(piece):
+            raise TypeError(f"{piece!r} is not callable")
+        try:
+            inspect.signature(piece).bind(*args)
+        except TypeError:
+            raise TypeError(f"it must be callable as ({', '.join(args)})") from None
+        except ValueError:
+            raise TypeError(f"the signature of {piece!r} cannot be read") from None
+
+    return contract
+
+
+# name -> (rng, batch_size) -> u in [0, 1), marginally uniform
+TIME_SAMPLERS: registry.Registry[Callable] = registry.Registry("time sampler", _takes("rng", "batch_size"))
+# name -> builder(weighting, logsnr_min, logsnr_max, num_bins=..., **kw) -> a density over log-SNR
+DENSITIES: registry.Registry[Callable] = registry.Registry(
+    "log-SNR density", _takes("weighting", "logsnr_min", "logsnr_max"))
+
 # --------------------------------------------------------------------------------------
 # Uniform samplers: (rng, batch_size) -> u in [0, 1)
 # --------------------------------------------------------------------------------------
 
 
+@TIME_SAMPLERS.register("iid")
 def iid(rng: jax.Array, batch_size: int) -> jax.Array:
     """u_i ~ U(0, 1) independently."""
     return jax.random.uniform(rng, (batch_size,))
 
 
+@TIME_SAMPLERS.register("low_discrepancy")
 def low_discrepancy(rng: jax.Array, batch_size: int) -> jax.Array:
     """u_i = mod(u_0 + i / B, 1), u_0 ~ U(0, 1) (VDM, Kingma et al. 2021, App. I.1)."""
     u0 = jax.random.uniform(rng, ())
     return jnp.mod(u0 + jnp.arange(batch_size) / batch_size, 1.0)
 
 
-TIME_SAMPLERS = {
-    "iid": iid,
-    "low_discrepancy": low_discrepancy,
-}
-
-
 def build(name: str):
-    """The uniform sampler called ``name``."""
-    return registry.lookup(TIME_SAMPLERS, name, "time sampler")
+    """The uniform sampler called ``name``.
+
+    Args:
+        name: a name in ``TIME_SAMPLERS``.
+
+    Returns:
+        ``sampler(rng, batch_size) -> u`` [batch_size], float32 in [0, 1).
+
+    Raises:
+        ValueError: an unknown name (naming the valid ones).
+    """
+    return TIME_SAMPLERS.lookup(name)
 
 
 # --------------------------------------------------------------------------------------
@@ -107,6 +147,7 @@ class GridDensity:
         return jnp.log(self.mass[k] / (self.edges[k + 1] - self.edges[k]))
 
 
+@DENSITIES.register("weighting")
 def weighting_density(weighting, logsnr_min: float, logsnr_max: float, num_bins: int = 128) -> GridDensity:
     """p(lambda) proportional to w(lambda) on [logsnr_min, logsnr_max] (midpoint rule per bin).
 
@@ -176,16 +217,84 @@ class AdaptiveDensity:
         return self.replace(ema=ema)
 
 
-# name -> builder(weighting, logsnr_min, logsnr_max, num_bins=..., **kw)
-DENSITIES = {
-    "weighting": weighting_density,
-    "adaptive": AdaptiveDensity.create,
-}
+DENSITIES.register("adaptive", AdaptiveDensity.create)
 
 
 def build_density(name: str, weighting, logsnr_min: float, logsnr_max: float, **kw):
-    """The log-SNR density called ``name`` on [logsnr_min, logsnr_max]."""
-    builder = registry.lookup(DENSITIES, name, "log-SNR density")
+    """The log-SNR density called ``name`` on [logsnr_min, logsnr_max].
+
+    Args:
+        name: a name in ``DENSITIES``.
+        weighting: w(lambda), the density's starting shape.
+        logsnr_min, logsnr_max: its support, logsnr_min < logsnr_max.
+        **kw: the builder's options (``num_bins``, and ``decay``, ``uniform_mix`` of ``adaptive``).
+
+    Returns:
+        The density (``GridDensity`` or ``AdaptiveDensity``).
+
+    Raises:
+        ValueError: an unknown name, or an empty range.
+    """
+    builder = DENSITIES.lookup(name)
     if not logsnr_min < logsnr_max:
         raise ValueError(f"log-SNR density needs logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
     return builder(weighting, logsnr_min, logsnr_max, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# The noise level and its rate
+# --------------------------------------------------------------------------------------
+
+
+class NoiseLevels(NamedTuple):
+    """The noise level drawn for each example, and its rate d gamma / du (``vdm.diffusion``'s conventions)."""
+
+    gamma: jax.Array  # gamma_t: [B] or per element
+    rate: jax.Array  # gamma'(t); T expm1(gamma_t - gamma_s); or 1 / p(lambda): the shape of gamma
+
+
+def check_noise_levels(*, num_steps: int = 0, importance_sampling: bool = False) -> None:
+    """Check that the way of drawing noise levels is one of the bound's: T steps draw t on a grid,
+    importance sampling draws lambda from a density, and the two do not combine.
+
+    Raises:
+        ValueError: ``num_steps`` < 0, or T steps with importance sampling.
+    """
+    if num_steps < 0:
+        raise ValueError(f"num_steps={num_steps}: must be >= 0 (0 = continuous time)")
+    if num_steps and importance_sampling:
+        raise ValueError("importance sampling of the noise level is for continuous time (num_steps=0)")
+
+
+def noise_levels(u: jax.Array, gamma_fn: Callable, *, num_steps: int = 0, logsnr_density=None) -> NoiseLevels:
+    """Map uniforms u [B] to the noise levels of the bound's estimator:
+
+    - continuous time (``num_steps=0``): t = u, gamma = gamma(t), rate = gamma'(t) (``jax.jvp``);
+    - T steps (``num_steps=T``): i = floor(u T) + 1, t = i / T, s = t - 1 / T,
+      rate = T expm1(gamma_t - gamma_s);
+    - importance sampling (``logsnr_density`` given): lambda = F^{-1}(u), gamma = -lambda,
+      rate = 1 / p(lambda) (one log-SNR per example: the schedule is not used).
+
+    Args:
+        u: uniforms [B] (``TIME_SAMPLERS``).
+        gamma_fn: the schedule t [B] -> gamma [B] or [B, ...] (unused with a density).
+        num_steps: 0 (continuous time) or T.
+        logsnr_density: a density over lambda (``GridDensity``, ``AdaptiveDensity``), or None.
+
+    Returns:
+        ``NoiseLevels(gamma, rate)``, both of gamma's shape.
+
+    Raises:
+        ValueError: see ``check_noise_levels``.
+    """
+    check_noise_levels(num_steps=num_steps, importance_sampling=logsnr_density is not None)
+    if logsnr_density is not None:
+        logsnr, log_p = logsnr_density.sample(u)
+        return NoiseLevels(-logsnr, jnp.exp(-log_p))
+    if num_steps:
+        t = (jnp.floor(u * num_steps) + 1.0) / num_steps
+        t = jnp.minimum(t, 1.0)
+        gamma_t = gamma_fn(t)
+        gamma_s = gamma_fn(t - 1.0 / num_steps)
+        return NoiseLevels(gamma_t, num_steps * jnp.expm1(gamma_t - gamma_s))
+    return NoiseLevels(*jax.jvp(gamma_fn, (u,), (jnp.ones_like(u),)))

@@ -44,14 +44,16 @@ def schedules_with_endpoints(learned, g0: float, g1: float) -> dict:
     """The four schedules t -> gamma [B], each from gamma(0) = g0 to gamma(1) = g1."""
     import jax
 
-    from vdm import schedules
+    from vdm import diffusion, schedules
 
     def odd(t):  # flat until t ~ 0.7, then a steep sigmoid rise: monotone, the same endpoints
         s, lo, hi = jax.nn.sigmoid(40.0 * (t - 0.8)), jax.nn.sigmoid(-32.0), jax.nn.sigmoid(8.0)
         return g0 + (g1 - g0) * (s - lo) / (hi - lo)
 
-    return {"learned": learned, "linear": lambda t: g0 + (g1 - g0) * t,
-            "cosine": schedules.build("cosine", gamma_min=g0, gamma_max=g1), "odd": odd}
+    # plain functions declare no endpoints: the bound takes theirs at t = 0 and 1
+    return {"learned": diffusion.FunctionSchedule(learned),
+            "linear": diffusion.FunctionSchedule(lambda t: g0 + (g1 - g0) * t),
+            "cosine": schedules.build("cosine", gamma_min=g0, gamma_max=g1), "odd": diffusion.FunctionSchedule(odd)}
 
 
 def summary(values, num_dims: int) -> dict:

@@ -19,12 +19,14 @@ An empty SPEC is the step as the trainer compiles it. ``--what jvp`` times the n
 variant is compiled, then timed in alternating rounds (``--rounds`` of ``--calls`` calls each,
 after one warm-up call per round), so that a shared machine's load falls on all alike. Prints
 the compile time and the median per step of each, and the median of the per-round ratios to
-the first variant (below 1: faster than it). ``--tiny``: the config on ``common.TINY``'s network (before the
+the first variant (below 1: faster than it), and the environment as JSON (``vdm.environment``: versions, CPU
+model, device kind). ``--tiny``: the config on ``common.TINY``'s network (before the
 ``--override`` s), one round of one call: checks the script, measures nothing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import numpy as np
 
-    from vdm import configlib, configs, data as data_lib, objective as objective_lib, optimizer, steps
+    from vdm import configlib, configs, data as data_lib, environment, objective as objective_lib, optimizer, steps
 
     base, _ = configlib.override(configs.get(args.config),
                                  (common.TINY if args.tiny else {}) | common.overrides(args.override))
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = {"median_s": statistics.median(times[name]), "ratio": ratio}
         print(f"{name}: median {1e3 * statistics.median(times[name]):.1f} ms per {args.what}; / {first}: {ratio:.3f}")
     print(f"({args.rounds} alternating rounds of {args.calls} calls; device {jax.devices()[0].device_kind})")
+    print(f"environment: {json.dumps(environment.environment())}")
     return summary
 
 

@@ -8,7 +8,8 @@ there in a fresh process per round, which compiles one optimizer step of the con
 shared persistent compilation cache after the first round) and times ``--calls`` calls on one
 batch already on the device, after two warm-up calls. Rounds alternate the commits, so a shared
 machine's load falls on all alike. Prints, per commit, the median step time and user+system CPU
-time per step, and the median of the per-round ratios to the first commit (below 1: faster).
+time per step, and the median of the per-round ratios to the first commit (below 1: faster), then the JSON record
+of the run with its environment (``vdm.environment``: versions, CPU model, and the children's device kind).
 An ``--override`` applies to every commit (fields the older commit lacks fail there). ``--repo``: another
 clone's commits (default: the repository of this script). ``--tiny``: the config on ``common.TINY``'s network
 (before the ``--override`` s), one round of one call: checks the script, measures nothing.
@@ -72,7 +73,8 @@ jax.block_until_ready(state)
 wall, cpu1 = time.perf_counter() - began, resource.getrusage(resource.RUSAGE_SELF)
 cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
 per = calls * config.train.steps_per_call
-print("RESULT " + json.dumps({"step_s": wall / per, "cpu_s": cpu / per, "compile_s": compile_s}))
+print("RESULT " + json.dumps({"step_s": wall / per, "cpu_s": cpu / per, "compile_s": compile_s,
+                             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}))
 """
 
 
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
         s = summary[commit]
         print(f"{commit}: step {s['step_ms']:.1f} ms (CPU {s['cpu_ms']:.1f} ms), compile {s['compile_s']:.1f} s; "
               f"/ {args.commits[0]}: wall {s['wall_ratio']:.3f}, CPU {s['cpu_ratio']:.3f}")
+    from vdm import environment  # this tree's, in this process: JAX's backends untouched (the children's devices)
+
+    first = results[args.commits[0]][0]
     record = {"config": args.config, "overrides": overrides, "rounds": args.rounds, "calls": args.calls,
+              "environment": environment.environment(device=False) | {k: first[k] for k in ("backend", "device_kind")},
               "summary": summary}
     print(json.dumps(record))
     return record

@@ -9,8 +9,9 @@ then traces ``--steps`` calls with ``jax.profiler.trace`` and reads the trace ba
 that ran it: on a CPU, XLA's worker threads), grouped by kind (the op name without its number:
 ``ynn_fusion`` = convolutions and matrix products handed to YNNPACK, ``wrapped_broadcast`` =
 materialised broadcasts, ...), then the top ops with the shape and source of each, from the
-compiled HLO. ``--hlo FILE`` keeps the whole HLO text. ``--tiny``: the config on ``common.TINY``'s network (before
-the ``--override`` s), one traced step: checks the script, measures nothing.
+compiled HLO, and the environment (``vdm.environment``: versions, CPU model, device kind). ``--hlo FILE`` keeps
+the whole HLO text. ``--tiny``: the config on ``common.TINY``'s network (before the ``--override`` s), one traced
+step: checks the script, measures nothing.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import numpy as np
 
-    from vdm import configlib, configs, data as data_lib, objective as objective_lib, optimizer, steps
+    from vdm import configlib, configs, data as data_lib, environment, objective as objective_lib, optimizer, steps
 
     config, _ = configlib.override(configs.get(args.config),
                                    (common.TINY if args.tiny else {}) | common.overrides(args.override))
@@ -87,7 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
         line = re.search(rf"%{re.escape(name)} = (\S+).*?op_name=\"([^\"]*)\"", hlo)
         shape, source = (line.group(1), line.group(2).split("/")[-1]) if line else ("", "")
         print(f"  {ms:9.2f} ms  {name:36s} {shape:28s} {source}")
-    return {"ms_per_step": total, "kinds": dict(kinds), "ops": dict(per_op)}
+    env = environment.environment()
+    print(f"environment: {environment.describe(env)}")
+    return {"ms_per_step": total, "kinds": dict(kinds), "ops": dict(per_op), "environment": env}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ the TPU's own controls (set them yourself).
 Each count runs in a fresh process (``vdm.train.Trainer`` builds the mesh over every device it
 sees), which times the compiled step as ``vdm.bench`` does; rounds alternate the counts, so a
 shared machine's load falls on all alike. Prints images/s per count (median over rounds) and its
-ratio to one device, and the JSON of the whole run. ``--tiny``: the config on ``common.TINY``'s network (before
+ratio to one device, and the JSON of the whole run (with the first child's ``vdm.environment.environment()``: versions,
+CPU model, device kind). ``--tiny``: the config on ``common.TINY``'s network (before
 the ``--override`` s), one device (unless ``--devices``), one round of one call: checks the script.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import common  # noqa: E402
 CHILD = r"""
 import json, sys, tempfile
 import jax
-from vdm import bench, configlib, configs, train
+from vdm import bench, configlib, configs, environment, train
 config, _ = configlib.override(configs.get(sys.argv[1]), json.loads(sys.argv[2]))
 config.train.compilation_cache_dir = ""
 with tempfile.TemporaryDirectory() as scratch:
@@ -41,7 +42,8 @@ with tempfile.TemporaryDirectory() as scratch:
     finally:
         trainer.close()
 print("RESULT " + json.dumps(result | {"devices": jax.device_count(), "backend": jax.default_backend(),
-                                     "device_kind": jax.devices()[0].device_kind}))
+                                     "device_kind": jax.devices()[0].device_kind,
+                                     "environment": environment.environment()}))
 """
 
 
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{summary[n]['compile_s']:.1f} s")
     first = results[counts[0]][0]
     record = {"config": args.config, "overrides": overrides, "backend": first["backend"],
-              "device_kind": first["device_kind"], "rounds": args.rounds, "calls": args.calls, "summary": summary}
+              "device_kind": first["device_kind"], "environment": first["environment"], "rounds": args.rounds,
+              "calls": args.calls, "summary": summary}
     print(json.dumps(record))
     return record
 

@@ -11,14 +11,15 @@ followed by ``:config_string``, which ml_collections passes on as ``get_config(c
 from __future__ import annotations
 
 import os
+import types
 
 from vdm import registry
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> file of every shipped config
-CONFIGS = {name[:-3]: os.path.join(_HERE, name)
-           for name in sorted(os.listdir(_HERE)) if name.endswith(".py") and not name.startswith("_")}
+CONFIGS = types.MappingProxyType({name[:-3]: os.path.join(_HERE, name) for name in sorted(os.listdir(_HERE))
+                                  if name.endswith(".py") and not name.startswith("_")})
 
 
 def locate(spec: str) -> str:

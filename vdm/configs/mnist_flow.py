@@ -5,7 +5,7 @@ member of the weighted-ELBO family (Kingma & Gao 2023, App. D.3).
 
 What differs from configs/mnist.py:
 - ``model.schedule = "optimal_transport"``: the path z' = (1 - s) x + s eps, gamma = 2 log(s / (1 - s)),
-  pinned to [-13.3, 5] (``vdm/schedules.py``);
+  pinned to [-13.3, 5] (``vdm/schedules/optimal_transport.py``);
 - ``model.prediction = "o"``: the network outputs the path's velocity o = eps - x (``vdm/predictions.py``);
 - ``loss.weighting = "flow_matching"``: w(lambda) = exp(-lambda / 2), under which the weighted loss is
   flow matching's integral of ||o - o_hat||^2 over s (tests/test_predictions.py checks the identity).

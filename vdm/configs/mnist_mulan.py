@@ -8,7 +8,7 @@ What differs from configs/mnist.py:
   MuLAN's is a small U-Net and its best latent a top-k one: a Gaussian c is the option its paper also gives);
   the bound gains KL(q(c | x) || N(0, I)), reported as ``bpd_latent`` (part of ``bpd_prior``);
 - ``model.schedule = "latent_polynomial"``: gamma(c, t) per pixel, MuLAN's monotone degree-5 polynomial with
-  coefficients from a network of c and learned per-pixel endpoints (``vdm/schedules.py``);
+  coefficients from a network of c and learned per-pixel endpoints (``vdm/schedules/polynomial.py``);
 - the denoiser is conditioned on c (added to its noise embedding) and, as for every per-pixel schedule, takes
   the map of gamma as input channels;
 - ``loss.weighting = "elbo"``: MuLAN trains the bound itself (the per-pixel schedule then has a gradient from

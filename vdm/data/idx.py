@@ -2,17 +2,22 @@
 
 A directory with ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte``
 (each optionally ``.gz``), plus the matching ``*-labels-idx1-ubyte[.gz]`` files
-when present. ``split="test"`` reads the ``t10k`` files.
+when present. ``split="test"`` reads the ``t10k`` files. :func:`write_idx` writes the format (the
+source's contract checks load a tiny directory it writes).
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import pathlib
+from types import MappingProxyType
 
 import numpy as np
 
 from vdm.data.core import ArraySource, DataNotFoundError, PathLike, check_split, fail, make_split, read_bytes
+from vdm.data.sources import register
 
 
 def read_idx(path: PathLike) -> np.ndarray:
@@ -40,6 +45,32 @@ def read_idx(path: PathLike) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy()
 
 
+def write_idx(path: PathLike, array: np.ndarray, *, compress: bool = False) -> None:
+    """Write ``array`` (unsigned bytes, any rank 1..255) as an idx file, gzipped when ``compress``.
+
+    The inverse of :func:`read_idx`: magic ``0x000008DD``, the big-endian uint32 sizes, the bytes.
+
+    Raises:
+        ValueError: the array is not ``uint8`` or has no axis.
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not 1 <= array.ndim <= 255:
+        raise ValueError(f"idx files hold uint8 arrays of rank 1..255, got {array.dtype} of shape {array.shape}")
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes()
+    payload = header + np.ascontiguousarray(array).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(payload, mtime=0) if compress else payload)
+
+
+def _example(tmpdir: pathlib.Path) -> dict:
+    """The contract checks' input: 6 train and 4 test images of 5x3 with labels (gzipped), in ``tmpdir``."""
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 6), ("t10k", 4)):
+        write_idx(tmpdir / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 5, 3), dtype=np.uint8))
+        write_idx(tmpdir / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count, dtype=np.uint8), compress=True)
+    return {"path": tmpdir}
+
+
 def _find_idx(directory: str, stem: str) -> str | None:
     """``directory/stem`` or ``directory/stem.gz``, whichever exists, else None."""
     for candidate in (stem, stem + ".gz"):
@@ -49,9 +80,10 @@ def _find_idx(directory: str, stem: str) -> str | None:
     return None
 
 
-_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+_MNIST_PREFIX = MappingProxyType({"train": "train", "test": "t10k"})
 
 
+@register("mnist_idx", example=_example)
 def load_mnist_idx(split: str, *, path: PathLike) -> ArraySource:
     """MNIST (or Fashion-MNIST, KMNIST, ...) idx files from directory ``path``."""
     directory = os.fspath(path)

@@ -4,6 +4,11 @@ Every ``*.png`` directly in the folder, in name order, read as 8-bit grey (``cha
 (``channels=3``) without any resizing or colour conversion that would change a pixel: a grey image
 saved as RGB (R = G = B) is read as grey, but a coloured one is refused, as are transparency,
 16-bit files and files of different sizes. Every problem is one ``DataError`` line naming the file.
+
+Other files in the folder (a README, a ``.jpg``) are not read, and not silently: :func:`skipped_note` is
+the one line ``--mode score`` prints naming how many and which (an error would make a user clean a folder
+that a camera or an export tool filled; the note says exactly which files have no score, and the CSV names
+each file that has one). Hidden files (``.DS_Store``) are passed over without a word.
 """
 
 from __future__ import annotations
@@ -15,16 +20,53 @@ import numpy as np
 from vdm.data.core import ArraySource, DataNotFoundError, PathLike, fail, make_split
 
 
-def png_files(path: PathLike) -> list[str]:
-    """The ``*.png`` files directly in the folder ``path``, in name order (DataError if there are none)."""
-    folder = os.fspath(path)
+def _files(folder: str) -> tuple[list[str], list[str]]:
+    """(the ``*.png`` files, the other files but hidden ones) directly in ``folder``, each in name order."""
     if not os.path.isdir(folder):
         raise fail(folder, "no such folder", DataNotFoundError)
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".png") and
-                   os.path.isfile(os.path.join(folder, n)))
+    files = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    return ([n for n in files if n.lower().endswith(".png")],
+            [n for n in files if not n.lower().endswith(".png") and not n.startswith(".")])
+
+
+def png_files(path: PathLike) -> list[str]:
+    """The ``*.png`` files directly in the folder ``path``, in name order.
+
+    Raises:
+        DataNotFoundError: no such folder.
+        DataError: it holds no ``.png`` file.
+    """
+    folder = os.fspath(path)
+    names, _ = _files(folder)
     if not names:
         raise fail(folder, "holds no .png files")
     return names
+
+
+SKIPPED_NAMED = 5  # the note names this many of the files it skips, then counts the rest
+
+
+def skipped_note(path: PathLike) -> str | None:
+    """The one line naming the files in the folder ``path`` that are not read (not ``*.png``, not hidden).
+
+    Args:
+        path: the folder of PNG files.
+
+    Returns:
+        ``"<folder>: 2 files are not .png and not read: notes.txt, photo.jpg"`` (the first
+        :data:`SKIPPED_NAMED` names, then how many more), or None when every file is read.
+
+    Raises:
+        DataNotFoundError: no such folder.
+    """
+    folder = os.fspath(path)
+    _, others = _files(folder)
+    if not others:
+        return None
+    named = ", ".join(others[:SKIPPED_NAMED]) + (f" and {len(others) - SKIPPED_NAMED} more"
+                                                  if len(others) > SKIPPED_NAMED else "")
+    count = f"{len(others)} files are" if len(others) > 1 else "1 file is"
+    return f"{folder}: {count} not .png and not read: {named}"
 
 
 def read_png(path: PathLike, channels: int) -> np.ndarray:

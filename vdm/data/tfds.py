@@ -12,19 +12,30 @@ and only when TensorFlow is importable, the split is read through
 ``tfds.load`` instead and **materialised in memory** as an
 :class:`~vdm.data.core.ArraySource`; without TensorFlow that case is a
 :class:`~vdm.data.core.DataError` saying how to prepare array_record data.
+
+The sources register themselves (:func:`vdm.data.register`): ``tfds`` (any data set, ``dataset=``) and its
+shortcuts ``tfds_cifar10``, ``tfds_imagenet32``, ``tfds_imagenet64``. Their contract checks run offline, on
+five records per split that ``tfds.testing.mock_data`` serves in place of the catalogue, and are skipped
+where tensorflow-datasets is not installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import operator
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import pathlib
+import types
+import unittest
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from vdm.data.core import PathLike, Source, check_vocab, fail, make_split
+from vdm.data.sources import register
 
 
 def _import_tfds() -> Any:
@@ -183,6 +194,7 @@ def _tfds_load_numpy(tfds: Any, dataset: str, split: str, data_dir: Any, downloa
     return list(tfds.as_numpy(ds))
 
 
+@register("tfds", example=lambda tmpdir: _mock_example(tmpdir, (4, 4), dataset="mnist"))
 def load_tfds(
     split: str,
     *,
@@ -240,3 +252,45 @@ def load_tfds(
         num_classes=_class_count(tfds, source, label_key),
     )
 
+
+
+class _MockRecords(list):
+    """Records as ``tfds.data_source`` serves them, with the catalogue's features (a 10-class label)."""
+
+    def __init__(self, examples: list[dict[str, Any]], tfds: Any):
+        super().__init__(examples)
+        self.dataset_info = types.SimpleNamespace(features={"image": None,
+                                                            "label": tfds.features.ClassLabel(num_classes=10)})
+
+
+@contextlib.contextmanager
+def _mock_example(tmpdir: pathlib.Path, shape: tuple[int, ...], **options: Any) -> Iterator[dict[str, Any]]:
+    """The contract checks' input of a tfds source: five labelled records of ``shape`` per split, served by
+    ``tfds.testing.mock_data`` (no catalogue, no network) while the checks run; ``options`` are the source's.
+
+    Raises:
+        unittest.SkipTest: tensorflow-datasets is not installed.
+    """
+    del tmpdir
+    try:
+        tfds = importlib.import_module("tensorflow_datasets")
+    except ImportError:
+        raise unittest.SkipTest("tensorflow-datasets is not installed (pip install 'vdm[tfds]')") from None
+
+    def as_data_source(builder: Any, split: str, **kwargs: Any) -> _MockRecords:
+        rng = np.random.default_rng(len(split))
+        return _MockRecords([{"image": rng.integers(0, 256, shape, dtype=np.uint8), "label": np.int64(i % 10)}
+                             for i in range(5)], tfds)
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        yield options
+
+
+register("tfds_cifar10", functools.partial(load_tfds, dataset="cifar10"),
+         example=lambda tmpdir: _mock_example(tmpdir, (32, 32, 3)))
+register("tfds_imagenet32",
+         functools.partial(load_tfds, dataset="downsampled_imagenet/32x32", split_names={"test": "validation"}),
+         example=lambda tmpdir: _mock_example(tmpdir, (32, 32, 3)))
+register("tfds_imagenet64",
+         functools.partial(load_tfds, dataset="downsampled_imagenet/64x64", split_names={"test": "validation"}),
+         example=lambda tmpdir: _mock_example(tmpdir, (64, 64, 3)))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets.kernels import Convolutions
+from vdm.nets.contract import Example, Network, NetworkContext, register
 from vdm.nets.layers import Array, DType, NoiseConditioning, call_block, gamma_map, zeros_init
 
 
@@ -36,7 +36,8 @@ class ResidualDenseBlock(nnx.Module):
         return x + self.dense2(h)
 
 
-class MLP(nnx.Module):
+@register("mlp", example=Example({"hidden": 16, "depth": 2, "dropout": 0.2}))
+class MLP(Network):
     """Residual MLP score network for ``z [B, D]`` (e.g. ``D = 2`` toy data).
 
     ``t = (gamma - gamma_min) / (gamma_max - gamma_min)`` is embedded as in the
@@ -45,20 +46,15 @@ class MLP(nnx.Module):
     ``LayerNorm -> swish -> Dense`` (zero-initialised) back to ``D``.
 
     Args:
-      in_channels: ``D``, the data dimension (last axis of ``z``).
+      context: what the model gives every network (:class:`vdm.nets.NetworkContext`): ``D`` is the size of
+        its data (``prod(data_shape)``), ``gamma_min`` / ``gamma_max`` normalise gamma to ``[0, 1]``,
+        ``num_classes`` and ``latent_size`` add conditioning (:class:`~vdm.nets.layers.NoiseConditioning`),
+        ``gamma_map`` also takes the normalised gamma per element (``[B, D]``) beside ``z`` (the embedding
+        sees its per-example mean), ``remat`` rematerialises each residual block, ``dtype`` is the compute
+        dtype (the output is always float32); an MLP has no convolutions and ignores ``convolutions``.
       hidden: width of the hidden layers and of the gamma embedding.
       depth: number of residual blocks.
       dropout: dropout rate inside the blocks.
-      gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
-      latent_size: the size of an auxiliary latent ``cond["latent"]`` to condition on (MuLAN; 0: none).
-      num_classes: number of classes for class conditioning (0: unconditional); see
-        :class:`~vdm.nets.layers.NoiseConditioning`.
-      gamma_map: also take the normalised gamma per element (``[B, D]``) beside ``z``, for schedules whose
-        gamma differs per element; the embedding sees its per-example mean.
-      remat: rematerialise each residual block in the backward pass.
-      convolutions: the networks' convolution setting (:class:`vdm.nets.kernels.Convolutions`);
-        taken for the common interface, unused (an MLP has no convolutions).
-      dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for parameter initialisation.
 
@@ -70,32 +66,27 @@ class MLP(nnx.Module):
 
     def __init__(
         self,
-        in_channels: int = 2,
+        context: NetworkContext,
         *,
         hidden: int = 256,
         depth: int = 4,
         dropout: float = 0.0,
-        gamma_min: float = -13.3,
-        gamma_max: float = 5.0,
-        num_classes: int = 0,
-        latent_size: int = 0,
-        gamma_map: bool = False,
-        remat: bool = False,
-        convolutions: Convolutions = Convolutions(),
-        dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        in_channels = context.in_channels(self.input_rank)
+        gamma_min, gamma_max, dtype = context.gamma_min, context.gamma_max, context.dtype
         self.in_channels = in_channels
-        self.remat = remat
-        self.gamma_range = (gamma_min, gamma_max) if gamma_map else None
+        self.remat = context.remat
+        self.gamma_range = (gamma_min, gamma_max) if context.gamma_map else None
         self.dtype = dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conditioning = NoiseConditioning(hidden, hidden, gamma_min=gamma_min, gamma_max=gamma_max,
-                                              num_classes=num_classes, latent_size=latent_size, **common)
-        self.dense_in = nnx.Linear(in_channels * (2 if gamma_map else 1), hidden, **common)
+                                              num_classes=context.num_classes, latent_size=context.latent_size,
+                                              **common)
+        self.dense_in = nnx.Linear(in_channels * (2 if context.gamma_map else 1), hidden, **common)
         self.blocks = nnx.List(
             [ResidualDenseBlock(hidden, hidden, dropout=dropout, **common) for _ in range(depth)]
         )

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vdm.nets.contract import Example, Network, NetworkContext, register
 from vdm.nets.kernels import Convolutions
 from vdm.nets.layers import (
     Array,
@@ -90,7 +91,9 @@ class Upsample(nnx.Module):
         return self.conv(x) if self.conv is not None else x
 
 
-class MultiResUNet(nnx.Module):
+@register("multires_unet", example=Example({"channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
+                                            "dropout": 0.2}))
+class MultiResUNet(Network):
     """DDPM-style multi-resolution U-Net with VDM conditioning and input features.
 
     Level ``i`` (``i = 0 .. L-1``, ``L = len(channel_mult)``) works at
@@ -108,7 +111,8 @@ class MultiResUNet(nnx.Module):
     8, 4 and 2. Other sizes raise a ``ValueError`` at call time.
 
     Args:
-      in_channels: ``C``, channels of ``z``.
+      context: what the model gives every network (:class:`vdm.nets.NetworkContext`), read as in
+        :class:`ScoreUNet` (``remat`` rematerialises each residual block).
       channels: base width.
       channel_mult: width multiplier of each resolution level.
       num_res_blocks: residual blocks per level in the down path.
@@ -117,9 +121,9 @@ class MultiResUNet(nnx.Module):
       dropout: dropout rate inside the residual blocks.
       resample_with_conv: strided conv / conv after nearest upsampling (else
         average pooling / plain nearest upsampling).
-      with_fourier_features, fourier_min, fourier_max, gamma_min, gamma_max,
-      num_classes, latent_size, gamma_map, remat, convolutions, dtype, param_dtype, rngs: as in :class:`ScoreUNet` (``remat``
-      rematerialises each residual block).
+      patch_size: the side of the square patches that become single positions before the first level
+        (``space_to_depth``); ``H`` and ``W`` must then be divisible by ``patch_size * 2**(L - 1)``.
+      with_fourier_features, fourier_min, fourier_max, param_dtype, rngs: as in :class:`ScoreUNet`.
 
     Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
     ``gamma [B]`` (or a scalar), ``cond`` ``None`` or ``{"label": int [B]}`` ->
@@ -130,7 +134,7 @@ class MultiResUNet(nnx.Module):
 
     def __init__(
         self,
-        in_channels: int,
+        context: NetworkContext,
         *,
         channels: int = 64,
         channel_mult: Sequence[int] = (1, 2, 2),
@@ -143,18 +147,13 @@ class MultiResUNet(nnx.Module):
         with_fourier_features: bool = True,
         fourier_min: int = 6,
         fourier_max: int = 7,
-        gamma_min: float = -13.3,
-        gamma_max: float = 5.0,
-        num_classes: int = 0,
-        latent_size: int = 0,
-        gamma_map: bool = False,
-        remat: bool = False,
-        convolutions: Convolutions = Convolutions(),
-        dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
         channel_mult = tuple(channel_mult)
+        in_channels = context.in_channels(self.input_rank)
+        gamma_min, gamma_max, gamma_map = context.gamma_min, context.gamma_max, context.gamma_map
+        remat, convolutions, dtype = context.remat, context.convolutions, context.dtype
         self.gamma_range = (gamma_min, gamma_max) if gamma_map else None
         self.remat = remat
         if patch_size < 1:
@@ -186,7 +185,8 @@ class MultiResUNet(nnx.Module):
             return AttnBlock(ch, **common) if level in attention_levels else None
 
         self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
-                                              num_classes=num_classes, latent_size=latent_size, **common)
+                                              num_classes=context.num_classes, latent_size=context.latent_size,
+                                              **common)
         conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
             in_channels if gamma_map else 0)
         self.conv_in = conv3x3(conv_in_channels * patch_size**2, channels, convolutions=convolutions, **common)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vdm.nets.contract import Example, Network, NetworkContext, register
 from vdm.nets.kernels import Convolutions
 from vdm.nets.layers import (
     Array,
@@ -81,7 +82,8 @@ class ResAttnStage(nnx.Module):
 UNROLL_MAX_BLOCKS = 4
 
 
-class ScoreUNet(nnx.Module):
+@register("unet", example=Example({"channels": 8, "num_blocks": 1, "dropout": 0.2, "scan_blocks": True}))
+class ScoreUNet(Network):
     """The VDM score network: a full-resolution U-Net with Fourier-feature inputs.
 
     Structure (VDM ``ScoreUNet``; paper CIFAR-10 setting ``channels=128,
@@ -112,7 +114,14 @@ class ScoreUNet(nnx.Module):
     costs little on CPU too.
 
     Args:
-      in_channels: ``C``, channels of ``z``.
+      context: what the model gives every network (:class:`vdm.nets.NetworkContext`): ``C`` is the last axis
+        of its data's shape (``z`` is ``[B, H, W, C]``, any ``H``, ``W``), ``gamma_min`` / ``gamma_max``
+        normalise gamma to ``[0, 1]``, ``num_classes`` and ``latent_size`` add conditioning (see
+        :class:`NoiseConditioning`), ``gamma_map`` also takes the normalised gamma as a map beside ``z``
+        (``C`` more input channels; the embedding sees its per-example mean), ``remat`` rematerialises
+        (gradient-checkpoints) each stage, ``convolutions`` computes the convolutions and their derivatives
+        (:class:`vdm.nets.kernels.Convolutions`; speed, not values or parameters), ``dtype`` is the compute
+        dtype (the output is always float32).
       channels: width of the network (paper: 128).
       num_blocks: residual stages in the down path (paper: 32).
       attention: add self-attention after every down/up stage.
@@ -120,18 +129,9 @@ class ScoreUNet(nnx.Module):
       with_fourier_features: concatenate base-2 Fourier features to the input.
       fourier_min, fourier_max: exponent range (inclusive) of the Fourier
         features (VDM: 6, 7, i.e. ``sin/cos(2**n * 2 pi z)``).
-      gamma_min, gamma_max: range used to normalise gamma to ``[0, 1]``.
-      num_classes: classes for class conditioning (0: unconditional); see :class:`NoiseConditioning`.
-      latent_size: the size of an auxiliary latent ``cond["latent"]`` to condition on (MuLAN; 0: none).
-      gamma_map: also take the normalised gamma as a map beside ``z`` (``C`` more input channels), for
-        schedules whose gamma differs per element (MuLAN); the embedding sees its per-example mean.
       scan_blocks: store the repeated stages stacked and apply them with ``nnx.scan``; ``"auto"`` (the
         default): scan above ``UNROLL_MAX_BLOCKS`` blocks, unrolled up to it. Depends on the depth
         only, never the backend, so a checkpoint's layout is the same on every machine.
-      remat: rematerialise (gradient-checkpoint) each stage.
-      convolutions: how the convolutions and their derivatives are computed
-        (:class:`vdm.nets.kernels.Convolutions`; changes speed, not values or parameters).
-      dtype: compute dtype; the output is always float32.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` for parameter initialisation.
 
@@ -144,7 +144,7 @@ class ScoreUNet(nnx.Module):
 
     def __init__(
         self,
-        in_channels: int,
+        context: NetworkContext,
         *,
         channels: int = 128,
         num_blocks: int = 32,
@@ -153,15 +153,7 @@ class ScoreUNet(nnx.Module):
         with_fourier_features: bool = True,
         fourier_min: int = 6,
         fourier_max: int = 7,
-        gamma_min: float = -13.3,
-        gamma_max: float = 5.0,
-        num_classes: int = 0,
-        latent_size: int = 0,
-        gamma_map: bool = False,
         scan_blocks: bool | str = "auto",
-        remat: bool = False,
-        convolutions: Convolutions = Convolutions(),
-        dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -171,6 +163,9 @@ class ScoreUNet(nnx.Module):
             scan_blocks = num_blocks > UNROLL_MAX_BLOCKS
         elif not isinstance(scan_blocks, bool):
             raise ValueError(f"scan_blocks must be True, False or 'auto', got {scan_blocks!r}")
+        in_channels = context.in_channels(self.input_rank)
+        gamma_min, gamma_max, gamma_map = context.gamma_min, context.gamma_max, context.gamma_map
+        remat, convolutions, dtype = context.remat, context.convolutions, context.dtype
         self.in_channels = in_channels
         self.channels = channels
         self.num_blocks = num_blocks
@@ -185,7 +180,8 @@ class ScoreUNet(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype)
         cond_dim = 4 * channels
         self.conditioning = NoiseConditioning(channels, cond_dim, gamma_min=gamma_min, gamma_max=gamma_max,
-                                              num_classes=num_classes, latent_size=latent_size, **common, rngs=rngs)
+                                              num_classes=context.num_classes, latent_size=context.latent_size,
+                                              **common, rngs=rngs)
         conv_in_channels = input_channels(in_channels, with_fourier_features, fourier_min, fourier_max) + (
             in_channels if gamma_map else 0)
         self.conv_in = conv3x3(conv_in_channels, channels, convolutions=convolutions, **common, rngs=rngs)
