@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/mnist
 
-.PHONY: demo test install clean
+.PHONY: demo test install oldest clean
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -28,6 +28,11 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
+
+# The test environment with the oldest jax, jaxlib and Flax that pyproject.toml admits (CI runs the suite on both
+# ends of the range: .github/workflows/tests.yml); a later `make test` keeps them.
+oldest: $(VENV)/.installed-test
+	$(PY) scripts/install_oldest.py
 
 demo: $(VENV)/.installed
 	$(PY) -m vdm.main --config configs/mnist.py --workdir $(WORKDIR)

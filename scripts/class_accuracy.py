@@ -53,7 +53,7 @@ def class_accuracy(config, workdir: str, guidance=(0.0, 1.0, 3.0), num_images: i
 
         def sample(params, rng, w):
             return model_lib.generate(nnx.merge(trainer.graphdef, params), rng, num_images,
-                                      num_steps=config.sample.num_steps, labels=labels, guidance=w,
+                                      num_steps=config.sample.steps, labels=labels, guidance=w,
                                       sampler=config.sample.sampler,
                                       sampler_kwargs=config.sample.sampler_kwargs.to_dict()).images
 

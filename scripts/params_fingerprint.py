@@ -42,7 +42,7 @@ def train(config: str, steps: int, out: str, settings: list[str]) -> None:
 
     overrides = {"train.num_steps": steps, "train.grad_clip": 0.0, "train.checkpoint_every": steps,
                  "train.eval_every": steps, "train.compilation_cache_dir": "", "eval.num_examples": 8,
-                 "sample.num_images": 2, "sample.num_steps": 1, "sample.fd_mnist": False}
+                 "sample.num_images": 2, "sample.steps": 1, "sample.fd_mnist": False}
     for item in settings:
         key, _, value = item.partition("=")
         overrides[key] = _value(value)

@@ -126,7 +126,7 @@ def digits_cond(tmp_path_factory):
 
     overrides = {"model.network": "mlp", "model.network_kwargs": {"hidden": 256, "depth": 4},
                  "train.num_steps": 300, "train.checkpoint_every": 300, "eval.num_examples": 32,
-                 "sample.num_images": 10, "sample.num_steps": 64}
+                 "sample.num_images": 10, "sample.steps": 64}
     config, _ = configlib.override(load_config("digits_cond"), overrides)
     workdir = str(tmp_path_factory.mktemp("digits_cond") / "run")
     run = run_python(["-m", "vdm.main", "--config", "configs/digits_cond.py", "--workdir", workdir]

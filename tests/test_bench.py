@@ -50,7 +50,7 @@ def test_every_figure_is_produced(tmp_path):
     assert r["mfu"] == pytest.approx(r["achieved_tflops_per_device"] / 1.0)
     assert r["peak_memory_bytes"] > 2**20 and "RSS" in r["peak_memory_kind"]
     [s] = r["samplers"]
-    assert s["sampler"] == "ancestral" and s["nfe"] == c.sample.num_steps and s["images_per_s"] > 0
+    assert s["sampler"] == "ancestral" and s["nfe"] == c.sample.steps and s["images_per_s"] > 0
     assert r["eval_images_per_s"] > 0 and r["input_images_per_s"] > 0
     assert r["input_over_train"] == pytest.approx(r["input_images_per_s"] / r["images_per_s"])
     assert r["environment"]["jax"] == r["jax"] and r["environment"]["device_kind"] == r["device_kind"]

@@ -526,7 +526,7 @@ def test_a_lone_npy_or_a_damaged_zip_named_npz_is_one_line_saying_which(tmp_path
 def test_files_that_are_not_png_in_a_png_folder_are_named_in_one_note_and_not_read(tmp_path, capsys):
     from PIL import Image
 
-    from vdm import scoring
+    from vdm import image_bpd
     from vdm.data.png import skipped_note
 
     folder = tmp_path / "pngs"
@@ -539,7 +539,7 @@ def test_files_that_are_not_png_in_a_png_folder_are_named_in_one_note_and_not_re
     (folder / "more").mkdir()
     before = sorted(os.listdir(folder))
     info = data.DatasetInfo("sklearn_digits", (8, 8, 1), 17, 1, 1)
-    source, names = scoring.read_images(str(folder), info, 0)
+    source, names = image_bpd.read_images(str(folder), info, 0)
     assert names == ["d0.png", "d1.png"] and len(source) == 2
     assert capsys.readouterr().err == f"note: {folder}: 2 files are not .png and not read: notes.txt, photo.jpg\n"
     assert sorted(os.listdir(folder)) == before and os.listdir(tmp_path) == ["pngs"]  # nothing written
@@ -552,7 +552,7 @@ def test_files_that_are_not_png_in_a_png_folder_are_named_in_one_note_and_not_re
         if not name.endswith(".png") and (folder / name).is_file():
             (folder / name).unlink()
     assert skipped_note(folder) is None
-    scoring.read_images(str(folder), info, 0)
+    image_bpd.read_images(str(folder), info, 0)
     assert capsys.readouterr().err == ""
 
 
@@ -970,6 +970,26 @@ def test_eval_batches_cover_every_example_once(count, batch, hosts, limit):
     # A masked mean over the batches is the exact mean over the examples.
     total = sum(float(s["image"][s["mask"]].astype(np.float64).sum()) for host in per_host for s in host)
     assert total / images[:used].size == pytest.approx(images[:used].mean())
+
+
+def test_a_pipeline_of_plain_records_is_the_pipeline_of_their_split():
+    """A source that is not a Split (a list of records) is wrapped once at the entry (``pipeline.as_split``) and
+    gives the batches of the same records as a split; a split goes through as itself."""
+    from vdm.data import pipeline
+
+    split = indexed_source(13)
+    records = [split[i] for i in range(len(split))]
+    assert pipeline.as_split(split) is split and isinstance(pipeline.as_split(records), data.Split)
+    for key in ("image", "label"):
+        np.testing.assert_array_equal(data.train_batch(records, 4, seed=1, step=5)[key],
+                                      data.train_batch(split, 4, seed=1, step=5)[key])
+        np.testing.assert_array_equal(data.read_rows(records, [3, 1])[key], data.read_rows(split, [3, 1])[key])
+    plain, wrapped = (list(data.eval_batches(s, 4, num_examples=6, prefetch=0)) for s in (records, split))
+    for a, b in zip(plain, wrapped, strict=True):  # the padding's layout from record 0 of the plain list
+        assert set(a) == set(b) == {"image", "label", "mask"}
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+            assert a[key].dtype == b[key].dtype
 
 
 def test_eval_batches_without_labels():

@@ -61,7 +61,7 @@ def _tiny(config) -> list[str]:
     """Overrides that shrink a documented run to a CPU test (more are harmless)."""
     net = {"unet": ["channels=8", "num_blocks=1"], "multires_unet": ["channels=8"], "mlp": ["hidden=16", "depth=1"]}
     return ([f"--config.model.network_kwargs.{kv}" for kv in net[config.model.network]]
-            + ["--config.train.batch_size=2", "--config.eval.batch_size=2", "--config.sample.num_steps=2",
+            + ["--config.train.batch_size=2", "--config.eval.batch_size=2", "--config.sample.steps=2",
                "--config.sample.num_images=4"])
 
 

@@ -388,7 +388,7 @@ def test_trainer_sample_reports_fid_against_the_cached_test_statistics(net, weig
     config = load_config("test")
     config.data.source, config.data.kwargs.path = "npz", str(tmp_path / "data")
     config.train.batch_size, config.eval.batch_size = 8, BATCH  # eval.batch_size: FID's batches too
-    config.sample.num_images, config.sample.num_steps = 4, 2
+    config.sample.num_images, config.sample.steps = 4, 2
     config.model.network, config.model.network_kwargs = "mlp", {"hidden": 16, "depth": 1}  # compiles in a second
     config.model.schedule, config.model.schedule_kwargs = "fixed_linear", {}
     config.eval.inception_weights = weights[0]

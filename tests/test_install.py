@@ -99,7 +99,7 @@ def test_an_installed_wheel_trains_and_scores_with_a_shipped_config_from_outside
     # The shipped test config by name, a few steps.
     run = outside(installed, tmp_path, "-m", "vdm.main", "--config", "test", "--workdir", "run",
                   "--config.train.num_steps=2", "--config.eval.num_examples=16", "--config.eval.batch_size=16",
-                  "--config.sample.num_images=4", "--config.sample.num_steps=1")
+                  "--config.sample.num_images=4", "--config.sample.steps=1")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.splitlines()[-1])
     assert result["step"] == 2 and math.isfinite(result["bpd"]) and result["count"] == 16

@@ -143,7 +143,7 @@ def test_on_a_network_hutchinson_agrees_with_the_exact_divergence_and_eval_repor
     # per-element schedule goes through training, the VLB and the ODE): as --config.model.schedule=... sets it.
     config, _ = configlib.override(config, {"model.schedule": "per_pixel_polynomial", "train.num_steps": 2,
                                             "eval.num_examples": 16, "eval.method": "both", "sample.num_images": 2,
-                                            "sample.num_steps": 2})
+                                            "sample.steps": 2})
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     for name in ("bpd", "bpd_ode"):
         assert np.isfinite(result[name]) and 0 < result[f"{name}_se"] < result[name], name

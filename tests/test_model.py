@@ -47,7 +47,7 @@ def test_elbo_loss_is_the_mean_vlb_and_the_terms_add_up():
     vlb = sum(est.nats.values())
     assert float(loss) == pytest.approx(float(jnp.mean(vlb)) / (np.prod(SHAPE) * np.log(2)), rel=1e-6)
     # The one road: the bound the objective reports is diffusion.bound's for the same draw.
-    d = objective_lib.draw(rng, 16, objective_lib.Objective())
+    d = objective_lib.draw_for_step(rng, 16, objective_lib.Objective())
     m = nnx.merge(graphdef, params)
     direct = diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], m.schedule,
                              m.denoiser(d.dropout), vocab_size=VOCAB)
@@ -82,7 +82,7 @@ def test_variance_gradient_uses_the_same_noise_and_changes_only_the_schedule_int
 
     def second_moment(params):
         m = nnx.merge(graphdef, params)
-        d = objective_lib.draw(rng, 16, plain)
+        d = objective_lib.draw_for_step(rng, 16, plain)
         bpd = diffusion.bits_per_dim(objective_lib.estimate(m, batch, d, plain).diffusion, m.num_dims)
         return jnp.mean(bpd**2)
 
@@ -105,7 +105,7 @@ def test_a_swapped_schedule_keeps_the_expected_bound_and_changes_only_its_varian
     graphdef, params = _perturbed(_model(schedule_kwargs={"hidden": 16, "learn_endpoints": True}))
     model, batch, objective = nnx.merge(graphdef, params), _batch(8), objective_lib.EVALUATION
     g0, g1 = (float(g) for g in model.schedule.endpoints())
-    d = objective_lib.draw(jax.random.PRNGKey(4), 8, objective)
+    d = objective_lib.draw_for_step(jax.random.PRNGKey(4), 8, objective)
     own = objective_lib.estimate(model, batch, d, objective, train=False)
     explicit = objective_lib.estimate(model, batch, d, objective, train=False, schedule=model.schedule)
     for a, b in zip(own, explicit):

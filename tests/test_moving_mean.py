@@ -39,7 +39,7 @@ def test_the_identity_encoder_gives_exactly_vdms_terms():
     _perturb(diffenc.schedule, 2)
     nnx.update(vdm.schedule, nnx.state(diffenc.schedule, nnx.Param))
     batch, obj = {"image": _images()}, objective_lib.Objective()
-    d = objective_lib.draw(jax.random.PRNGKey(0), 6, obj)
+    d = objective_lib.draw_for_step(jax.random.PRNGKey(0), 6, obj)
     a, b = (jax.jit(lambda d, m=m: objective_lib.estimate(m, batch, d, obj))(d) for m in (diffenc, vdm))
     for name in ("prior", "reconstruction", "diffusion", "weighted"):
         # atol: the reconstruction term is a sum of log-probabilities near 0 whose parts carry exp(-gamma_0) = 2e4
@@ -94,8 +94,8 @@ def test_what_a_mean_encoder_cannot_train_is_one_line_naming_the_field():
     evaluated bound of T steps, is refused by ``configlib.validate`` (before any compile) in one line."""
     from vdm import configlib, configs
 
-    cases = {"loss.num_steps": ({"loss.num_steps": 10}, "config.model.mean_encoder='mlp'"),
-             "eval.num_steps": ({"eval.num_steps": 10}, "config.eval.num_steps=10"),
+    cases = {"loss.timesteps": ({"loss.timesteps": 10}, "config.model.mean_encoder='mlp'"),
+             "eval.timesteps": ({"eval.timesteps": 10}, "config.eval.timesteps=10"),
              "weighting": ({"loss.weighting": "sigmoid"}, "config.model.mean_encoder='mlp'"),
              "per element": ({"model.schedule": "per_pixel_polynomial"}, "config.model.mean_encoder='mlp'"),
              "second order": ({"model.prediction": "v", "loss.second_order_weight": 0.1},

@@ -29,7 +29,7 @@ def test_files_of_a_run_land_under_a_gs_workdir(memory_gcs, monkeypatch, tmp_pat
     monkeypatch.setattr(checkpoint, "Checkpointer", lambda directory, **kw: checkpointer(tmp_path / "ck", **kw))
     config = load_config("test")
     config.sample.num_images = 4
-    config.sample.num_steps = 2
+    config.sample.steps = 2
     workdir = "gs://bucket/runs/a"
     trainer = train.Trainer(config, workdir)
     train.write_config(config, workdir)

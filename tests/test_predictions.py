@@ -112,7 +112,7 @@ def test_flow_matching_is_o_prediction_on_the_optimal_transport_path_with_its_we
 def test_each_parameterisation_trains_from_the_command_line_to_a_finite_bound(tmp_path, overrides):
     config, workdir, mode, _ = parse_command_line(
         ["--config", "configs/test.py", "--workdir", str(tmp_path), "--config.train.num_steps=2",
-         "--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2", *overrides])
+         "--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.steps=2", *overrides])
     assert (mode, config.model.prediction) == ("train", overrides[0].rsplit("=", 1)[1])
     result = train.train_and_evaluate(config, workdir)
     assert result["step"] == 2 and np.isfinite(result["bpd"]) and result["bpd"] > 0  # x at init: 3e5 bits/dim

@@ -186,9 +186,27 @@ def test_tests_workflow_runs_the_readme_test_command_on_every_push_and_pull_requ
     assert re.search(r"^```bash\n(?:.*\n)*?make test\b", readme, re.M), "the README's test command is `make test`"
     (job,) = doc["jobs"].values()
     assert job["runs-on"].startswith("ubuntu")
-    assert runs(job) == [["make", "test"]]
+    assert runs(job) == [["make", "oldest"], ["make", "test"]]
+    assert job["strategy"]["matrix"]["versions"] == ["newest", "oldest"], "both ends of the declared range"
+    (oldest,) = [step for step in job["steps"] if step.get("run") == "make oldest"]
+    assert oldest["if"] == "matrix.versions == 'oldest'"
     assert [w.get("fetch-depth") for w in uses(job, "actions/checkout")] == [0], "setuptools-scm needs the tags"
     assert [str(w.get("python-version")) for w in uses(job, "actions/setup-python")] == ["3.12"]
+
+
+def test_the_oldest_versions_ci_installs_are_the_lower_bounds_of_pyproject(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_oldest", os.path.join(ROOT, "scripts", "install_oldest.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        declared = {m.group(1): m.group(2) for m in re.finditer(r'"(jax|jaxlib|flax)>=([\w.]+)"', f.read())}
+    assert script.lower_bounds() == [f"{name}=={declared[name]}" for name in ("jax", "jaxlib", "flax")]
+    bad = tmp_path / "pyproject.toml"
+    bad.write_text('[project]\ndependencies = ["jax>=0.12.0", "flax"]\n')
+    with pytest.raises(ValueError, match="jaxlib needs one lower bound"):
+        script.lower_bounds(str(bad))
 
 
 def test_release_workflow_builds_checks_and_publishes_a_pushed_tag_by_trusted_publishing():

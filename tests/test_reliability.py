@@ -28,7 +28,7 @@ def _tiny(num_steps=4):
     config.train.eval_every = 1000
     config.eval.num_examples = 16
     config.sample.num_images = 2
-    config.sample.num_steps = 2
+    config.sample.steps = 2
     return config
 
 
@@ -525,12 +525,12 @@ def test_sigterm_during_sampling_exits_at_once(tmp_path, trained):
     workdir = _copy(trained, tmp_path)
     before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir) if f.startswith("samples_")}
     _sigterm_once_underway(workdir, "sampling 2 images: ancestral, 1000000 steps", "--mode", "sample",
-                           "--config.sample.num_steps=1000000", "--config.sample.num_images=2", settle=3.0, limit=15.0)
+                           "--config.sample.steps=1000000", "--config.sample.num_images=2", settle=3.0, limit=15.0)
     after = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir) if f.startswith("samples_")}
     assert after == before  # the training run's samples, untouched
 
 
-QUICK = ["--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.num_steps=2",
+QUICK = ["--config.eval.num_examples=16", "--config.sample.num_images=2", "--config.sample.steps=2",
          "--config.train.eval_every=1000"]
 
 

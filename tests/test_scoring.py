@@ -1,4 +1,4 @@
-"""--mode score (vdm.scoring): each image's bits/dim, checked against the test split's evaluation, against
+"""--mode score (vdm.image_bpd): bits/dim per image, checked against the test split's evaluation, against
 noise, and on bad image files; the PNG folder reader against the arrays it was written from."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from conftest import parse_command_line
 from PIL import Image
 
-from vdm import compilation, data, main, scoring, train
+from vdm import compilation, data, image_bpd, main, train
 from vdm.data.png import read_png_folder
 
 
@@ -39,12 +39,12 @@ def test_held_out_digits_score_fewer_bits_than_noise_and_average_to_the_evaluati
     np.savez(path, images=images, labels=np.stack([labels, rng.integers(0, 10, n)], axis=1).reshape(-1))
 
     settings = {"eval.num_examples": 0, "eval.score_draws": 8}  # one config: its functions compiled once
-    result = scoring.score_images(config, workdir, str(path), settings)
+    result = image_bpd.per_image_bpd(config, workdir, str(path), settings)
     evaluated = train.evaluate_checkpoint(config, workdir, settings)
 
     bpd, se = result["bpd"], result["bpd_se"]
     digit_bpd, noise_bpd = bpd[0::2], bpd[1::2]
-    area = scoring.auroc(digit_bpd, noise_bpd)
+    area = image_bpd.auroc(digit_bpd, noise_bpd)
     print(f"\n[scoring, 300 steps] digits {digit_bpd.mean():.2f}, noise {noise_bpd.mean():.2f} bits/dim; AUROC "
           f"{area:.4f}; median per-image standard error {np.median(se):.3f}")
     assert area > 0.98
@@ -62,7 +62,7 @@ def test_held_out_digits_score_fewer_bits_than_noise_and_average_to_the_evaluati
     assert [int(r["label"]) for r in rows] == list(np.load(path)["labels"])
     np.testing.assert_allclose([float(r["bpd"]) for r in rows], bpd, atol=1e-6)
     np.testing.assert_allclose([float(r["bpd_se"]) for r in rows], se, atol=1e-6)
-    again = scoring.score_images(config, workdir, {"images": images[:4], "labels": np.zeros(4, int)}, settings)
+    again = image_bpd.per_image_bpd(config, workdir, {"images": images[:4], "labels": np.zeros(4, int)}, settings)
     assert os.path.basename(again["scores"]) == f"scores_{result['step']}_2.csv"  # the first is kept
     assert os.path.exists(result["scores"])
 
@@ -100,7 +100,7 @@ def test_bad_images_are_one_line_before_anything_is_compiled(digits_cond, tmp_pa
     ]
     for images, message in cases:
         with pytest.raises(data.DataError) as info:
-            scoring.score_images(config, workdir, images)
+            image_bpd.per_image_bpd(config, workdir, images)
         assert message in str(info.value) and "\n" not in str(info.value), (images, str(info.value))
     assert sorted(os.listdir(workdir)) == before  # nothing written
 
@@ -121,7 +121,7 @@ def test_a_folder_of_png_files_reads_back_the_images_it_was_written_from(tmp_pat
     np.testing.assert_array_equal(rgb.images, np.repeat(digits[:4], 3, axis=-1))
 
     info = data.DatasetInfo("sklearn_digits", (8, 8, 1), 17, 1621, 176, 0, "image")
-    read, read_names = scoring.read_images(str(folder), info, num_classes=0)
+    read, read_names = image_bpd.read_images(str(folder), info, num_classes=0)
     np.testing.assert_array_equal(read.images, digits[:4])
     assert read_names == names
 
@@ -147,7 +147,7 @@ def test_a_folder_of_png_files_reads_back_the_images_it_was_written_from(tmp_pat
     (tmp_path / "big").mkdir()
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "big" / "a.png")
     with pytest.raises(data.DataError, match=r"images are 9x8x1 \(H x W x C\); the model takes 8x8x1"):
-        scoring.read_images(str(tmp_path / "big"), info, num_classes=0)
+        image_bpd.read_images(str(tmp_path / "big"), info, num_classes=0)
 
 
 def test_the_command_line_asks_for_images_in_score_mode_only():
@@ -158,6 +158,26 @@ def test_the_command_line_asks_for_images_in_score_mode_only():
 
 
 def test_auroc_is_the_probability_that_an_outside_image_scores_more():
-    assert scoring.auroc([1.0, 2.0], [3.0, 4.0]) == 1.0
-    assert scoring.auroc([3.0, 4.0], [1.0, 2.0]) == 0.0
-    assert scoring.auroc([1.0, 3.0], [2.0, 3.0]) == (1 + 0 + 1 + 0.5) / 4  # pairs (out > in), ties half
+    assert image_bpd.auroc([1.0, 2.0], [3.0, 4.0]) == 1.0
+    assert image_bpd.auroc([3.0, 4.0], [1.0, 2.0]) == 0.0
+    assert image_bpd.auroc([1.0, 3.0], [2.0, 3.0]) == (1 + 0 + 1 + 0.5) / 4  # pairs (out > in), ties half
+
+
+def test_vdm_scoring_is_a_deprecated_alias_of_image_bpd(monkeypatch):
+    """0.2's ``vdm.scoring`` still imports, for one release: the same functions (``score_images`` is
+    ``per_image_bpd``), and importing it warns once, naming ``vdm.image_bpd``."""
+    import importlib
+    import sys
+    import warnings
+
+    monkeypatch.delitem(sys.modules, "vdm.scoring", raising=False)  # a fresh import, put back afterwards
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scoring = importlib.import_module("vdm.scoring")
+        importlib.import_module("vdm.scoring")  # imported once: no second warning
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (DeprecationWarning, "vdm.scoring is deprecated: use vdm.image_bpd (bits/dim per image; score_images is now "
+                             "vdm.image_bpd.per_image_bpd)")]
+    assert scoring.score_images is image_bpd.per_image_bpd
+    for name in ("PASSES", "auroc", "check_finite", "per_image_bounds", "read_images", "summary", "write_csv"):
+        assert getattr(scoring, name) is getattr(image_bpd, name), name

@@ -81,7 +81,7 @@ def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     config.train.eval_every = 100  # no mid-run eval
     config.eval.num_examples = 16
     config.sample.num_images = 1
-    config.sample.num_steps = 1
+    config.sample.steps = 1
     straight = _params_after(config, str(tmp_path / "straight"), 4)
     _params_after(config, str(tmp_path / "resumed"), 2)
     resumed = _params_after(config, str(tmp_path / "resumed"), 4)
@@ -161,7 +161,7 @@ def test_two_processes_train_together_and_agree(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ({"model.schedule": "quadratic"}, "config.model.schedule='quadratic': valid names:"),
     ({"model.gamma_min": 6.0}, "config.model.gamma_min=6.0: must be below gamma_max=5.0"),
-    ({"loss.weighting": "sigmoid", "loss.num_steps": 10}, "discrete time"),
+    ({"loss.weighting": "sigmoid", "loss.timesteps": 10}, "discrete time"),
     ({"train.log_every": 3, "train.steps_per_call": 2}, "multiple of train.steps_per_call=2"),
     ({"sample.num_images": 0}, "config.sample.num_images=0: must be >= 1"),
     ({"eval.score_draws": 6}, "config.eval.score_draws=6: must be a positive multiple of 4"),
@@ -221,11 +221,11 @@ def test_an_evaluation_with_a_non_finite_figure_is_an_error_line_and_exit_code_3
     assert out.err.startswith("error: non-finite result at step 1 (bpd=nan, bpd_diffusion=nan, ") and "bpd_se=nan" in out.err
     assert main.report(result | {k: 1.0 for k in result if isinstance(result[k], float)}, config) == 0
     assert "test bits/dim: 1.0000 +- 1.0000" in capsys.readouterr().out
-    # Sampling from it: the latents are NaN, which the decoder would have drawn as black; an error instead.
-    config.sample.num_images, config.sample.num_steps = 2, 2
+    # Sampling from it: the final z (z_0) are NaN, which the decoder would have drawn as black; an error instead.
+    config.sample.num_images, config.sample.steps = 2, 2
     with pytest.raises(health.NonFiniteError) as info:
         train.sample_checkpoint(config, str(tmp_path))
-    assert str(info.value) == ("non-finite samples at step 1: the sampler's final latent holds a NaN or infinity in 2 "
+    assert str(info.value) == ("non-finite samples at step 1: the sampler's final z (z_0) holds a NaN or infinity in 2 "
                                "of 2 images (nothing was written)")
     assert not [name for name in os.listdir(tmp_path) if name.startswith("samples_")]
 
@@ -253,7 +253,7 @@ def _leaf(tree, *path):
 @pytest.mark.parametrize("loss", [
     {},
     {"weighting": "sigmoid"},
-    {"num_steps": 10},
+    {"timesteps": 10},
     {"variance_schedule_grad": True},
     {"weighting": "edm_monotonic", "importance_sampling": "adaptive"},
 ])
@@ -341,7 +341,7 @@ def test_runs_given_one_compile_cache_share_what_reads_the_same_fields_and_no_ot
     config.train.num_steps = 2
     config.eval.num_examples = 16
     config.sample.num_images = 2
-    config.sample.num_steps = 2
+    config.sample.steps = 2
     assert config.train.lr_schedule == "constant"
     cache = compilation.CompileCache()
     train.train_and_evaluate(config, str(tmp_path / "a"), compile_cache=cache)
@@ -453,7 +453,7 @@ def test_convolution_settings_reach_every_convolution_change_no_parameter_and_re
 
 def test_python_entry_point_takes_a_shipped_config_by_name_with_overrides(tmp_path, capsys):
     overrides = {"model.schedule": "cosine", "model.network_kwargs.hidden": 16,
-                 "train.num_steps": 2, "eval.num_examples": 16, "sample.num_images": 2, "sample.num_steps": 2}
+                 "train.num_steps": 2, "eval.num_examples": 16, "sample.num_images": 2, "sample.steps": 2}
     result = train.train_and_evaluate("test", str(tmp_path), overrides=overrides)
     assert result["step"] == 2 and np.isfinite(result["bpd"]) and result["count"] == 16
     assert os.path.isfile(result["samples"]) and (tmp_path / "checkpoints" / "2").is_dir()

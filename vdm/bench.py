@@ -22,7 +22,7 @@ Prints one table and writes the figures as JSON (``--json``, default ``DIR/bench
 * **peak memory**: the device's ``peak_bytes_in_use`` where the backend reports it (GPU,
   TPU), else the process's peak resident memory (CPU).
 * **sampling**: images/s and network evaluations of each sampler (``--samplers``) at
-  ``sample.num_steps`` with ``sample.num_images`` images, one compiled call after a warm-up.
+  ``sample.steps`` with ``sample.num_images`` images, one compiled call after a warm-up.
 * **evaluation**: test images/s of ``Trainer.evaluate`` (its second pass; the first compiles).
 * **environment**: the jax, jaxlib, Flax, Optax and Orbax versions, Python, the operating system, the CPU's model
   and the device kind (``vdm.environment.environment``), beside the figures in the table and the JSON.
@@ -151,14 +151,14 @@ def _time_samplers(trainer, names: list[str]) -> list[dict]:
     for name in names:
         kwargs = c.sampler_kwargs.to_dict() if name == c.sampler else {}
         fn = jax.jit(lambda p, r, name=name, kwargs=kwargs: model_lib.generate(
-            nnx.merge(trainer.graphdef, p), r, c.num_images, num_steps=c.num_steps, sampler=name, labels=labels,
+            nnx.merge(trainer.graphdef, p), r, c.num_images, num_steps=c.steps, sampler=name, labels=labels,
             guidance=c.guidance, sampler_kwargs=kwargs))
         key = jax.random.PRNGKey(0)
         jax.block_until_ready(fn(trainer.state.ema_params, key))  # compile
         began = time.perf_counter()
         samples = jax.block_until_ready(fn(trainer.state.ema_params, key))
         seconds = time.perf_counter() - began
-        rows.append({"sampler": name, "num_steps": c.num_steps, "nfe": int(samples.nfe),
+        rows.append({"sampler": name, "num_steps": c.steps, "nfe": int(samples.nfe),
                      "images_per_s": c.num_images / seconds, "seconds": seconds})
     return rows
 

@@ -150,7 +150,7 @@ class Compiled:
     objective: objective_lib.Objective
     train_step: Any
     eval_step: Any
-    score_step: Any  # eval_step with the VLB's times spread evenly over the batch (vdm.scoring)
+    score_step: Any  # eval_step with the VLB's times spread evenly over the batch (vdm.image_bpd)
     sampling: Sampling
     solve_progress: evaluation.SolveProgress  # told the ODE solver's t inside eval_step (progress in a batch)
 
@@ -249,7 +249,7 @@ def compile_run(config, info, mesh, cache: CompileCache | None = None) -> Compil
                             health.Limits.from_config(config.train), mesh)
     eval_steps = cache.part("eval_steps", _eval_steps, model, _view(config, eval=None), mesh)
     c = config.sample
-    sampling = cache.part("sampling", _sampling, model, c.num_images, c.num_steps, c.sampler, c.guidance,
+    sampling = cache.part("sampling", _sampling, model, c.num_images, c.steps, c.sampler, c.guidance,
                           c.sampler_kwargs.to_dict())
     graphdef, init, _ = model.value
     eval_step, score_step, solve_progress = eval_steps.value

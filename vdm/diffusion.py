@@ -57,9 +57,7 @@ import jax.numpy as jnp
 
 from vdm import predictions, time_sampling, weightings
 
-# --------------------------------------------------------------------------------------
-# Data <-> bin centres; shapes (per example or per element); the forward process
-# --------------------------------------------------------------------------------------
+# ---- Data <-> bin centres; shapes (per example or per element); the forward process ----
 
 
 def encode(x: jax.Array, vocab_size: int = 256) -> jax.Array:
@@ -103,9 +101,7 @@ def diffuse(f: jax.Array, gamma: jax.Array, eps: jax.Array) -> jax.Array:
     return alpha * f + sigma * eps
 
 
-# --------------------------------------------------------------------------------------
-# Prior and reconstruction terms
-# --------------------------------------------------------------------------------------
+# ---- Prior and reconstruction terms -------------------------------------------------
 
 
 def _endpoint(gamma, f: jax.Array) -> jax.Array:
@@ -197,9 +193,7 @@ def _decoder_log_normaliser_jvp(vocab_size, primals, tangents):
     return value, -precision * (scaled - mean_centre) * dscaled - 0.5 * mean_square * dprecision
 
 
-# --------------------------------------------------------------------------------------
-# The diffusion term
-# --------------------------------------------------------------------------------------
+# ---- The diffusion term -------------------------------------------------------------
 
 
 def check_weighting(weighting, *, num_steps: int = 0) -> weightings.Weighting:
@@ -261,9 +255,7 @@ def diffusion_loss(rng: jax.Array, f: jax.Array, gamma_fn: Callable, eps_fn: Cal
     return loss
 
 
-# --------------------------------------------------------------------------------------
-# The whole bound
-# --------------------------------------------------------------------------------------
+# ---- The whole bound ----------------------------------------------------------------
 
 
 @runtime_checkable
@@ -312,15 +304,23 @@ def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
 
 
 class Draw(NamedTuple):
-    """The randomness of one estimate of the bound."""
+    """The randomness of one estimate of the bound (``draw_for_bound``), and of the training step that takes it
+    (``vdm.objective.draw_for_step`` also draws the network's keys, ``None`` here); ``bound`` reads the first three."""
 
     u: jax.Array  # [B] uniforms: the times t, or through a density the log-SNRs
     eps: jax.Array  # key: the diffusion noise
     reconstruction: jax.Array  # key: z_0 of the reconstruction term
+    dropout: jax.Array | None = None  # key: the network's dropout
+    labels: jax.Array | None = None  # key: label dropout
+    latent: jax.Array | None = None  # key: the auxiliary latent c ~ q(c | x) of a MuLAN model
 
 
-def draw(rng: jax.Array, batch_size: int, time_sampler="low_discrepancy") -> Draw:
-    """Split one key into the randomness of ``bound``: (diffusion: (t, eps), reconstruction)."""
+def draw_for_bound(rng: jax.Array, batch_size: int, time_sampler="low_discrepancy") -> Draw:
+    """Split one key into the randomness of ``bound``: (diffusion: (t, eps), reconstruction).
+
+    ``time_sampler``: a name in ``vdm.time_sampling.TIME_SAMPLERS`` or a sampler ``(key, B) -> u [B]``. Returns a
+    ``Draw`` of ``u`` [B] and the keys ``eps`` and ``reconstruction`` (the network's keys ``None``).
+    """
     rng_diffusion, rng_reconstruction = jax.random.split(rng)
     rng_t, rng_eps = jax.random.split(rng_diffusion)
     sampler = time_sampling.build(time_sampler) if isinstance(time_sampler, str) else time_sampler
@@ -369,7 +369,7 @@ def bound(d: Draw, x: jax.Array, gamma_fn: DeclaresEndpoints, eps_fn: Callable, 
           levels: time_sampling.NoiseLevels | None = None) -> Bound:
     """The variational bound -log p(x) <= prior + reconstruction + diffusion per example, and the weighted loss.
 
-    ``x`` holds integers in {0..V-1}, shape [B, ...]; ``d`` its randomness (``draw``); ``cond`` goes
+    ``x`` holds integers in {0..V-1}, shape [B, ...]; ``d`` its randomness (``draw_for_bound``); ``cond`` goes
     to ``eps_fn`` (with a label it is the conditional bound on -log p(x | y)). ``levels`` replaces the
     noise levels that ``d.u`` and the schedule would give (the schedule-variance gradient of
     ``vdm.objective`` differentiates through them).
@@ -391,6 +391,6 @@ def vlb(rng: jax.Array, x: jax.Array, gamma_fn: DeclaresEndpoints, eps_fn: Calla
         num_steps: int = 0, time_sampler="low_discrepancy", prediction: str = "eps", cond=None) -> dict:
     """``bound`` for one key, as a dict of [B] arrays in nats: "prior", "reconstruction", "diffusion",
     "total", and "bpd" (total in bits per dim)."""
-    b = bound(draw(rng, x.shape[0], time_sampler), x, gamma_fn, eps_fn, vocab_size=vocab_size, num_steps=num_steps,
-              prediction=prediction, cond=cond)
+    b = bound(draw_for_bound(rng, x.shape[0], time_sampler), x, gamma_fn, eps_fn, vocab_size=vocab_size,
+              num_steps=num_steps, prediction=prediction, cond=cond)
     return b.terms() | {"total": b.total, "bpd": bits_per_dim(b.total, math.prod(x.shape[1:]))}

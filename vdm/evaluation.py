@@ -45,9 +45,9 @@ def vlb_bound(model: VDM, batch: dict, rng: jax.Array, *, num_steps: int = 0, ti
               ) -> diffusion.Bound:
     """The true VLB per example (``vdm.objective.EVALUATION``: no dropout or label dropout, the elbo
     weighting whatever was trained, iid t), with T = ``num_steps`` steps (0: continuous time).
-    ``time_sampler="low_discrepancy"`` spreads the batch's times evenly (``vdm.scoring``'s copies of an image)."""
+    ``time_sampler="low_discrepancy"`` spreads the batch's times evenly (``vdm.image_bpd``'s copies of an image)."""
     obj = dataclasses.replace(objective.EVALUATION, num_steps=num_steps, time_sampler=time_sampler)
-    return objective.estimate(model, batch, objective.draw(rng, batch["image"].shape[0], obj), obj, train=False)
+    return objective.estimate(model, batch, objective.draw_for_step(rng, batch["image"].shape[0], obj), obj, train=False)
 
 
 def ode_nll(model: VDM, batch: dict, rng: jax.Array, *, rtol: float = 1e-5, atol: float = 1e-5,
@@ -83,9 +83,9 @@ EVALUATIONS: registry.Registry[Callable[..., Evaluated]] = registry.Registry("ev
 
 @EVALUATIONS.register("vlb")
 def vlb(model: VDM, batch: dict, rng: jax.Array, settings: dict) -> Evaluated:
-    """``bpd``: the VLB (``vlb_bound``, ``settings["num_steps"]`` steps), and its terms as ``bpd_<term>``; for a
+    """``bpd``: the VLB (``vlb_bound``, ``settings["timesteps"]`` steps), and its terms as ``bpd_<term>``; for a
     model with an auxiliary latent also ``bpd_latent``, the part of ``bpd_prior`` that is the latent's KL."""
-    b = vlb_bound(model, batch, jax.random.fold_in(rng, 0), num_steps=int(settings.get("num_steps", 0)),
+    b = vlb_bound(model, batch, jax.random.fold_in(rng, 0), num_steps=int(settings.get("timesteps", 0)),
                   time_sampler=settings.get("time_sampler", "iid"))
     latent_part = {} if b.latent is None else {"bpd_latent": b.latent}
     return Evaluated({"bpd": b.total}, {f"bpd_{name}": v for name, v in b.terms().items()} | latent_part, {})

@@ -1,6 +1,6 @@
 """Command line: ``python -m vdm.main --config <name> | <file.py> --workdir DIR [--mode train|eval|sample|score]``.
 
-``--mode score --images FILE`` writes each image's bits/dim to ``DIR/scores_<step>.csv`` (``vdm.scoring``).
+``--mode score --images FILE`` writes the bits/dim per image to ``DIR/scores_<step>.csv`` (``vdm.image_bpd``).
 
 ``--config`` is a config file or the name of a config shipped in ``vdm.configs`` (``mnist``;
 ``configs/mnist.py`` in a clone is the same file), either optionally ``:config_string``.
@@ -142,10 +142,12 @@ def parse_or_exit(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) 
 
 
 def resolve(flag_values: flags.FlagValues = flags.FLAGS):
-    """(config, workdir, mode, notes) from parsed flags: stale piece arguments dropped, each with a note.
+    """(config, workdir, mode, notes) from parsed flags: stale piece arguments dropped, each with a note; a field
+    set under its old name (``configlib.RENAMED``) moved to its new one, with a warning line.
 
     Raises CommandLineError when the config file could not be loaded (ml_collections reports
-    that only when the config is first used).
+    that only when the config is first used); ConfigError when an old name and its new one are both given
+    on the command line with different values.
     """
     from vdm import configlib  # after flag parsing: keep --help fast
 
@@ -157,7 +159,8 @@ def resolve(flag_values: flags.FlagValues = flags.FLAGS):
         raise CommandLineError(f"--config={config_flags.get_config_filename(flag_values['config'])}: cannot load it "
                                f"({detail[-1]})") from None
     overridden = set(config_flags.get_override_values(flag_values["config"]))
-    notes = configlib.drop_stale_kwargs(config, overridden)
+    notes = configlib.apply_deprecated(config, overridden)  # an old field name (configlib.RENAMED): one warning
+    notes += configlib.drop_stale_kwargs(config, {configlib.RENAMED.get(k, k) for k in overridden})
     mode = flag_values["mode"].value if "mode" in flag_values else None
     images = flag_values["images"].value if "images" in flag_values else None
     if mode == "score" and not images:
@@ -221,11 +224,11 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     input, one ``error:`` line; 3 for a non-finite result; a signal's code when one stopped it)."""
     del argv  # parse() has refused any argument that is not a flag
     quiet_logs()
-    from vdm import health, scoring, signals, train  # after flag parsing: keep --help fast
+    from vdm import health, image_bpd, signals, train  # after flag parsing: keep --help fast
 
     images = flag_values["images"].value
     modes = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint, "sample": train.sample_checkpoint,
-             "score": lambda config, workdir, **kw: scoring.score_images(config, workdir, images, **kw)}
+             "score": lambda config, workdir, **kw: image_bpd.per_image_bpd(config, workdir, images, **kw)}
     try:
         config, workdir, mode, notes = resolve(flag_values)
         for note in notes:
@@ -251,10 +254,10 @@ def non_finite(result: dict) -> list[str]:
 
 def report_scores(result: dict, config) -> int:
     """--mode score: the bounds' spread over the images and the CSV's path, then the figures as one JSON line.
-    (Non-finite bounds never get here: ``vdm.scoring.check_finite`` refuses them before the CSV, exit code 3.)"""
-    from vdm import metrics, scoring  # after flag parsing: keep --help fast
+    (Non-finite bounds never get here: ``vdm.image_bpd.check_finite`` refuses them before the CSV, exit code 3.)"""
+    from vdm import image_bpd, metrics  # after flag parsing: keep --help fast
 
-    for line in scoring.summary(result, config.eval.score_draws):
+    for line in image_bpd.summary(result, config.eval.score_draws):
         print(line)
     figures = {k: result[k] for k in ("scores", "step", "count")} | {
         f"mean_{k}": float(v.mean()) for k, v in result.items() if f"{k}_se" in result}

@@ -43,7 +43,7 @@ def check(*, elbo: bool, num_steps: int, elementwise: bool) -> None:
     """ValueError unless the objective is one this bound has: the continuous-time elbo, gamma per example."""
     if not elbo or num_steps:
         raise ValueError("a mean encoder (DiffEnc) has its bound in continuous time and trains the elbo only "
-                         "(loss.weighting=elbo, loss.num_steps=0, eval.num_steps=0, no variance_schedule_grad)")
+                         "(loss.weighting=elbo, loss.timesteps=0, eval.timesteps=0, no variance_schedule_grad)")
     if elementwise:
         raise ValueError("a mean encoder (DiffEnc) needs a schedule with one gamma per example")
 

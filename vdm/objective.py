@@ -8,7 +8,7 @@
 
 A batch is a dict ``{"image": uint8 [B, H, W, C], "label": int32 [B]}`` (``label`` only when the
 data have labels). ``loss_and_grads`` draws all randomness of a step from one key, once
-(``draw``), and computes the bound through ``vdm.diffusion.bound``, the one road to it that
+(``draw_for_step``), and computes the bound through ``vdm.diffusion.bound``, the one road to it that
 evaluation, tests, notebooks and experiments take too. The trainer knows nothing of schedules,
 RNG splits or term names: it sums, logs and checks whatever ``nats`` and ``diagnostics`` hold.
 
@@ -55,7 +55,7 @@ class Objective:
     @classmethod
     def from_config(cls, config) -> "Objective":
         c = config.loss
-        return cls(weighting=weightings.build(c.weighting, **dict(c.weighting_kwargs)), num_steps=int(c.num_steps),
+        return cls(weighting=weightings.build(c.weighting, **dict(c.weighting_kwargs)), num_steps=int(c.timesteps),
                    time_sampler=c.time_sampler, importance_sampling=c.importance_sampling,
                    density_bins=int(c.density_bins),
                    logsnr_range=(-float(config.model.gamma_max), -float(config.model.gamma_min)),
@@ -68,11 +68,11 @@ class Objective:
         try:
             time_sampling.check_noise_levels(num_steps=self.num_steps, importance_sampling=bool(self.importance_sampling))
         except ValueError as e:
-            field = "loss.num_steps" if self.num_steps < 0 else "loss.importance_sampling"
+            field = "loss.timesteps" if self.num_steps < 0 else "loss.importance_sampling"
             raise ObjectiveError(field, self.num_steps if self.num_steps < 0 else self.importance_sampling,
                                  str(e)) from None
         if self.num_steps and not self.weighting.is_elbo:
-            raise ObjectiveError("loss.weighting", self.weighting.name, "discrete time (loss.num_steps > 0) trains only "
+            raise ObjectiveError("loss.weighting", self.weighting.name, "discrete time (loss.timesteps > 0) trains only "
                                  "the elbo")
         # Per element first: no option of such a schedule (fixed endpoints included) lets importance sampling
         # work, so its refusal names the way out, uniform t.
@@ -149,30 +149,29 @@ TERMS = diffusion.TERMS  # the names of ``Estimate.nats``, in order
 DIAGNOSTICS = ("gamma_0", "gamma_1")  # the names of ``Estimate.diagnostics``, in order
 
 
-class Draw(NamedTuple):
-    """All randomness of one step of the objective."""
+def draw_for_step(rng: jax.Array, batch_size: int, objective: Objective) -> diffusion.Draw:
+    """Split one key into everything a step draws: the only place that knows the split.
 
-    u: jax.Array  # [B] uniforms: the times t, or through a density the log-SNRs
-    eps: jax.Array  # key: the diffusion noise
-    reconstruction: jax.Array  # key: z_0 of the reconstruction term
-    dropout: jax.Array  # key: the network's dropout
-    labels: jax.Array  # key: label dropout
-    latent: jax.Array  # key: the auxiliary latent c ~ q(c | x) of a MuLAN model
+    Args:
+      rng: a PRNG key (the trainer's ``fold_in(state.rng, step)``).
+      batch_size: B, the number of times drawn.
+      objective: whose ``time_sampler`` draws the times.
 
-
-def draw(rng: jax.Array, batch_size: int, objective: Objective) -> Draw:
-    """Split one key into everything a step draws: the only place that knows the split."""
+    Returns:
+      A ``diffusion.Draw`` with every field: ``u`` [B], and the keys of the diffusion noise, the
+      reconstruction, the network's dropout, label dropout and MuLAN's auxiliary latent.
+    """
     rng_diffusion, rng_reconstruction, rng_network = jax.random.split(rng, 3)
     rng_t, rng_eps = jax.random.split(rng_diffusion)
     rng_dropout, rng_labels = jax.random.split(rng_network)
     u = time_sampling.build(objective.time_sampler)(rng_t, batch_size)
     # folded in, not split: every other draw stays what it is for a model without a latent
     rng_latent = jax.random.fold_in(rng, latent.STREAM)
-    return Draw(u=u, eps=rng_eps, reconstruction=rng_reconstruction, dropout=rng_dropout, labels=rng_labels,
-                latent=rng_latent)
+    return diffusion.Draw(u=u, eps=rng_eps, reconstruction=rng_reconstruction, dropout=rng_dropout, labels=rng_labels,
+                          latent=rng_latent)
 
 
-def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=None, *, train: bool = True,
+def estimate(model: VDM, batch: dict, d: diffusion.Draw, objective: Objective, density=None, *, train: bool = True,
              levels: time_sampling.NoiseLevels | None = None, schedule: Callable | None = None) -> diffusion.Bound:
     """``vdm.diffusion.bound`` of ``model`` on ``batch`` for the randomness ``d``.
 
@@ -191,10 +190,10 @@ def estimate(model: VDM, batch: dict, d: Draw, objective: Objective, density=Non
     denoise = model.denoiser(d.dropout if train else None)
     if model.mean_encoder is not None:  # DiffEnc: the bound of the moving mean
         objective.check_mean_encoder(model.elementwise)  # for a caller that did not validate a config
-        return moving_mean.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn,
+        return moving_mean.bound(d, batch["image"], gamma_fn,
                                  lambda z, g, c: model.to_eps(denoise(z, g, c), z, g), model.mean_offset,
                                  vocab_size=model.vocab_size, logsnr_density=density, cond=cond)
-    b = diffusion.bound(diffusion.Draw(d.u, d.eps, d.reconstruction), batch["image"], gamma_fn, denoise,
+    b = diffusion.bound(d, batch["image"], gamma_fn, denoise,
                         vocab_size=model.vocab_size, num_steps=objective.num_steps, weighting=objective.weighting,
                         prediction=model.prediction, logsnr_density=density, cond=cond, levels=levels)
     if train and objective.second_order_weight:  # i-DODE's fine-tuning: trained, not part of the bound
@@ -227,7 +226,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params, batch: dict, rng: jax.Array, 
     estimator's second moment instead of the loss's (VDM App. I.2) and every other
     parameter the loss gradient, from the same forward and backward pass.
     """
-    d = draw(rng, batch["image"].shape[0], objective)
+    d = draw_for_step(rng, batch["image"].shape[0], objective)
     if objective.variance_schedule_grad:
         loss, grads, bound = _loss_and_grads_with_schedule_variance(graphdef, params, batch, d, objective)
         return loss, grads, _estimate(bound, objective, density)
@@ -246,7 +245,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params, batch: dict, rng: jax.Array, 
 # --------------------------------------------------------------------------------------
 
 
-def _loss_and_grads_with_schedule_variance(graphdef, params, batch, d: Draw, objective: Objective):
+def _loss_and_grads_with_schedule_variance(graphdef, params, batch, d: diffusion.Draw, objective: Objective):
     """VLB gradients for everything but the schedule interior, which gets d E[L^2] (VDM App. I.2), L in bits/dim."""
     model = nnx.merge(graphdef, params)
     graph2, interior, other = nnx.split(model, schedules.ScheduleShape, ...)

@@ -45,7 +45,7 @@ def save_png(path: str, picture: np.ndarray) -> None:
 def unused_name(base: str, extensions: tuple[str, ...] = (".npz", ".png")) -> str:
     """``base`` (``DIR/samples_<step>``) if no file of that name with one of ``extensions`` exists, else the first
     free ``base_2``, ``base_3``, ...: samples drawn again at a step (``--mode sample``), or images scored again
-    (``vdm.scoring``), never replace earlier ones."""
+    (``vdm.image_bpd``), never replace earlier ones."""
     name, k = base, 1
     while any(paths.path(name + extension).exists() for extension in extensions):
         k += 1

@@ -30,6 +30,7 @@ An unknown name always reads ``unknown schedule 'quadratic'; valid names: fixed_
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -96,7 +97,8 @@ class Registry(Mapping[str, T]):
             if not isinstance(name, str) or not name or name != name.strip():
                 raise RegistrationError(f"{self.kind} name {name!r}: must be a non-empty string without surrounding "
                                         "spaces")
-            where = module or getattr(piece, "__module__", None) or "?"
+            found = inspect.getmodule(piece)
+            where = module or (found.__name__ if found is not None else "?")
             if name in self._entries:
                 raise RegistrationError(f"{self.kind} {name!r} is already registered (by {self._entries[name].module}); "
                                         f"choose another name")
@@ -130,6 +132,18 @@ class Registry(Mapping[str, T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+
+def parameters(fn: Callable) -> list[inspect.Parameter]:
+    """The parameters of ``fn``'s signature, for a contract to inspect.
+
+    Raises:
+        TypeError: the signature cannot be read (a builtin, an odd callable), naming ``fn``.
+    """
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"the signature of {fn!r} cannot be read ({e})") from None
 
 
 def lookup(table: Mapping[str, T], name: str, kind: str, error: type[Exception] = ValueError) -> T:

@@ -40,8 +40,10 @@ def _data_identity(info: data_lib.DatasetInfo) -> dict:
 def _model_differences(meta: dict, config: dict, data_identity: dict) -> list[str]:
     """``field: checkpoint A, config B`` for each model field and data property that differs."""
     # A field the checkpoint's config does not have (it was added to the library after the save) had its default.
+    # A checkpoint saved before a field was renamed (configlib.RENAMED) names it by its old name.
     defaults = configlib.flatten(configlib.base_config().model.to_dict(), "model")
-    saved = {k: v for k, v in (defaults | configlib.flatten(meta["config"].get("model", {}), "model")).items()
+    stored = configlib.upgrade_stored(meta["config"])
+    saved = {k: v for k, v in (defaults | configlib.flatten(stored.get("model", {}), "model")).items()
              if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}
     now = {k: v for k, v in configlib.flatten(config.get("model", {}), "model").items()
            if k.split(".")[1] not in _COMPATIBLE_MODEL_FIELDS}

@@ -23,6 +23,8 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 
+from vdm import registry
+
 # eps_fn(z_t [B, *shape], gamma_t [B] or [B, *shape], cond) -> eps_hat [B, *shape];  gamma_fn(t [B]) -> gamma_t
 EpsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 GammaFn = Callable[[jax.Array], jax.Array]
@@ -148,10 +150,7 @@ def contract(name: str, piece: Any) -> None:
         raise TypeError(f"{piece!r} has no .plan: register {wanted} with vdm.samplers.register") from None
     if not callable(plan):
         raise TypeError(f"its .plan {plan!r} is not callable: register {wanted} with vdm.samplers.register")
-    try:
-        params = list(inspect.signature(plan).parameters.values())
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"the signature of its plan function cannot be read ({e})") from None
+    params = registry.parameters(plan)
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if tuple(positional[:len(PLAN_PARAMETERS)]) != PLAN_PARAMETERS:
         raise TypeError(f"its plan function must begin ({', '.join(PLAN_PARAMETERS)}, ...); it begins "

@@ -51,7 +51,7 @@ class Sampling:
         return lengths[0]
 
     def __call__(self, params, rng, labels, progress: Callable[[int, int], None] | None = None):
-        """(images, nfe, how many images' final latents hold a NaN or infinity: the decoder would draw
+        """(images, nfe, how many images' final z (z_0) hold a NaN or infinity: the decoder would draw
         those as if they were black); ``progress(done, total)`` is called after each chunk."""
         total = self.num_steps(params, rng, labels)
         carry = self._start(params, rng, labels)

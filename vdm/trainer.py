@@ -1,7 +1,7 @@
 """A run of the trainer: its config checked before compiling, its data, compiled functions, state and checkpoints.
 
 ``Trainer`` is what ``vdm.train``'s programs (``train_and_evaluate``, ``evaluate_checkpoint``,
-``sample_checkpoint``, ``vdm.scoring``) hold while they run; ``resolve_config`` and ``prepare`` check a config
+``sample_checkpoint``, ``vdm.image_bpd``) hold while they run; ``resolve_config`` and ``prepare`` check a config
 and its data before anything is compiled or written. ``vdm.train`` re-exports all of them.
 """
 from __future__ import annotations
@@ -229,7 +229,7 @@ class Trainer:
         Returns {"samples": the PNG's path, "nfe": network evaluations of the sampler} and the
         sample-quality figures the config asks for (``vdm.quality.sample_quality``).
         The sampler's loop runs in chunks (``vdm.sampling``): a signal stops it within about a second.
-        Raises NonFiniteError when a sample's final latent is not finite (its picture would be black).
+        Raises NonFiniteError when a sample's final z (z_0) is not finite (its picture would be black).
         """
         c, info = self.config.sample, self.dataset.info
         params = self.state.ema_params if params is None else params
@@ -247,7 +247,7 @@ class Trainer:
             if progress is not None:
                 progress.close()
         if int(non_finite):
-            raise health.NonFiniteError(f"non-finite samples at step {step}: the sampler's final latent holds a NaN or "
+            raise health.NonFiniteError(f"non-finite samples at step {step}: the sampler's final z (z_0) holds a NaN or "
                                         f"infinity in {int(non_finite)} of {c.num_images} images (nothing was written)")
         images, nfe = np.asarray(images).astype(np.uint8), int(nfe)
         path = pictures.unused_name(paths.join(self.workdir, f"samples_{step}"))

@@ -98,10 +98,7 @@ def check_contract(name: str, piece: Weighting) -> None:
         raise ValueError("is_elbo (w = 1) needs monotonic=True")
     if not callable(piece.fn):
         raise TypeError(f"its function {piece.fn!r} is not callable")
-    try:
-        parameters = list(inspect.signature(piece.fn).parameters.values())
-    except (TypeError, ValueError):
-        raise TypeError(f"the signature of {piece.fn!r} cannot be read") from None
+    parameters = registry.parameters(piece.fn)
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not parameters or parameters[0].name != "logsnr" or parameters[0].kind not in positional:
         raise TypeError("its function's first parameter must be logsnr: w(logsnr, **params)")

@@ -8,10 +8,10 @@ evaluate every model under every T.
 The VDM paper (Sec. 4, Fig. 3) shows that for a fixed model the T-step bound L_T only falls as T
 grows (doubling T never hurts), so the continuous-time L_inf is the tightest, and that training
 with more steps, or in continuous time, gives the best model. Each model here is the demo config
-(``--config``) with the elbo weighting and ``loss.num_steps = T`` (0: continuous), trained from
+(``--config``) with the elbo weighting and ``loss.timesteps = T`` (0: continuous), trained from
 scratch for ``--steps`` steps (the learning rate warmed up, then decayed to 0 by a cosine) in ``<workroot>/T<T>``
 by ``vdm.train.train_and_evaluate``. Every
-model is then evaluated on the 500 held-out digits with ``eval.num_steps`` = 10, 100, 1000 and
+model is then evaluated on the 500 held-out digits with ``eval.timesteps`` = 10, 100, 1000 and
 continuous (one pass, the same randomness for every model at a given T), so the table's rows
 compare training objectives and its columns compare bounds. The differences to the continuous-
 time model are paired per digit; their standard errors are over the digits.
@@ -47,7 +47,7 @@ def _evaluate(config_spec: str, workdir: str, overrides: dict, eval_steps: int):
     any of the models: evaluation reads the model and ``eval``, not the objective it was trained with)."""
     from vdm import train
 
-    config = train.resolve_config(config_spec, overrides | {"eval.num_steps": eval_steps})
+    config = train.resolve_config(config_spec, overrides | {"eval.timesteps": eval_steps})
     trainer = train.Trainer(config, workdir, must_exist=True)
     try:
         trainer.restore_latest()
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     for t in TINY_MODELS if args.tiny else STEPS:
         workdir = os.path.join(args.workroot, f"T{t}")
         # The whole budget named here, so that a change of the demo config does not change the study.
-        overrides = tiny | {"loss.weighting": "elbo", "loss.num_steps": t, "eval.num_steps": t,
+        overrides = tiny | {"loss.weighting": "elbo", "loss.timesteps": t, "eval.timesteps": t,
                             "train.num_steps": args.steps, "train.checkpoint_every": args.steps,
                             "train.lr_schedule": args.lr_schedule}
         print(f"== trained with {_name(t)} -> {workdir}", flush=True)
         models[t] = (workdir, overrides, common.trained(args.config, workdir, overrides))
-    # Every model with one config per T (the continuous-time model's: the models differ only in loss.num_steps,
+    # Every model with one config per T (the continuous-time model's: the models differ only in loss.timesteps,
     # which evaluation does not read): one compiled evaluation per T, not one per model and T.
     evaluation, evaluated = models[0][1], TINY_EVAL if args.tiny else STEPS
     per_digit = {t: {e: _evaluate(args.config, w, evaluation, e) for e in evaluated} for t, (w, _, _) in models.items()}

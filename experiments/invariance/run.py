@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, schedule in table.items():
         @jax.jit
         def bound(xb, key, schedule=schedule):  # (diffusion term, prior + reconstruction), nats per image
-            b = objective_lib.estimate(model, {"image": xb}, objective_lib.draw(key, len(xb), evaluation), evaluation,
-                                       train=False, schedule=schedule)
+            d = objective_lib.draw_for_step(key, len(xb), evaluation)
+            b = objective_lib.estimate(model, {"image": xb}, d, evaluation, train=False, schedule=schedule)
             return b.diffusion, b.prior + b.reconstruction
 
         values, other = np.zeros((args.draws, len(x))), np.zeros((args.draws, len(x)))

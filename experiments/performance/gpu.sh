@@ -34,11 +34,11 @@ BATCH=128 BIG=256 CALLS=20 ROUNDS=6 PER=5
 SHRINK=()
 if [[ "${QUICK:-0}" == 1 ]]; then
     CALLS=10 ROUNDS=3 PER=3
-    SHRINK=(sample.num_steps=128)
+    SHRINK=(sample.steps=128)
 fi
 if [[ "${SMALL:-0}" == 1 ]]; then
     BATCH=8 BIG=16 CALLS=2 ROUNDS=2 PER=1
-    SHRINK=(model.network_kwargs.num_blocks=1 model.network_kwargs.channels=16 sample.num_steps=4
+    SHRINK=(model.network_kwargs.num_blocks=1 model.network_kwargs.channels=16 sample.steps=4
             sample.num_images=4)
 fi
 # The same overrides for vdm.bench (--config.F=V) and for the scripts (--override F=V).
@@ -62,7 +62,7 @@ bench() {  # bench NAME CONFIG OVERRIDES...
 }
 
 demo=()
-[[ "${SMALL:-0}" == 1 ]] && demo=(train.batch_size=8 sample.num_images=4 sample.num_steps=4)
+[[ "${SMALL:-0}" == 1 ]] && demo=(train.batch_size=8 sample.num_images=4 sample.steps=4)
 mapfile -t p < <(as_overrides "${paper[@]}" model.dtype=bfloat16 train.batch_size=$BATCH)
 mapfile -t d < <(as_overrides "${demo[@]}")
 mapfile -t p4 < <(as_overrides "${paper[@]}" model.dtype=bfloat16 train.batch_size=$BATCH model.network_kwargs.num_blocks=4)

@@ -1,4 +1,4 @@
-"""Out-of-distribution detection by per-image bits/dim (``vdm.scoring``): a model of the 8x8 digits scores
+"""Out-of-distribution detection by per-image bits/dim (``vdm.image_bpd``): a model of the 8x8 digits scores
 held-out digits and images that are not 8x8 digits, and the AUROC says how well bits/dim tells them apart.
 
     python experiments/scoring/run.py                       # trains configs/digits.py (about 2 minutes), scores
@@ -14,8 +14,8 @@ by ``vdm.train.train_and_evaluate``, resumable). The sets, ``--count`` images ea
   quantised to 17 levels: the same ten classes in other hands and another rendering (near out-of-distribution);
 - ``photos``: 8x8 patches of scikit-learn's two sample photographs, grey, shrunk 4x and quantised to 17 levels.
 
-Each image's bits/dim is ``vdm.scoring.score_images``' (the VLB, ``eval.score_draws`` draws); the AUROC of each
-set against the held-out digits is ``vdm.scoring.auroc`` (1: every image of the set scores more bits/dim than
+Each image's bits/dim is ``vdm.image_bpd.per_image_bpd``'s (the VLB, ``eval.score_draws`` draws); the AUROC of each
+set against the held-out digits is ``vdm.image_bpd.auroc`` (1: every image of the set scores more bits/dim than
 every digit). Writes ``results.json``, ``scores.png`` and the table of ``README.md`` beside this file (or in
 ``--out``). ``--tiny``: the model on ``common.TINY``'s network, ``common.TINY_STEPS`` steps, 16 images per set and
 4 draws, in ``<out>/runs``: the whole study for checking the script, not for figures.
@@ -78,10 +78,10 @@ def score_sets(config: str, workdir: str, overrides: dict, sets: dict) -> dict:
     """{name: per-image bits/dim and standard errors} of every set, scored in one call (one compilation)."""
     import numpy as np
 
-    from vdm import scoring
+    from vdm import image_bpd
 
     names = list(sets)
-    result = scoring.score_images(config, workdir, np.concatenate([sets[n] for n in names]), overrides)
+    result = image_bpd.per_image_bpd(config, workdir, np.concatenate([sets[n] for n in names]), overrides)
     out, start = {"step": result["step"], "scores": result["scores"]}, 0
     for name in names:
         stop = start + len(sets[name])
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = os.path.join(args.workroot or (os.path.join(out, "runs") if args.tiny else "workdirs/scoring"), "digits")
     import numpy as np
 
-    from vdm import scoring, train
+    from vdm import image_bpd, train
 
     if args.tiny:
         overrides = common.tiny_model(CONFIG, workdir, {"eval.score_draws": TINY_DRAWS})
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         sets[name] = common.mean_se(s["bpd"]) | {"median_se": float(np.median(s["bpd_se"])),
                                                  "bpd": [float(v) for v in s["bpd"]]}
         if name != "digits":
-            sets[name]["auroc"] = scoring.auroc(scored["digits"]["bpd"], s["bpd"])
+            sets[name]["auroc"] = image_bpd.auroc(scored["digits"]["bpd"], s["bpd"])
     record = {"commit": common.commit(), "config": CONFIG, "overrides": overrides, "step": scored["step"],
               "test_bpd": run["bpd"], "train_seconds": run["train_seconds"], "score_seconds": seconds,
               "score_draws": train.resolve_config(CONFIG, overrides).eval.score_draws, "sets": sets}

@@ -69,7 +69,7 @@ def small_config(args, variance_grad: bool):
     config.eval.num_examples = 50  # the run's own closing evaluation; this script measures its own
     if not args.tiny:  # --tiny: common.TINY's sampler
         config.sample.num_images = 4
-        config.sample.num_steps = 16
+        config.sample.steps = 16
     config.sample.fd_mnist = False
     return config
 
@@ -108,7 +108,7 @@ class Study:
         def fn(params, image, key, density):
             model = nnx.merge(self.trainer.graphdef, params)
             schedule = schedules.build("fixed_linear", gamma_min=self.gamma_0, gamma_max=self.gamma_1) if linear else None
-            d = objective_lib.draw(key, image.shape[0], objective)
+            d = objective_lib.draw_for_step(key, image.shape[0], objective)
             bound = objective_lib.estimate(model, {"image": image}, d, objective, density, train=False,
                                            schedule=schedule)
             return bound, d.u

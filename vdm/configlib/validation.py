@@ -26,6 +26,7 @@ from flax import nnx
 from vdm import (data, evaluation, health, inception, likelihood, objective, optimizer, options, predictions, registry,
                  samplers, schedules, time_sampling, weightings)
 from vdm import model as model_lib
+from vdm.configlib.renames import RENAMED
 from vdm.configlib.schema import COMPUTE_DTYPES, PIECES, ConfigError, field_value
 from vdm.nets import kernels
 
@@ -130,9 +131,16 @@ def validate(config) -> None:
         config: a config of ``base_config``'s fields.
 
     Raises:
-        ConfigError: one line naming the first bad field and what is wrong with it.
+        ConfigError: one line naming the first bad field and what is wrong with it (an old name of ``RENAMED``
+            still set, on a config never resolved, is one).
     """
     model, loss, opt = config.model, config.loss, config.train
+    for old, new in RENAMED.items():  # set on a config no resolution has seen (apply_deprecated): it would be ignored
+        section, name = old.rsplit(".", 1)
+        if field_value(config, section).get(name) is not None:
+            _fail(old, field_value(config, section)[name], f"the deprecated name of config.{new}, read only where a "
+                  "config is resolved (vdm.train.resolve_config, configlib.override, the command line): set "
+                  f"config.{new}")
     for name, value in _nonfinite_fields(config)[:1]:
         _fail(name, value, "must be finite")
     if not 0 <= config.seed < SEEDS:
@@ -159,10 +167,10 @@ def validate(config) -> None:
     if model.latent_size < 0:
         _fail("model.latent_size", model.latent_size, "must be >= 0 (0 = no auxiliary latent)")
     if model.mean_encoder:
-        try:  # training is Objective.check's (above); the evaluated bound is the elbo with eval.num_steps
-            dataclasses.replace(objective.EVALUATION, num_steps=config.eval.num_steps).check_mean_encoder(False)
+        try:  # training is Objective.check's (above); the evaluated bound is the elbo with eval.timesteps
+            dataclasses.replace(objective.EVALUATION, num_steps=config.eval.timesteps).check_mean_encoder(False)
         except ValueError as e:
-            _fail("eval.num_steps", config.eval.num_steps, str(e))
+            _fail("eval.timesteps", config.eval.timesteps, str(e))
     if not 0 <= config.sample.guidance <= MAX_GUIDANCE:
         _fail("sample.guidance", config.sample.guidance, f"must be in [0, {MAX_GUIDANCE:g}] (0 = no guidance; "
               "published weights are 0.1 to 10, and 1e30 overflows float32 into an all-black sample grid)")
@@ -194,8 +202,8 @@ def validate(config) -> None:
     if config.eval.num_examples < 0:
         _fail("eval.num_examples", config.eval.num_examples, "must be >= 0 (0 = the whole test split)")
     if config.eval.score_draws < 4 or config.eval.score_draws % 4:
-        _fail("eval.score_draws", config.eval.score_draws, "must be a positive multiple of 4 (vdm.scoring.PASSES)")
-    for field in ("num_steps", "num_images"):
+        _fail("eval.score_draws", config.eval.score_draws, "must be a positive multiple of 4 (vdm.image_bpd.PASSES)")
+    for field in ("steps", "num_images"):
         if config.sample[field] < 1:
             _fail(f"sample.{field}", config.sample[field], "must be >= 1")
 

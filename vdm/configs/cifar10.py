@@ -47,5 +47,5 @@ def get_config():
     c.train.weight_decay = 0.01
     c.train.ema_decay = 0.9999
     c.eval.batch_size = 512
-    c.sample.num_steps = 1000
+    c.sample.steps = 1000
     return c

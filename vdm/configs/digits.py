@@ -33,5 +33,5 @@ def get_config():
     c.train.lr = 2e-3
     c.train.ema_decay = 0.999
     c.eval.batch_size = 176
-    c.sample.num_steps = 128
+    c.sample.steps = 128
     return c

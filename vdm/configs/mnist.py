@@ -70,7 +70,7 @@ def get_config():
     c.train.ema_decay = 0.999
 
     c.eval.batch_size = 250
-    c.sample.num_steps = 256
+    c.sample.steps = 256
     c.sample.num_images = 64
     c.sample.fd_mnist = True  # FD-MNIST of the samples, printed with them (vdm.quality)
     return c

@@ -29,6 +29,6 @@ def get_config():
     c.train.warmup_steps = 2
     c.eval.batch_size = 64
     c.eval.num_examples = 100
-    c.sample.num_steps = 8
+    c.sample.steps = 8
     c.sample.num_images = 16
     return c

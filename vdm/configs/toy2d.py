@@ -27,6 +27,6 @@ def get_config():
     c.train.lr = 2e-3
     c.train.ema_decay = 0.999
     c.eval.batch_size = 1000
-    c.sample.num_steps = 200
+    c.sample.steps = 200
     c.sample.num_images = 256
     return c

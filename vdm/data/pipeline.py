@@ -27,6 +27,10 @@ call plus per-element grain bookkeeping, about 12 us per training example on
 one CPU core (~75k examples/s; numpy fancy indexing of a cached permutation is
 ~100x faster). The prefetching iterator runs it in threads, hidden behind a
 device step that releases the GIL. The contract itself is in :mod:`vdm.data`.
+
+Every entry point takes a :class:`vdm.data.Split` (what a registered source loads) and reads it through the
+protocol alone; anything else with ``len`` and ``[i]`` (a list of records, a grain or tfds data source) is
+wrapped once, at the entry, as one (:func:`as_split`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from vdm.data.core import DataError, stack_records
+from vdm.data.core import DataError, Source, stack_records
+from vdm.data.sources import Split
 
 Batch = dict[str, np.ndarray]
 
@@ -71,17 +76,78 @@ def _check_layout(global_batch_size: int, process_index: int, process_count: int
     return global_batch_size // process_count
 
 
-def _check_source(source: Any) -> int:
-    """The number of records in ``source``; an empty split is an error."""
+class _Records(Source):
+    """A random-access source of records that is not a :class:`Split` (a list of records, a grain or tfds data
+    source), as one: the pipeline reads it as before it was wrapped.
+
+    ``__getitems__`` is its own when it has one, else one ``[i]`` per record; ``shape``, ``has_labels`` and
+    ``origin`` are its own when it declares them, else record 0's (read once, and only if asked) and the source
+    itself. ``vocab_size``, ``num_classes`` and ``kind`` are its own, or ``None`` (the pipeline reads none of them).
+    """
+
+    def __init__(self, records: Any):
+        self.records = records
+
+    origin = property(lambda self: getattr(self.records, "origin", self.records))
+    vocab_size = property(lambda self: getattr(self.records, "vocab_size", None))
+    num_classes = property(lambda self: getattr(self.records, "num_classes", None))
+    kind = property(lambda self: getattr(self.records, "kind", None))
+
+    @functools.cached_property
+    def _first(self) -> Mapping[str, Any]:
+        return self.records[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.records.shape if hasattr(self.records, "shape") else np.shape(self._first["image"])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.records.has_labels if hasattr(self.records, "has_labels") else "label" in self._first
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.records[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        if hasattr(self.records, "__getitems__"):
+            return self.records.__getitems__(indices)
+        return [self.records[k] for k in indices]
+
+    def read_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        return stack_records(self.__getitems__([int(i) for i in indices]))
+
+
+def as_split(source: Any) -> Split:
+    """``source`` as a :class:`vdm.data.Split`: itself if it is one (or a :class:`vdm.data.Source`), else wrapped.
+
+    Args:
+        source: a split (``vdm.data.load``, ``vdm.data.make_split``), or any random-access source of
+            ``{"image", "label"}`` records (``len`` and ``[i]``; ``__getitems__`` used where it has one).
+
+    Returns:
+        A split whose ``read_batch``, ``shape`` and ``has_labels`` read ``source`` as the pipeline always has.
+
+    Raises:
+        DataError: ``source`` is a numpy array (images, not records: wrap them with ``make_split``).
+    """
     if isinstance(source, np.ndarray):
         raise DataError(
             f"expected a source of {{'image', 'label'}} records (vdm.data.load), got a numpy array "
             f"of shape {source.shape}; wrap arrays with vdm.data.make_split(images, labels)"
         )
-    count = len(source)
+    return source if isinstance(source, (Source, Split)) else _Records(source)
+
+
+def _check_source(source: Any) -> tuple[Split, int]:
+    """``source`` as a split (:func:`as_split`) and its number of records; an empty split is an error."""
+    split = as_split(source)
+    count = len(split)
     if count == 0:
-        raise DataError(f"cannot read batches from an empty split ({getattr(source, 'origin', source)!r})")
-    return count
+        raise DataError(f"cannot read batches from an empty split ({split.origin!r})")
+    return split, count
 
 
 def _check_train(
@@ -101,17 +167,10 @@ def _check_train(
 
 
 def read_rows(source: Any, indices: Sequence[int] | np.ndarray) -> Batch:
-    """The records at ``indices`` stacked into a batch, with one batched read.
-
-    Uses the source's ``read_batch`` when it has one (every :class:`vdm.data.Source`),
-    else its ``__getitems__`` (grain / tfds batched-read protocol), else ``source[i]``.
+    """The records at ``indices`` stacked into a batch, with one batched read: the split's ``read_batch``
+    (a source that is not a split is read by its ``__getitems__``, else ``source[i]``: :func:`as_split`).
     """
-    read_batch = getattr(source, "read_batch", None)
-    if read_batch is not None:
-        return read_batch(indices)
-    keys = [int(i) for i in indices]
-    getitems = getattr(source, "__getitems__", None)
-    return stack_records(getitems(keys) if getitems is not None else [source[k] for k in keys])
+    return as_split(source).read_batch(indices)
 
 
 def _index_array(positions: Sequence[int]) -> np.ndarray:
@@ -171,15 +230,15 @@ def _train_positions(num_examples: int, seed: int) -> grain.MapDataset:
 
 
 def _train_dataset(
-    source: Any, global_batch_size: int, seed: int, process_index: int, process_count: int
+    split: Split, global_batch_size: int, seed: int, process_index: int, process_count: int
 ) -> grain.MapDataset:
     positions = host_shard(
-        _train_positions(len(source), seed),
+        _train_positions(len(split), seed),
         global_batch_size,
         process_index=process_index,
         process_count=process_count,
     )
-    return positions.map(functools.partial(read_rows, source))
+    return positions.map(split.read_batch)
 
 
 def batch_indices(
@@ -218,8 +277,9 @@ def train_batch(
     Returns ``{"image": uint8 [B/P, H, W, C], "label": int32 [B/P]}`` ("label"
     iff the source has labels). Reads only those ``B/P`` records.
     """
-    _check_train(_check_source(source), global_batch_size, process_index, process_count, seed=seed, step=step)
-    return _train_dataset(source, global_batch_size, seed, process_index, process_count)[step]
+    split, count = _check_source(source)
+    _check_train(count, global_batch_size, process_index, process_count, seed=seed, step=step)
+    return _train_dataset(split, global_batch_size, seed, process_index, process_count)[step]
 
 
 def train_batches(
@@ -238,10 +298,10 @@ def train_batches(
     Resuming is ``train_batches(..., start_step=s)``: no iterator state to save.
     Returns a grain ``DatasetIterator``; ``close()`` it (or drop it) to stop its threads.
     """
-    count = _check_source(source)
+    split, count = _check_source(source)
     _check_train(count, global_batch_size, process_index, process_count, seed=seed, start_step=start_step)
     _check_count("prefetch", prefetch)
-    ds = _train_dataset(source, global_batch_size, seed, process_index, process_count)
+    ds = _train_dataset(split, global_batch_size, seed, process_index, process_count)
     return _prefetching(ds[start_step:], prefetch)
 
 
@@ -256,23 +316,19 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
     return -(-_check_count("num_examples", num_examples) // global_batch_size)
 
 
-def _padding(source: Any, per_host: int) -> Batch:
-    """An all-padding host batch: zero images (and labels) of the source's record layout."""
-    shape, has_labels = getattr(source, "shape", None), getattr(source, "has_labels", None)
-    if shape is None or has_labels is None:  # a foreign source without metadata: ask record 0
-        record = source[0]
-        shape, has_labels = np.shape(record["image"]), "label" in record
-    padding = {"image": np.zeros((per_host, *shape), np.uint8)}
-    if has_labels:
+def _padding(split: Split, per_host: int) -> Batch:
+    """An all-padding host batch: zero images (and labels) of the split's record layout."""
+    padding = {"image": np.zeros((per_host, *split.shape), np.uint8)}
+    if split.has_labels:
         padding["label"] = np.zeros(per_host, np.int32)
     return padding
 
 
-def _eval_rows(source: Any, count: int, padding: Mapping[str, np.ndarray], positions: np.ndarray) -> Batch:
+def _eval_rows(split: Split, count: int, padding: Mapping[str, np.ndarray], positions: np.ndarray) -> Batch:
     mask = positions < count
     batch = {key: value.copy() for key, value in padding.items()}
     if mask.any():
-        rows = read_rows(source, positions[mask])
+        rows = split.read_batch(positions[mask])
         for key in batch:
             batch[key][mask] = rows[key]
     batch["mask"] = mask
@@ -298,10 +354,10 @@ def eval_batches(
     masked rows of all hosts over all batches are every example exactly once.
     """
     per_host = _check_layout(global_batch_size, process_index, process_count)
-    available = _check_source(source)
+    split, available = _check_source(source)
     count = min(_check_count("num_examples", num_examples) or available, available)
     _check_count("prefetch", prefetch)
     positions = grain.MapDataset.range(num_eval_batches(count, global_batch_size) * global_batch_size)
     shard = host_shard(positions, global_batch_size, process_index=process_index, process_count=process_count)
-    read = functools.partial(_eval_rows, source, count, _padding(source, per_host))
+    read = functools.partial(_eval_rows, split, count, _padding(split, per_host))
     return _prefetching(shard.map(read), prefetch)

@@ -1,4 +1,4 @@
-"""Images in a folder of PNG files: what a user brings to be scored (``vdm.scoring``).
+"""Images in a folder of PNG files: what a user brings for its bits/dim per image (``vdm.image_bpd``).
 
 Every ``*.png`` directly in the folder, in name order, read as 8-bit grey (``channels=1``) or RGB
 (``channels=3``) without any resizing or colour conversion that would change a pixel: a grey image

@@ -135,10 +135,7 @@ def contract(name: str, loader: Any) -> None:
     del name
     if not callable(loader):
         raise TypeError(f"{loader!r} is not callable; a source is a function (split, **options) -> Split")
-    try:
-        params = list(inspect.signature(loader).parameters.values())
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"the signature of {loader!r} cannot be read ({e})") from None
+    params = registry.parameters(loader)
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not params or params[0].name != "split" or params[0].kind not in positional:
         raise TypeError("its first parameter must be the positional 'split' (loader(split, **options))")

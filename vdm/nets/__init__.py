@@ -40,11 +40,13 @@ registered network.
 
 from __future__ import annotations
 
+import warnings
+
 from vdm.nets.contract import NETWORKS, Example, Network, NetworkContext, build, check_contract, lookup, register
 from vdm.nets.kernels import Convolutions
 from vdm.nets.layers import fourier_features, timestep_embedding
 # the shipped networks register themselves on import, in this order (the order names are listed in)
-from vdm.nets.unet import ScoreUNet  # noqa: I001
+from vdm.nets.unet import UNet  # noqa: I001
 from vdm.nets.multires_unet import MultiResUNet
 from vdm.nets.mlp import MLP
 
@@ -56,7 +58,7 @@ __all__ = [
     "MultiResUNet",
     "Network",
     "NetworkContext",
-    "ScoreUNet",
+    "UNet",
     "build",
     "check_contract",
     "fourier_features",
@@ -64,3 +66,13 @@ __all__ = [
     "register",
     "timestep_embedding",
 ]
+
+
+def __getattr__(name: str):
+    """``ScoreUNet``, the 0.2 name of :class:`UNet`, kept for one release: the same class, with a
+    ``DeprecationWarning`` naming ``UNet`` at each access. Raises AttributeError for any other missing name."""
+    if name == "ScoreUNet":
+        warnings.warn("vdm.nets.ScoreUNet is deprecated: use vdm.nets.UNet (the same class)", DeprecationWarning,
+                      stacklevel=2)
+        return UNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -221,7 +221,7 @@ def conv3x3(
 class NoiseConditioning(nnx.Module):
     """The conditioning vector every network is built on: gamma and an optional class -> ``[B, out_dim]``.
 
-    VDM (``ScoreUNet``): ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``,
+    VDM (``UNet``): ``t = (gamma - gamma_min) / (gamma_max - gamma_min)``,
     ``emb = swish(Dense(swish(Dense(timestep_embedding(1000 t)))))``. With
     ``num_classes > 0`` a learned class embedding is added (Ho & Salimans 2022); its table
     has ``num_classes + 1`` rows, the last being the null class that classifier-free guidance

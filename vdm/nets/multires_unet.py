@@ -1,6 +1,6 @@
 """The DDPM-style multi-resolution U-Net (Ho et al., 2020) with VDM's conditioning and input features.
 
-It shares the blocks, the noise conditioning and the head of ``vdm.nets.unet.ScoreUNet`` (whose module
+It shares the blocks, the noise conditioning and the head of ``vdm.nets.unet.UNet`` (whose module
 docstring states the common interface) and adds resolution levels: cheap runs on small images.
 """
 
@@ -104,7 +104,7 @@ class MultiResUNet(Network):
     mid_attention), ResnetBlock``. The up path mirrors it with
     ``num_res_blocks + 1`` blocks per level, each taking ``concat([h, skip])``,
     and an :class:`Upsample` between levels. Head, conditioning and Fourier
-    features are as in :class:`ScoreUNet`.
+    features are as in :class:`UNet`.
 
     ``H`` and ``W`` must be divisible by ``2**(L - 1)``; e.g. with
     ``channel_mult=(1, 2, 2)`` a 28x28 image runs at 28, 14 and 7, and 8x8 at
@@ -112,7 +112,7 @@ class MultiResUNet(Network):
 
     Args:
       context: what the model gives every network (:class:`vdm.nets.NetworkContext`), read as in
-        :class:`ScoreUNet` (``remat`` rematerialises each residual block).
+        :class:`UNet` (``remat`` rematerialises each residual block).
       channels: base width.
       channel_mult: width multiplier of each resolution level.
       num_res_blocks: residual blocks per level in the down path.
@@ -123,7 +123,7 @@ class MultiResUNet(Network):
         average pooling / plain nearest upsampling).
       patch_size: the side of the square patches that become single positions before the first level
         (``space_to_depth``); ``H`` and ``W`` must then be divisible by ``patch_size * 2**(L - 1)``.
-      with_fourier_features, fourier_min, fourier_max, param_dtype, rngs: as in :class:`ScoreUNet`.
+      with_fourier_features, fourier_min, fourier_max, param_dtype, rngs: as in :class:`UNet`.
 
     Call: ``net(z, gamma, cond=None, *, dropout_rng=None)`` with ``z [B, H, W, C]``,
     ``gamma [B]`` (or a scalar), ``cond`` ``None`` or ``{"label": int [B]}`` ->

@@ -1,7 +1,8 @@
 """U-Net noise-prediction networks for Variational Diffusion Models.
 
-``ScoreUNet`` is the network of VDM (Kingma, Salimans, Poole & Ho, 2021,
-arXiv:2107.00630, appendix B; ``ScoreUNet`` in ``google-research/vdm``):
+``UNet`` is the network of VDM (Kingma, Salimans, Poole & Ho, 2021,
+arXiv:2107.00630, appendix B; ``ScoreUNet`` in ``google-research/vdm``, and here until 0.2: that name
+still imports for one release, with a ``DeprecationWarning``):
 a U-Net *without* any downsampling, i.e. a deep stack of residual blocks at
 full resolution, with base-2 Fourier features of the input concatenated to it.
 ``vdm.nets.multires_unet.MultiResUNet`` is the DDPM-style multi-resolution U-Net
@@ -19,6 +20,8 @@ network output is the noise prediction itself.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +47,7 @@ from vdm.nets.layers import (
 
 
 class ResAttnStage(nnx.Module):
-    """One step of the ``ScoreUNet`` paths: a :class:`ResnetBlock`, then optionally an :class:`AttnBlock`.
+    """One step of the ``UNet`` paths: a :class:`ResnetBlock`, then optionally an :class:`AttnBlock`.
 
     Call: ``x [B, H, W, in_channels]``, ``cond [B, cond_dim]``, optional
     ``dropout_rng`` -> ``[B, H, W, out_channels]``.
@@ -83,8 +86,8 @@ UNROLL_MAX_BLOCKS = 4
 
 
 @register("unet", example=Example({"channels": 8, "num_blocks": 1, "dropout": 0.2, "scan_blocks": True}))
-class ScoreUNet(Network):
-    """The VDM score network: a full-resolution U-Net with Fourier-feature inputs.
+class UNet(Network):
+    """The VDM network: a full-resolution U-Net with Fourier-feature inputs.
 
     Structure (VDM ``ScoreUNet``; paper CIFAR-10 setting ``channels=128,
     num_blocks=32, dropout=0.1, attention=False``):
@@ -279,3 +282,13 @@ class ScoreUNet(Network):
 
         h = jax.nn.swish(self.norm_out(h))
         return self.conv_out(h).astype(jnp.float32)
+
+
+def __getattr__(name: str):
+    """``ScoreUNet``, the 0.2 name of :class:`UNet`, kept for one release: the same class, with a
+    ``DeprecationWarning`` naming ``UNet`` at each access. Raises AttributeError for any other missing name."""
+    if name == "ScoreUNet":
+        warnings.warn("vdm.nets.unet.ScoreUNet is deprecated: use vdm.nets.unet.UNet (the same class)",
+                      DeprecationWarning, stacklevel=2)
+        return UNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

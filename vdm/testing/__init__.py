@@ -24,8 +24,9 @@ name beside this one (``vdm.testing.schedule``, ...), as ``check(name, piece, ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import MappingProxyType
 from typing import Any
 
@@ -87,6 +88,11 @@ def check_piece(kind: str, name: str) -> None:
     """
     entry = registry_of(kind).entry(name)
     check(kind, entry.piece, name=name, example=entry.example)
+
+
+def checker(kind: str, name: str) -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """``checking`` with the piece fixed: ``check = checker("schedule", name)``, then ``with check("monotonicity"):``."""
+    return functools.partial(checking, kind, name)
 
 
 @contextlib.contextmanager

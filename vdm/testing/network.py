@@ -64,7 +64,7 @@ def build(piece: type[nets.Network], example: Example | dict | None = None, *, s
           **context: Any) -> nets.Network:
     """``piece`` built from ``example`` (its kwargs) for the data of its shape, with the context fields ``context``.
 
-    Example: ``build(ScoreUNet, example, remat=True)``; ``nnx.eval_shape(lambda: build(...))`` for abstract
+    Example: ``build(UNet, example, remat=True)``; ``nnx.eval_shape(lambda: build(...))`` for abstract
     parameters. :func:`initialise` builds it faster for the checks.
 
     Args:
@@ -159,18 +159,22 @@ def _params_vector(tree) -> np.ndarray:
     return np.concatenate([np.ravel(_host(x)) for x in jax.tree.leaves(tree)])
 
 
-def _loss_and_grads(net, z, gamma, target):
-    """(loss, gradient in the parameters) of ``mean((net(z, gamma) - target)^2)``, compiled per structure."""
-    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-    return _compiled_loss_and_grads(graphdef, params, rest, z, gamma, target)
-
-
 def _loss(params, graphdef, rest, z, gamma, target):
     return jnp.mean(jnp.square(nnx.merge(graphdef, params, rest)(z, gamma) - target))
 
 
-_compiled_loss_and_grads = jax.jit(lambda graphdef, params, rest, z, gamma, target: jax.value_and_grad(_loss)(
-    params, graphdef, rest, z, gamma, target), static_argnums=0)
+# (loss, gradient in the parameters) of ``_loss``, compiled per structure (graphdef)
+_loss_and_grads = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+
+
+@jax.jit
+def _probe(net, z, gamma, target, key):
+    """What the checks read of a network of one structure at ``[B]`` gamma, in one compiled program: its output
+    without and with dropout (``key``), and the loss ``mean((net(z, gamma) - target)^2)`` with its gradient in
+    the parameters (the output without dropout and the loss's forward pass are the same computation)."""
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    loss, grads = jax.value_and_grad(_loss)(params, graphdef, rest, z, gamma, target)
+    return net(z, gamma), net(z, gamma, dropout_rng=key), loss, grads
 
 
 def _rematerialises(piece, example, remat: bool) -> bool:
@@ -194,8 +198,14 @@ def check(name: str, piece: Any, example: Example | dict | None) -> None:
     Raises:
         AssertionError: ``network '<name>' fails <check>: <what was found>``.
     """
-    def checking(what: str):
-        return testing.checking(KIND, name, what)
+    # the non-partitionable threefry, as in initialise: the same distributions of the dropout masks, other draws,
+    # and the programs holding dropout compile a third faster on XLA:CPU
+    with jax.threefry_partitionable(False):
+        _check(name, piece, example)
+
+
+def _check(name: str, piece: Any, example: Example | dict | None) -> None:
+    checking = testing.checker(KIND, name)
 
     with checking("the static contract"):
         nets.check_contract(name, piece)
@@ -204,6 +214,7 @@ def check(name: str, piece: Any, example: Example | dict | None) -> None:
         net = initialise(piece, example)
         assert isinstance(net, nets.Network), f"built {type(net).__name__}, not a vdm.nets.Network"
     z, gamma = inputs(piece, example)
+    target = inputs(piece, example, seed=3)[0]
     rank = piece.input_rank
 
     with checking("input rank"):
@@ -215,33 +226,40 @@ def check(name: str, piece: Any, example: Example | dict | None) -> None:
         assert out.shape == z.shape, f"output {out.shape} for z {z.shape}"
         assert out.dtype == jnp.float32, f"output dtype {out.dtype}, not float32"
     with checking("zero at initialisation"):
-        for key in (None, jax.random.key(0)):
-            out = _host(apply(net, z, gamma, None, key))
-            assert np.all(out == 0.0), f"max |out| = {np.abs(out).max()} at initialisation (dropout_rng={key})"
+        key = jax.random.key(0)
+        *outs, _, grads_at_init = _probe(net, z, gamma, target, key)
+        for out, dropout_rng in zip(outs, (None, key)):
+            out = _host(out)
+            assert np.all(out == 0.0), f"max |out| = {np.abs(out).max()} at initialisation (dropout_rng={dropout_rng})"
     with checking("float32 parameters"):
         params = jax.tree.leaves(nnx.state(net, nnx.Param))
         assert params, "no nnx.Param"
         assert all(p.dtype == jnp.float32 for p in params), sorted({str(p.dtype) for p in params})
 
     moved = perturb(net, 42)
-    base = _host(apply(moved, z, gamma))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    base, a, loss, grads = _probe(moved, z, gamma, target, k1)
+    base, a = _host(base), _host(a)
+
+    def output(z, gamma):
+        return _probe(moved, z, gamma, target, k1)[0]
+
     with checking("finiteness"):
         assert np.all(np.isfinite(base)), "non-finite output"
     with checking("dependence on z and gamma"):
         assert np.abs(base).max() > 1e-3, f"max |out| = {np.abs(base).max()} with its parameters moved"
-        by_gamma = _per_example_change(base, apply(moved, z, gamma[::-1]))
+        by_gamma = _per_example_change(base, output(z, gamma[::-1]))
         assert by_gamma.min() > 1e-4, f"an example ignores gamma: change {by_gamma}"
-        by_z = _per_example_change(base, apply(moved, inputs(piece, example, seed=7)[0], gamma))
+        by_z = _per_example_change(base, output(inputs(piece, example, seed=7)[0], gamma))
         assert by_z.min() > 1e-4, f"an example ignores z: change {by_z}"
     with checking("batch independence"):
         other_z = z.at[1:].set(inputs(piece, example, seed=9)[0][1:])
-        changed = _per_example_change(base, apply(moved, other_z, gamma.at[1:].add(0.5)))
+        changed = _per_example_change(base, output(other_z, gamma.at[1:].add(0.5)))
         assert changed[0] <= TOLERANCE, f"changing the other examples changes example 0 by {changed[0]}"
     with checking("dropout only with a key"):
-        np.testing.assert_array_equal(_host(apply(moved, z, gamma)), base)
-        k1, k2 = jax.random.key(1), jax.random.key(2)
-        a, b = _host(apply(moved, z, gamma, None, k1)), _host(apply(moved, z, gamma, None, k2))
-        np.testing.assert_array_equal(_host(apply(moved, z, gamma, None, k1)), a, "the same key, another output")
+        np.testing.assert_array_equal(_host(output(z, gamma)), base)
+        b = _host(_probe(moved, z, gamma, target, k2)[1])
+        np.testing.assert_array_equal(_host(_probe(moved, z, gamma, target, k1)[1]), a, "the same key, another output")
         dropouts = [node for _, node in nnx.iter_graph(moved) if isinstance(node, nnx.Dropout) and node.rate > 0]
         if dropouts:
             assert np.abs(a - b).max() > 1e-4, "holds dropout, but two keys give the same output"
@@ -253,12 +271,31 @@ def check(name: str, piece: Any, example: Example | dict | None) -> None:
                     node.rate = 0.0
             error = np.abs(_host(apply(off, z, gamma, None, k1)) - base).max()
             assert error <= TOLERANCE, f"without a key, dropout is on (output {error} from the network without dropout)"
-    with checking("a scalar gamma, under nnx.jit"):  # one compilation for both: nnx.jit is jax.jit's equal
-        scalar = _host(nnx.jit(lambda m, z, g: m(z, g))(moved, z, gamma[1]))
-        np.testing.assert_allclose(scalar, _host(apply(moved, z, jnp.full_like(gamma, gamma[1]))), atol=TOLERANCE)
+
+    # gamma per element (z's shape), constant per example, and the same with gamma raised at the first element of
+    # example 0 and lowered at the second: the same mean, only a map sees it
+    per_element = jnp.broadcast_to(gamma.reshape((-1,) + (1,) * (z.ndim - 1)), z.shape)
+    shifted = per_element.reshape(z.shape[0], -1).at[0, 0].add(3.0).at[0, 1].add(-3.0).reshape(z.shape)
+    # under nnx.jit, one program: a scalar gamma and a gamma per element
+    scalar_and_map = nnx.jit(lambda m, z, g, elements: (m(z, g), m(z, elements)))
+    scalar, plain = map(_host, scalar_and_map(moved, z, gamma[1], per_element))
+    with checking("a scalar gamma, under nnx.jit"):  # nnx.jit is jax.jit's equal
+        np.testing.assert_allclose(scalar, _host(output(z, jnp.full_like(gamma, gamma[1]))), atol=TOLERANCE)
+    with checking("a gamma per element"):  # the embedding takes its per-example mean: the map is a constant
+        np.testing.assert_allclose(plain, base, rtol=TOLERANCE, atol=TOLERANCE,
+                                   err_msg="a constant map is not its per-example gamma")
+        np.testing.assert_allclose(_host(scalar_and_map(moved, z, gamma[1], shifted)[1]), plain, rtol=TOLERANCE,
+                                   atol=TOLERANCE, err_msg="without gamma_map, more than the mean of the map counts")
+    with checking("gamma_map"):  # built with gamma_map, the network reads the map per element too
+        mapped = variant(piece, example, moved, 6, gamma_map=True)
+        constant, by_example = map(_host, _outputs(mapped, z, (per_element, gamma), (None, None)))
+        np.testing.assert_allclose(constant, by_example, rtol=TOLERANCE, atol=TOLERANCE,
+                                   err_msg="a constant map is not its per-example gamma")
+        change = _per_example_change(constant, _outputs(mapped, z, (shifted, gamma), (None, None))[0])
+        assert change[0] > 1e-4, "built with gamma_map, ignores how gamma varies over the elements"
+        assert change[1:].max() <= TOLERANCE, f"a map of example 0 changes the others by {change[1:]}"
 
     _check_conditioning(checking, piece, example, net, moved, z, gamma)
-    _check_gamma_per_element(checking, piece, example, moved, z, gamma)
 
     with checking("bfloat16 compute"):
         half = variant(piece, example, moved, 0, dtype=jnp.bfloat16)
@@ -268,12 +305,9 @@ def check(name: str, piece: Any, example: Example | dict | None) -> None:
         err = np.abs(_host(out) - base).max()
         assert err < 0.05 * np.abs(base).max() + 1e-3, f"max error {err} against float32 (max |out| {np.abs(base).max()})"
 
-    target = inputs(piece, example, seed=3)[0]
     with checking("gradients"):
-        _, grads = _loss_and_grads(net, z, gamma, target)
-        at_init = _params_vector(grads)
+        at_init = _params_vector(grads_at_init)
         assert np.all(np.isfinite(at_init)) and np.any(at_init != 0), "non-finite or all-zero gradient at initialisation"
-        loss, grads = _loss_and_grads(moved, z, gamma, target)
         dead = [jax.tree_util.keystr(p) for p, g in jax.tree.leaves_with_path(grads) if not np.any(_host(g) != 0)]
         assert not dead, f"no gradient reaches {dead}"
         reference = _params_vector(grads)
@@ -282,10 +316,17 @@ def check(name: str, piece: Any, example: Example | dict | None) -> None:
         assert _rematerialises(piece, example, True) and not _rematerialises(piece, example, False), (
             "built with remat=True its backward pass holds no remat (or one without)")
         again = variant(piece, example, moved, 0, remat=True)
-        loss_remat, grads_remat = _loss_and_grads(again, z, gamma, target)
+        graphdef, params, rest = nnx.split(again, nnx.Param, ...)
+        loss_remat, grads_remat = _loss_and_grads(params, graphdef, rest, z, gamma, target)
         np.testing.assert_allclose(float(loss_remat), float(loss), rtol=TOLERANCE)
         error = np.linalg.norm(_params_vector(grads_remat) - reference)
         assert error <= TOLERANCE * np.linalg.norm(reference), f"gradient differs by {error} with remat"
+
+
+@jax.jit
+def _outputs(net, z, gammas, conds):
+    """``[net(z, gamma, cond) for gamma, cond in zip(gammas, conds)]`` in one compiled program."""
+    return [net(z, g, c) for g, c in zip(gammas, conds)]
 
 
 def _check_conditioning(checking, piece, example, net, moved, z, gamma) -> None:
@@ -296,37 +337,16 @@ def _check_conditioning(checking, piece, example, net, moved, z, gamma) -> None:
             "built with num_classes=0, takes a label without a ValueError")
         conditional = variant(piece, example, moved, 5, num_classes=NUM_CLASSES, latent_size=LATENT_SIZE)
         latent = jax.random.normal(jax.random.key(4), (z.shape[0], LATENT_SIZE))
-        out = apply(conditional, z, gamma, {"label": labels, "latent": latent})
+
+        def outputs(labels, latent):  # (labelled, without a label): one program
+            return _outputs(conditional, z, (gamma, gamma), ({"label": labels, "latent": latent}, {"latent": latent}))
+
+        out, unlabelled = outputs(labels, latent)
         relabelled = labels.at[1].set((labels[1] + 1) % NUM_CLASSES)
-        change = _per_example_change(out, apply(conditional, z, gamma, {"label": relabelled, "latent": latent}))
+        change = _per_example_change(out, outputs(relabelled, latent)[0])
         assert change[0] <= TOLERANCE and change[1] > 1e-4, f"a new label for example 1 changes the examples by {change}"
-        null = {"label": jnp.full_like(labels, NUM_CLASSES), "latent": latent}
-        np.testing.assert_allclose(_host(apply(conditional, z, gamma, {"latent": latent})),
-                                   _host(apply(conditional, z, gamma, null)), atol=TOLERANCE,
-                                   err_msg="no label is not the null class num_classes")
+        np.testing.assert_allclose(_host(unlabelled), _host(outputs(jnp.full_like(labels, NUM_CLASSES), latent)[0]),
+                                   atol=TOLERANCE, err_msg="no label is not the null class num_classes")
     with checking("latent conditioning"):
-        moved = latent.at[1].add(1.0)
-        change = _per_example_change(out, apply(conditional, z, gamma, {"label": labels, "latent": moved}))
+        change = _per_example_change(out, outputs(labels, latent.at[1].add(1.0))[0])
         assert change[0] <= TOLERANCE and change[1] > 1e-4, f"a new latent for example 1 changes the examples by {change}"
-
-
-def _check_gamma_per_element(checking, piece, example, moved, z, gamma) -> None:
-    """gamma of z's shape: the embedding takes its per-example mean (a network without the map sees a constant map
-    as the scalar it is); built with ``gamma_map`` the network reads the map per element too."""
-    per_element = jnp.broadcast_to(gamma.reshape((-1,) + (1,) * (z.ndim - 1)), z.shape)
-    # raise gamma at the first element of example 0 and lower it at the second: the same mean, only a map sees it
-    shifted = per_element.reshape(z.shape[0], -1).at[0, 0].add(3.0).at[0, 1].add(-3.0).reshape(z.shape)
-    with checking("a gamma per element"):
-        plain = _host(apply(moved, z, per_element))
-        np.testing.assert_allclose(plain, _host(apply(moved, z, gamma)), rtol=TOLERANCE, atol=TOLERANCE,
-                                   err_msg="a constant map is not its per-example gamma")
-        np.testing.assert_allclose(_host(apply(moved, z, shifted)), plain, rtol=TOLERANCE, atol=TOLERANCE,
-                                   err_msg="without gamma_map, more than the mean of the map counts")
-    with checking("gamma_map"):
-        mapped = variant(piece, example, moved, 6, gamma_map=True)
-        constant = _host(apply(mapped, z, per_element))
-        np.testing.assert_allclose(constant, _host(apply(mapped, z, gamma)), rtol=TOLERANCE, atol=TOLERANCE,
-                                   err_msg="a constant map is not its per-example gamma")
-        change = _per_example_change(constant, apply(mapped, z, shifted))
-        assert change[0] > 1e-4, "built with gamma_map, ignores how gamma varies over the elements"
-        assert change[1:].max() <= TOLERANCE, f"a map of example 0 changes the others by {change[1:]}"

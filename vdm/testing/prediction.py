@@ -58,8 +58,7 @@ def check(name: str, piece: predictions.Coefficients, example: predictions.Targe
     Raises:
         AssertionError: ``prediction '<name>' fails <check>: <what was found>``.
     """
-    def checking(what: str):
-        return testing.checking("prediction", name, what)
+    checking = testing.checker("prediction", name)
 
     with checking("the static contract"):
         predictions.check_contract(name, piece)

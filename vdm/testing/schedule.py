@@ -108,8 +108,7 @@ def check(name: str, piece: Any, example: dict | None) -> None:
         AssertionError: ``schedule '<name>' fails <check>: <what was found>``.
         ValueError: an example with unknown keys.
     """
-    def checking(what: str):
-        return testing.checking("schedule", name, what)
+    checking = testing.checker("schedule", name)
 
     example = _example(example)
     with checking("the static contract"):

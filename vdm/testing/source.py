@@ -48,8 +48,7 @@ def check(name: str, piece: data.Loader, example: data.Example | None) -> None:
         AssertionError: ``source '<name>' fails <check>: <what was found>``.
         unittest.SkipTest: the example needs an optional dependency that is not installed.
     """
-    def checking(what: str):
-        return testing.checking("source", name, what)
+    checking = testing.checker("source", name)
 
     with checking("the static contract"):
         sources.contract(name, piece)

@@ -34,8 +34,7 @@ def check(name: str, piece: weightings.Weighting, example: dict | None) -> None:
     Raises:
         AssertionError: ``weighting '<name>' fails <check>: <what was found>``.
     """
-    def checking(what: str):
-        return testing.checking("weighting", name, what)
+    checking = testing.checker("weighting", name)
 
     with checking("the static contract"):
         weightings.check_contract(name, piece)
