@@ -44,7 +44,7 @@ def test_a_broken_weighting_fails_the_check_it_breaks(piece, check):
 def test_a_weighting_that_breaks_the_static_contract_is_refused_and_nothing_is_added():
     before = dict(weightings.WEIGHTINGS)
     for fn, flags, problem in [
-        (lambda x: x, {}, "first parameter must be logsnr"),
+        (lambda x: x, {}, "first parameter must be the positional 'logsnr'"),
         (lambda logsnr, bias: logsnr, {}, "parameter 'bias' needs a default"),
         (lambda logsnr, **kw: logsnr, {}, "name each parameter"),
         (weightings.sigmoid, {"is_elbo": True}, "is_elbo .* needs monotonic=True"),

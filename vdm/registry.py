@@ -134,16 +134,26 @@ class Registry(Mapping[str, T]):
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
 
 
-def parameters(fn: Callable) -> list[inspect.Parameter]:
+def parameters(fn: Callable, first: str | None = None, usage: str = "") -> list[inspect.Parameter]:
     """The parameters of ``fn``'s signature, for a contract to inspect.
 
+    Args:
+        fn: the callable.
+        first: if given, the name its first parameter must have, taken positionally.
+        usage: how the piece is called (``"w(logsnr, **params)"``), for the message.
+
     Raises:
-        TypeError: the signature cannot be read (a builtin, an odd callable), naming ``fn``.
+        TypeError: the signature cannot be read (a builtin, an odd callable), naming ``fn``; or its first
+            parameter is not the positional ``first``.
     """
     try:
-        return list(inspect.signature(fn).parameters.values())
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError) as e:
         raise TypeError(f"the signature of {fn!r} cannot be read ({e})") from None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if first is not None and (not params or params[0].name != first or params[0].kind not in positional):
+        raise TypeError(f"its first parameter must be the positional {first!r} ({usage})")
+    return params
 
 
 def lookup(table: Mapping[str, T], name: str, kind: str, error: type[Exception] = ValueError) -> T:

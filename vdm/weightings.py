@@ -98,10 +98,7 @@ def check_contract(name: str, piece: Weighting) -> None:
         raise ValueError("is_elbo (w = 1) needs monotonic=True")
     if not callable(piece.fn):
         raise TypeError(f"its function {piece.fn!r} is not callable")
-    parameters = registry.parameters(piece.fn)
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if not parameters or parameters[0].name != "logsnr" or parameters[0].kind not in positional:
-        raise TypeError("its function's first parameter must be logsnr: w(logsnr, **params)")
+    parameters = registry.parameters(piece.fn, "logsnr", "w(logsnr, **params)")
     for p in parameters[1:]:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             raise TypeError(f"its function takes {p}: name each parameter, with a default")

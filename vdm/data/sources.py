@@ -135,10 +135,7 @@ def contract(name: str, loader: Any) -> None:
     del name
     if not callable(loader):
         raise TypeError(f"{loader!r} is not callable; a source is a function (split, **options) -> Split")
-    params = registry.parameters(loader)
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if not params or params[0].name != "split" or params[0].kind not in positional:
-        raise TypeError("its first parameter must be the positional 'split' (loader(split, **options))")
+    params = registry.parameters(loader, "split", "loader(split, **options)")
     for p in params[1:]:
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
             raise TypeError(f"its parameter {p.name!r} cannot be given by keyword; options are keyword arguments")
